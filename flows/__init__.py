@@ -1,0 +1,1 @@
+"""Prefect flows: wiring and fan-out over the tasks in `tasks/`."""

@@ -1,0 +1,65 @@
+"""Serving the deployments: `unisd serve [--with-server]`.
+
+With `--with-server` a Prefect server is started on 127.0.0.1 first and stopped when
+serving ends; otherwise PREFECT_API_URL must point at a running server. Then, from
+another shell: `prefect deployment run 'pipeline/unisd-full'`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def local_prefect_server(port: int = 4200, timeout_s: float = 90) -> Iterator[str]:
+    """A Prefect server bound to 127.0.0.1 for the duration of the block; yields its API URL."""
+    url = f"http://127.0.0.1:{port}/api"
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Prefect server on 127.0.0.1:{port} did not start") from None
+                time.sleep(0.5)
+        log.info("Prefect server at %s (UI: http://127.0.0.1:%d)", url, port)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def deployments(params_file: Path) -> list:
+    from flows.pipeline import pipeline
+
+    return [pipeline.to_deployment(name="unisd-full", parameters={"params_file": str(params_file)},
+                                   description="UniSD pipeline on params.yaml (model -> prepare -> evaluate)")]
+
+
+def serve_deployments(params_file: Path, with_server: bool = False, port: int = 4200) -> None:
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with contextlib.ExitStack() as stack:
+        if with_server:
+            url = stack.enter_context(local_prefect_server(port))
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
+        serve(*deployments(params_file))

@@ -1,0 +1,19 @@
+"""Benchmark data: one `Example` schema, loaders per suite, deterministic splits."""
+
+from __future__ import annotations
+
+from unisd.data.schema import DataError, Example, read_examples, write_jsonl
+from unisd.data.suites import SPLITS, SUITES
+
+__all__ = ["DataError", "Example", "SPLITS", "SUITES", "load_benchmark", "read_examples", "write_jsonl"]
+
+
+def load_benchmark(suite: str, name: str, seed: int, source: str | None = None) -> dict[str, list[Example]]:
+    """All available splits of one benchmark, each a list in a seeded order."""
+    if suite == "embedded":
+        from unisd.data.embedded import load_embedded
+
+        return load_embedded(name, seed)
+    from unisd.data.paper import load_paper
+
+    return load_paper(name, seed, source)

@@ -1,0 +1,97 @@
+"""Reading answers out of model text, and building test programs for generated code."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+from unisd.data.schema import LETTERS, Example
+
+_ANSWER_LINE = re.compile(r"answer\s*(?:is)?\s*[:：]?\s*\**\s*\(?((?-i:[A-J]))\)?(?![A-Za-z])", re.IGNORECASE)
+_BARE_LETTER = re.compile(r"^\s*\**\(?([A-J])\)?[.:)]?\**\s*$")
+_LETTER_AND_OPTION = re.compile(r"^\s*\**\(?([A-J])[.:)]\**\s+(.+?)\s*$")
+
+
+def parse_mcq(text: str, choices: list[str]) -> str | None:
+    """The chosen option letter, or None when no valid letter can be read.
+
+    Prefers the last 'Answer: X' (also 'the answer is (X)', '**Answer:** X'). Without
+    one, a last line that is only a letter ('B', '(B)', 'B.') counts, and so does a last
+    line that restates an option with its letter ('B. carbon dioxide'). Letters beyond
+    the options are invalid.
+    """
+    valid = LETTERS[: len(choices)]
+    hits = [m.group(1).upper() for m in _ANSWER_LINE.finditer(text)]
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    if not hits and lines:
+        if m := _BARE_LETTER.match(lines[-1]):
+            hits = [m.group(1)]
+        elif (m := _LETTER_AND_OPTION.match(lines[-1])) and m.group(1) in valid:
+            option = choices[LETTERS.index(m.group(1))].strip().lower().rstrip(".")
+            if m.group(2).strip().lower().rstrip(".").startswith(option):
+                hits = [m.group(1)]
+    return hits[-1] if hits and hits[-1] in valid else None
+
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def extract_code(text: str) -> str:
+    """The code of a reply: the first fenced block that parses, else the whole reply."""
+    blocks = [b for b in _FENCE.findall(text) if b.strip()]
+    for block in blocks:
+        if _parses(block):
+            return block
+    return blocks[0] if blocks else text
+
+
+def _parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+        return True
+    except SyntaxError:
+        return False
+
+
+def code_program(ex: Example, completion: str) -> str:
+    """A program that exits 0 iff the completion passes the example's tests."""
+    code = extract_code(completion)
+    if ex.entry_point:  # HumanEval: the reply may hold only the body or the whole function
+        if not re.search(rf"def\s+{re.escape(ex.entry_point)}\s*\(", code):
+            code = ex.code_prompt + code
+        return f"{code}\n\n{ex.tests[0]}\n\ncheck({ex.entry_point})\n"
+    return "\n".join([ex.test_setup, code, "", *ex.tests, ""])
+
+
+_ACTION = re.compile(r"Action\s*:\s*(.+)")
+_ACTION_INPUT = re.compile(r"Action\s*Input\s*:\s*(.*)", re.DOTALL)
+
+
+def parse_react(text: str) -> tuple[str | None, str | None]:
+    """The first ReAct action name and its input text, or None for what is missing."""
+    action = _ACTION.search(text)
+    args = _ACTION_INPUT.search(text)
+    name = action.group(1).strip().strip("`'\"") if action else None
+    raw = None
+    if args:
+        raw = args.group(1).strip()
+        raw = re.split(r"\n\s*(?:Observation|Thought|Action)\s*:", raw)[0].strip()
+    return name, raw
+
+
+def _as_json(text: str | None) -> object:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()
+
+
+def tool_scores(ex: Example, completion: str) -> dict[str, bool]:
+    """ToolAlpaca-style accuracy: right action, right arguments, both."""
+    name, raw = parse_react(completion)
+    action_ok = name == ex.answer
+    args_ok = raw is not None and _as_json(raw) == _as_json(ex.action_input)
+    return {"action": action_ok, "arguments": args_ok, "full": action_ok and args_ok}
