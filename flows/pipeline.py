@@ -1,7 +1,7 @@
-"""The `pipeline` flow: model -> prepare -> evaluate (base).
+"""The `pipeline` flow: model -> prepare -> evaluate base -> the recipe's rounds -> evaluate.
 
-Deployed as `pipeline/unisd-full`. Later stages (generate, filter, train, evaluate the
-trained model) join this same DAG.
+Deployed as `pipeline/unisd-full` (and one deployment per baseline); the recipe and
+any param can be overridden per run.
 """
 
 from __future__ import annotations
@@ -14,35 +14,49 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.runner import StageRunner
-from tasks.stages import evaluate_task, model_task, prepare_task
-from unisd.config import load_config, parse_override
+from unisd.artifacts import link_copy
+from unisd.chain import distill_chain
+from unisd.config import Config, load_config, parse_override
 from unisd.stages import Layout, StageContext, format_table, publish_metrics
 from unisd.tracking import Tracker
 
 
-@flow(name="pipeline", log_prints=True)
-def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the configured pipeline; returns the base model's metrics and what was cached."""
-    cfg = load_config(params_file, overrides or {})
+def run_recipe(cfg: Config, runner: StageRunner) -> dict[str, Any]:
+    """Evaluate the base model and, unless the recipe is `base`, train and evaluate it."""
     layout = Layout(cfg)
+    model = runner("model", "model", out=layout.model)
+    data = runner("prepare", "prepare", out=layout.data)
+    base_eval = runner("evaluate", "evaluate-base", model=model, data=data, out=layout.base_eval, label="base")
+    metrics = {"base": publish_metrics(base_eval, layout.base_metrics)}
+    trained = distill_chain(cfg, model, data, runner)
+    if trained is None:  # the `base` recipe: its evaluation is the base model's
+        out = link_copy(base_eval, layout.recipe_eval)
+    else:
+        out = runner("evaluate", f"evaluate-{cfg.recipe}", model=trained, data=data, out=layout.recipe_eval,
+                     label=cfg.recipe, base=model)
+    metrics[cfg.recipe] = publish_metrics(out, layout.recipe_metrics)
+    return metrics
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
+             recipe: str | None = None) -> dict[str, Any]:
+    """Run one recipe end to end; returns its metrics, what was cached and the MLflow parent run."""
+    cfg = load_config(params_file, {**(overrides or {}), **({"recipe": recipe} if recipe else {})})
     tracker = Tracker(cfg)
-    tags = {"unisd.launcher": "prefect", "prefect.flow_run_id": str(flow_run.id or "")}
-    parent = tracker.start_pipeline(f"prefect:{cfg.run.name}", tags)
+    tags = {"unisd.launcher": "prefect", "prefect.flow_run_id": str(flow_run.id or ""), "unisd.recipe": cfg.recipe}
+    parent = tracker.start_pipeline(f"prefect:{cfg.recipe}", tags)
     runner = StageRunner(cfg, StageContext(tracker, parent, tags))
     ok = False
     try:
-        model = runner.run(model_task, "model", out=str(layout.model))
-        data = runner.run(prepare_task, "prepare", out=str(layout.data))
-        base_eval = runner.run(evaluate_task, "evaluate-base", model=model, data=data,
-                               out=str(layout.eval("base")), label="base")
-        metrics = publish_metrics(cfg, "base", Path(base_eval))
-        tracker.log_metrics(parent, {"base": metrics})
+        metrics = run_recipe(cfg, runner)
+        tracker.log_metrics(parent, metrics)
         ok = True
     finally:
         tracker.end(parent, ok)
-    logger = get_run_logger()
-    logger.info("cache: %s", json.dumps(runner.cached))
-    print(format_table(metrics))
+    get_run_logger().info("cache: %s", json.dumps(runner.cached))
+    for m in metrics.values():
+        print(format_table(m))
     return {"metrics": metrics, "cached": runner.cached, "mlflow_parent_run_id": parent}
 
 

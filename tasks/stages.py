@@ -1,10 +1,11 @@
-"""Each pipeline stage as a Prefect task, cached on content, not on live objects.
+"""Every pipeline stage as a Prefect task, cached on content, never on live objects.
 
-The cache key is `unisd.stages.cache_key`: the code version, the stage's param
-sections and the digests of its input directories, plus where the output goes.
-Tasks take and return paths; results persist in Prefect's local result storage
-(PREFECT_RESULTS_LOCAL_STORAGE_PATH). A cached result is only trusted while its
-output directory is intact (see `flows.runner.StageRunner`).
+A task is the library's stage function itself; its cache key is
+`unisd.stages.cache_key`: the code version, the stage's params and the digests of its
+input directories (plus the round or label). Tasks take and return paths; results
+persist in Prefect's local result storage (PREFECT_RESULTS_LOCAL_STORAGE_PATH). A
+cached result is used only while its output is intact, and is linked into place when
+another run asked for the same work at another path (see `flows.runner.StageRunner`).
 """
 
 from __future__ import annotations
@@ -15,31 +16,31 @@ from typing import Any, Callable
 from prefect import task
 from prefect.context import TaskRunContext
 
-from unisd.config import Config, digest_json
-from unisd.stages import STAGES, StageContext, cache_key, evaluate_stage, model_stage, prepare_stage
+from unisd.chain import STAGE_FUNCTIONS
+from unisd.stages import cache_key
 
 
-def stage_cache_key(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+def stage_cache_key(stage: str, inputs: tuple[str, ...], extra: tuple[str, ...] = ()
+                    ) -> Callable[[TaskRunContext, dict[str, Any]], str]:
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        cfg: Config = parameters["cfg"]
-        inputs = {k: Path(parameters[k]) for k in STAGES[stage].inputs if parameters.get(k)}
-        out = str(Path(parameters["out"]).resolve())  # same work into another place is another entry
-        return f"{stage}-{digest_json([cache_key(stage, cfg, inputs), out])[:48]}"
+        paths = {k: Path(parameters[k]) for k in inputs if parameters.get(k) is not None}
+        extras = {k: parameters.get(k) for k in extra}
+        return f"{stage}-{cache_key(stage, parameters['cfg'], paths, extras)[:48]}"
 
     return key
 
 
-@task(name="model", cache_key_fn=stage_cache_key("model"), persist_result=True)
-def model_task(cfg: Config, out: str, ctx: StageContext) -> str:
-    return str(model_stage(cfg, Path(out), ctx))
-
-
-@task(name="prepare", cache_key_fn=stage_cache_key("prepare"), persist_result=True)
-def prepare_task(cfg: Config, out: str, ctx: StageContext) -> str:
-    return str(prepare_stage(cfg, Path(out), ctx))
-
-
-@task(name="evaluate", cache_key_fn=stage_cache_key("evaluate"), persist_result=True)
-def evaluate_task(cfg: Config, model: str, data: str, out: str, ctx: StageContext, label: str = "base",
-                  base: str | None = None) -> str:
-    return str(evaluate_stage(cfg, Path(model), Path(data), Path(out), ctx, label, Path(base) if base else None))
+# stage -> (input path parameters, other parameters that change the output)
+KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "model": ((), ()),
+    "prepare": ((), ()),
+    "contexts": (("model", "data"), ()),
+    "negatives": (("model", "data"), ()),
+    "generate": (("student", "data"), ("round_idx",)),
+    "filter": (("trajectories", "base", "data", "contexts", "previous"), ("round_idx",)),
+    "train": (("filtered", "base", "data", "negatives", "previous"), ("round_idx",)),
+    "evaluate": (("model", "data", "base"), ("label",)),
+}
+TASKS = {stage: task(STAGE_FUNCTIONS[stage], name=stage, cache_key_fn=stage_cache_key(stage, *KEYS[stage]),
+                     persist_result=True)
+         for stage in KEYS}

@@ -72,13 +72,38 @@ def atomic_dir(dest: str | Path, meta: dict[str, Any] | None = None) -> Iterator
         files = _listing(tmp)
         manifest = {"digest": listing_digest(files), "files": files, "meta": meta or {}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_in(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def link_copy(src: str | Path, dest: str | Path) -> Path:
+    """Make `dest` an exact copy of the stage output `src` (hard links where possible),
+    atomically: the same work asked for at another place is not done twice."""
+    src, dest = Path(src), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        shutil.copytree(src, tmp, copy_function=_link_or_copy)
+        _swap_in(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:

@@ -229,12 +229,15 @@ def _snapshot(repo_id: str, revision: str | None) -> dict:
 
 
 def resolve_model_path(model_dir: str | Path) -> Path:
-    """The folder to load weights and tokenizer from, given a `model` stage output."""
+    """The folder to load weights and tokenizer from, given a `model` stage output, a
+    `train` stage output (its merged model) or a plain checkpoint folder."""
     import json
 
     model_dir = Path(model_dir)
+    if (model_dir / "train_info.json").is_file():
+        return model_dir / "model"
     source_file = model_dir / "source.json"
     if not source_file.is_file():
-        return model_dir  # a plain checkpoint folder (e.g. a trained model)
+        return model_dir
     path = Path(json.loads(source_file.read_text())["path"])
     return path if path.is_absolute() else model_dir / path

@@ -1,7 +1,8 @@
 """The `unisd` command: pipeline stages (called by dvc.yaml), the Prefect flow, serving.
 
     unisd run                      the whole pipeline as a Prefect flow (cached), prints the table
-    unisd model|prepare|evaluate   one stage at the default paths (what `dvc repro` runs)
+    unisd model|prepare|distill|evaluate [--trained]
+                                   one stage at the default paths (what `dvc repro` runs)
     unisd serve [--with-server]    serve the Prefect deployments (optionally with a local server)
     unisd table FILE               print a metrics file as a table
 
@@ -14,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from unisd.assets import AssetError
 from unisd.config import Config, ConfigError, load_config
 from unisd.data.schema import DataError
+from unisd.train import TrainingError
 
 log = logging.getLogger("unisd")
 
@@ -36,32 +39,56 @@ def _dvc_lock_tags(root: Path, stage: str) -> dict[str, str]:
             for out in entry.get("outs", [])}
 
 
-def _stage_context(cfg: Config, stage: str, launcher: str):
+def _stage_context(cfg: Config):
+    """Tracking for a stage launched from the shell; under `dvc repro` (DVC sets DVC_STAGE)
+    the runs are tagged with the DVC stage, its upstream hashes and the experiment name."""
     from unisd.stages import StageContext
     from unisd.tracking import Tracker, pipeline_key
 
     tracker = Tracker(cfg)
+    dvc_stage = os.environ.get("DVC_STAGE")
+    launcher = "dvc" if dvc_stage else "cli"
     tags = {"unisd.launcher": launcher}
-    if launcher == "dvc":
-        tags.update({"dvc.stage": stage, **_dvc_lock_tags(cfg.root, stage)})
+    if dvc_stage:
+        tags.update({"dvc.stage": dvc_stage, **_dvc_lock_tags(cfg.root, dvc_stage)})
+        if exp := os.environ.get("DVC_EXP_NAME"):
+            tags["dvc.exp_name"] = exp
     parent = tracker.pipeline_for_key(pipeline_key(cfg, launcher), f"{launcher}:{cfg.run.name}", tags)
     return StageContext(tracker, parent, tags), parent
 
 
-def _run_stage(cfg: Config, stage: str, launcher: str, label: str) -> None:
-    from unisd.stages import Layout, evaluate_stage, format_table, model_stage, prepare_stage
+def _run_stage(cfg: Config, command: str, trained: bool) -> None:
+    """One dvc.yaml stage: model, prepare, distill (the recipe's rounds) or evaluate."""
+    from unisd.artifacts import link_copy
+    from unisd.chain import STAGE_FUNCTIONS, distill_chain
+    from unisd.stages import Layout, format_table, publish_metrics
 
     layout = Layout(cfg)
-    ctx, parent = _stage_context(cfg, stage, launcher)
+    ctx, parent = _stage_context(cfg)
+
+    def run_step(stage: str, name: str, **kwargs) -> Path:
+        return STAGE_FUNCTIONS[stage](cfg, ctx=ctx, **kwargs)
+
     ok = False
     try:
-        if stage == "model":
-            model_stage(cfg, layout.model, ctx)
-        elif stage == "prepare":
-            prepare_stage(cfg, layout.data, ctx)
+        if command == "model":
+            run_step("model", "model", out=layout.model)
+        elif command == "prepare":
+            run_step("prepare", "prepare", out=layout.data)
+        elif command == "distill":
+            layout.run.mkdir(parents=True, exist_ok=True)  # `base` trains nothing: the folder stays empty
+            distill_chain(cfg, layout.model, layout.data, run_step)
+        elif not trained:
+            out = run_step("evaluate", "evaluate-base", model=layout.model, data=layout.data, out=layout.base_eval)
+            print(format_table(publish_metrics(out, layout.base_metrics)))
         else:
-            evaluate_stage(cfg, layout.model, layout.data, layout.eval(label), ctx, label=label)
-            print(format_table(json.loads(layout.metrics(label).read_text())))
+            if cfg.method.loss == "none":
+                out = link_copy(layout.base_eval, layout.recipe_eval)
+            else:
+                last = layout.round(cfg.train_set.rounds, "train")
+                out = run_step("evaluate", f"evaluate-{cfg.recipe}", model=last, data=layout.data,
+                               out=layout.recipe_eval, label=cfg.recipe, base=layout.model)
+            print(format_table(publish_metrics(out, layout.recipe_metrics)))
         ok = True
     finally:
         ctx.tracker.end(parent, ok)
@@ -78,16 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (("run", "run the pipeline flow"), ("model", "stage: materialize the model"),
                            ("prepare", "stage: load and split the benchmarks"),
-                           ("evaluate", "stage: evaluate the model"), ("serve", "serve Prefect deployments"),
-                           ("table", "print a metrics file")):
+                           ("distill", "stage: the recipe's contexts, negatives and rounds"),
+                           ("evaluate", "stage: evaluate the base (or, with --trained, the trained) model"),
+                           ("serve", "serve Prefect deployments"), ("table", "print a metrics file")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param, e.g. --set eval.limit=10 (repeatable)")
-        if name in ("model", "prepare", "evaluate"):
-            p.add_argument("--launcher", default="cli", help="tag for the MLflow parent run (dvc.yaml passes dvc)")
         if name == "evaluate":
-            p.add_argument("--label", default="base", help="name of the evaluated model (output folder)")
+            p.add_argument("--trained", action="store_true", help="evaluate the recipe's trained model")
         if name == "serve":
             p.add_argument("--with-server", action="store_true", help="also start a Prefect server on 127.0.0.1")
             p.add_argument("--port", type=int, default=4200)
@@ -109,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             _serve(args)
         else:
-            _run_stage(cfg, args.command, args.launcher, getattr(args, "label", "base"))
-    except (ConfigError, DataError, AssetError) as err:
+            _run_stage(cfg, args.command, getattr(args, "trained", False))
+    except (ConfigError, DataError, AssetError, TrainingError) as err:
         print(f"unisd: error: {err}", file=sys.stderr)
         return 2
     return 0

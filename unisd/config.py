@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from unisd.data.suites import SUITES
+from unisd.recipes import RECIPES, Method, method_dict
 
 
 class ConfigError(ValueError):
@@ -25,9 +26,17 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic would read `limit: true` (or YAML's `yes`) as 1.
+        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in (int, float):
+            raise ValueError("expected a number, not a boolean")
+        return v
+
 
 class RunCfg(Section):
-    name: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$", description="names run folders")
+    name: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$", description="names the MLflow parent run")
     seed: int = Field(42, ge=0)
 
 
@@ -48,20 +57,23 @@ class ModelCfg(Section):
 
 class DataCfg(Section):
     suite: Literal["embedded", "paper"] = "embedded"
-    benchmarks: tuple[str, ...] = SUITES["embedded"].names
+    benchmarks: tuple[str, ...] = Field(SUITES["embedded"].names, validate_default=True)  # checked against the suite
     split_seed: int = Field(42, ge=0)
     # Per-benchmark dataset source override (paper suite): a hub id or a local file/dir.
     sources: dict[str, str] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _known_benchmarks(self) -> "DataCfg":
-        known = SUITES[self.suite].names
-        for name in (*self.benchmarks, *self.sources):
-            if name not in known:
-                raise ValueError(f"unknown benchmark {name!r} for suite {self.suite!r}; known: {', '.join(known)}")
-        if not self.benchmarks:
-            raise ValueError("benchmarks: at least one benchmark is needed")
-        return self
+    @field_validator("benchmarks", "sources")
+    @classmethod
+    def _known_benchmarks(cls, v: Any, info: ValidationInfo) -> Any:
+        # A field validator (not a model one) so that errors name `data.benchmarks` / `data.sources`.
+        if info.field_name == "benchmarks" and not v:
+            raise ValueError("at least one benchmark is needed")
+        suite = info.data.get("suite")  # absent when the suite itself is invalid (reported there)
+        known = SUITES[suite].names if suite else ()
+        unknown = [name for name in v if suite and name not in known]
+        if unknown:
+            raise ValueError(f"unknown benchmark {unknown[0]!r} for suite {suite!r}; known: {', '.join(known)}")
+        return v
 
 
 class PromptCfg(Section):
@@ -86,6 +98,46 @@ class EvalCfg(Section):
     ppl: bool = True
 
 
+class TrainSetCfg(Section):
+    # None: every trainable benchmark of data.benchmarks
+    benchmarks: tuple[str, ...] | None = None
+    limit: int = Field(200, ge=0, description="train examples per benchmark; 0 = the whole split")
+    rounds: int = Field(1, ge=1, description="generate -> filter -> train repeats, each from the latest student")
+    prompts_per_round: int = Field(0, ge=0, description="prompts sampled per round; 0 = all")
+
+
+class GenerationCfg(Section):
+    temperature: float = Field(0.7, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    samples_per_prompt: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: NewTokens = NewTokens(mcq=192, code=256, tool=192)
+    bf16_autocast: bool = False
+
+
+class LoraCfg(Section):
+    enabled: bool = True
+    r: int = Field(64, ge=1)
+    alpha: float = Field(128.0, gt=0.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TrainCfg(Section):
+    lora: LoraCfg = LoraCfg()
+    lr: float = Field(2e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int = Field(0, ge=0, description="optimizer steps per round; 0 = epochs over the data")
+    batch_size: int = Field(4, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(4, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    bf16_autocast: bool = False
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+    chunk_size: int = Field(128, ge=1, description="sequence positions per chunk of the vocabulary divergence")
+
+
 class Config(Section):
     run: RunCfg = RunCfg()
     paths: PathsCfg = PathsCfg()
@@ -93,6 +145,12 @@ class Config(Section):
     data: DataCfg = DataCfg()
     prompts: PromptCfg = PromptCfg()
     eval: EvalCfg = EvalCfg()
+    recipe: str = "unisd-full"
+    # Component settings on top of the recipe, e.g. {clip: {mode: static}} (see unisd.recipes.Method).
+    components: dict[str, Any] = Field(default_factory=dict)
+    train_set: TrainSetCfg = TrainSetCfg()
+    generation: GenerationCfg = GenerationCfg()
+    train: TrainCfg = TrainCfg()
 
     # Where params.yaml lives; every relative path is taken from here. Not a param.
     root: Path = Field(Path("."), exclude=True)
@@ -101,6 +159,36 @@ class Config(Section):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return Path(v).resolve()
+
+    @model_validator(mode="after")
+    def _method_and_train_set(self) -> "Config":
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe: unknown recipe {self.recipe!r}; known: {', '.join(RECIPES)}")
+        self.method  # noqa: B018 - validates the components now, before any work
+        suite = SUITES[self.data.suite]
+        for name in self.train_set.benchmarks or ():
+            if name not in self.data.benchmarks:
+                raise ValueError(f"train_set.benchmarks: {name!r} is not in data.benchmarks")
+            if not suite[name].trainable:
+                raise ValueError(f"train_set.benchmarks: {name!r} is evaluation-only (no train split)")
+        return self
+
+    @property
+    def method(self) -> Method:
+        """The recipe's components with `components:` applied, validated."""
+        try:
+            return Method.model_validate(method_dict(self.recipe, self.components))
+        except ValidationError as err:
+            e = err.errors()[0]
+            where = ".".join(str(p) for p in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            raise ValueError(f"components.{where}: {msg}" if where else f"components: {msg}") from None
+
+    @property
+    def train_benchmarks(self) -> tuple[str, ...]:
+        suite = SUITES[self.data.suite]
+        return self.train_set.benchmarks or tuple(b for b in self.data.benchmarks if suite[b].trainable)
+
 
     @property
     def artifacts(self) -> Path:
@@ -151,9 +239,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"{source}: {loc}: {e['msg']}{got}")
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if loc and "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"{source}: {loc}: {msg}{got}" if loc else f"{source}: {msg}")
     return "invalid params:\n  " + "\n  ".join(lines)
 
 

@@ -51,7 +51,7 @@ def score_items(cfg: Config, items: list[Item]) -> None:
     if code_items:
         limits = Limits(timeout_s=cfg.eval.code_timeout_s, memory_mb=cfg.eval.code_memory_mb)
         results = run_many([code_program(it.example, it.record["completion"]) for it in code_items], limits,
-                           workers=cfg.eval.code_workers)
+                           workers=cfg.eval.code_workers, desc=f"tests {code_items[0].record['benchmark']}")
         for it, res in zip(code_items, results):
             it.record.update(correct=res.passed, sandbox_status=res.status, sandbox_stderr=res.stderr[-500:])
     for it in items:
@@ -121,7 +121,7 @@ def evaluate_model(cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path,
             if cfg.eval.ppl:
                 golds = completion_logprobs(
                     model, [(it.prompt, builder.encode_response(gold_response(it.example))) for it in items],
-                    tok.pad_token_id, cfg.eval.batch_size, bf16)
+                    tok.pad_token_id, cfg.eval.batch_size, bf16, desc=f"gold ppl {bench}")
                 for it, lp in zip(items, golds):
                     it.record["gold_ppl"] = perplexity(lp)
         per_bench[bench] = (items, dropped)
@@ -133,7 +133,7 @@ def evaluate_model(cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path,
             model = load_model(base_dir, cfg.model.dtype, cfg.model.device)
         for bench, (items, _) in per_bench.items():
             rets = completion_logprobs(model, [(it.prompt, it.record["completion_ids"]) for it in items],
-                                       tok.pad_token_id, cfg.eval.batch_size, bf16)
+                                       tok.pad_token_id, cfg.eval.batch_size, bf16, desc=f"ppl_ret {bench}")
             for it, lp in zip(items, rets):
                 it.record["ppl_ret"] = perplexity(lp)
 

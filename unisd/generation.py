@@ -1,20 +1,22 @@
 """Batched generation: greedy for evaluation, sampled for trajectories.
 
-Prompts are bucketed by length (longest first, so memory peaks early) and left-padded
-within a batch; each completion is cut after its first EOS. Results come back in the
-order of the input prompts.
+Decoding uses continuous batching: a slot freed by a finished sequence is refilled
+with the next prompt at once, so a batch never waits for its longest member (plain
+`model.generate` keeps every row until the last one stops; with short answers and a
+few long ones most of its work is padding). New prompts are prefilled together and
+their KV cache is merged into the running one, left-padded to a common length; the
+attention mask and per-row position ids keep the padding invisible. Models whose
+cache is not plain full attention (e.g. sliding-window layers) fall back to
+`model.generate` in length-sorted batches. Results come back in the input order.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-log = logging.getLogger(__name__)
+from unisd.progress import Progress
 
 
 @dataclass
@@ -33,57 +35,172 @@ class Sampling:
     seed: int = 0
 
 
-def _pad_left(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, batch))
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, seq in enumerate(batch):
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> torch.Tensor:
+    """Next tokens [B] from last-position logits [B, V]: argmax, or top-p sampling at T."""
+    if not sampling.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > sampling.top_p  # keep the smallest nucleus
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _finish(tokens: list[int], tokenizer, stops: list[str], finished: bool) -> Completion:
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    for stop in stops:
+        if stop in text:
+            text, finished = text[: text.index(stop)], True
+    return Completion(tokens, text, finished)
+
+
+def _pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
         ids[row, width - len(seq):] = torch.tensor(seq)
         mask[row, width - len(seq):] = 1
     return ids.to(device), mask.to(device)
 
 
-def _finish(tokens: list[int], eos_ids: set[int], pad_id: int, tokenizer, stops: list[str]) -> Completion:
-    cut = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
-    ids = tokens[: cut + 1] if cut is not None else [t for t in tokens if t != pad_id]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    stopped = cut is not None
-    for stop in stops:
-        if stop in text:
-            text, stopped = text[: text.index(stop)], True
-    return Completion(ids, text, stopped)
+def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-@torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16,
-             stop_strings: list[str] | None = None, bf16: bool = False, desc: str = "generate") -> list[Completion]:
-    stops = list(stop_strings or [])
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
-    pad_id = tokenizer.pad_token_id
+class _Batch:
+    """The running rows: their KV cache, attention mask, next positions and tokens."""
+
+    def __init__(self):
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [B, L]
+        self.rows: list[int] = []  # prompt index of each row
+        self.tokens: list[list[int]] = []
+        self.next_pos: torch.Tensor | None = None  # [B]
+
+    def add(self, cache, mask: torch.Tensor, rows: list[int], first: torch.Tensor) -> None:
+        """Merge freshly prefilled rows (with their first tokens) into the batch."""
+        pos = mask.sum(-1)
+        if self.cache is None:
+            self.cache, self.mask, self.next_pos = cache, mask, pos
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            old_pad, new_pad = width - self.mask.shape[1], width - mask.shape[1]
+            for old, new in zip(self.cache.layers, cache.layers):
+                old.keys = torch.cat([_left_pad(old.keys, old_pad, 2), _left_pad(new.keys, new_pad, 2)])
+                old.values = torch.cat([_left_pad(old.values, old_pad, 2), _left_pad(new.values, new_pad, 2)])
+            self.mask = torch.cat([_left_pad(self.mask, old_pad, 1), _left_pad(mask, new_pad, 1)])
+            self.next_pos = torch.cat([self.next_pos, pos])
+        self.rows += rows
+        self.tokens += [[int(t)] for t in first]
+
+    def keep(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+        self.rows = [self.rows[i] for i in keep]
+        self.tokens = [self.tokens[i] for i in keep]
+        dead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+        if dead:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
+            self.mask = self.mask[:, dead:]
+
+
+def _continuous(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int,
+                stops: list[str], progress: Progress) -> list[Completion]:
+    from transformers import DynamicCache
+
+    eos_ids, pad_id, device = _eos_ids(model, tokenizer), tokenizer.pad_token_id, model.device
+    gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
+    queue = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[Completion | None] = [None] * len(prompts)
+    batch = _Batch()
+    while queue or batch.rows:
+        if len(batch.rows) < batch_size and queue:  # refill free slots
+            admit, queue = queue[: batch_size - len(batch.rows)], queue[batch_size - len(batch.rows):]
+            ids, mask = _pad_left([prompts[i] for i in admit], pad_id, device)
+            cache = DynamicCache()
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            batch.add(cache, mask, admit, _pick(logits, sampling, gen).cpu())
+        else:  # one decoding step for every running row
+            last = torch.tensor([t[-1] for t in batch.tokens], device=device)[:, None]
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+            logits = model(input_ids=last, attention_mask=batch.mask, position_ids=batch.next_pos[:, None],
+                           cache=batch.cache, use_cache=True).logits[:, -1]
+            batch.next_pos = batch.next_pos + 1
+            for row, t in enumerate(_pick(logits, sampling, gen).tolist()):
+                batch.tokens[row].append(t)
+        keep = []
+        for row, tokens in enumerate(batch.tokens):
+            stopped = tokens[-1] in eos_ids or any(s in tokenizer.decode(tokens[-8:]) for s in stops)
+            if stopped or len(tokens) >= sampling.max_new_tokens:
+                out[batch.rows[row]] = _finish(tokens, tokenizer, stops, stopped)
+                progress.update(1, tokens=len(tokens))
+            else:
+                keep.append(row)
+        if len(keep) < len(batch.rows):
+            if keep:
+                batch.keep(keep)
+            else:
+                batch = _Batch()
+    return out  # type: ignore[return-value]
+
+
+def _plain(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int, stops: list[str],
+           progress: Progress) -> list[Completion]:
+    """`model.generate` in length-sorted batches (the fallback, and the reference path)."""
+    eos_ids, pad_id = _eos_ids(model, tokenizer), tokenizer.pad_token_id
     knobs = ({"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
              if sampling.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[Completion | None] = [None] * len(prompts)
-    device_type = model.device.type
-    start, n_tokens = time.monotonic(), 0
-    bar = tqdm(total=len(prompts), desc=desc, unit="seq", mininterval=10, disable=None)
     for b, first in enumerate(range(0, len(order), batch_size)):
         idx = order[first : first + batch_size]
         ids, mask = _pad_left([prompts[i] for i in idx], pad_id, model.device)
         if sampling.do_sample:
             torch.manual_seed(sampling.seed * 100_003 + b)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-                                  pad_token_id=pad_id, eos_token_id=list(eos_ids), stop_strings=stops or None,
-                                  tokenizer=tokenizer if stops else None, **knobs)
+        seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
+                              pad_token_id=pad_id, eos_token_id=list(eos_ids), stop_strings=stops or None,
+                              tokenizer=tokenizer if stops else None, **knobs)
         for row, i in enumerate(idx):
-            done = _finish(seqs[row, ids.shape[1]:].tolist(), eos_ids, pad_id, tokenizer, stops)
-            n_tokens += len(done.ids)
-            out[i] = done
-        bar.update(len(idx))
-    bar.close()
-    elapsed = time.monotonic() - start
-    log.info("%s: %d sequences, %d new tokens in %.1fs (%.1f tok/s)", desc, len(prompts), n_tokens, elapsed,
-             n_tokens / max(elapsed, 1e-9))
+            tokens = seqs[row, ids.shape[1]:].tolist()
+            cut = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
+            tokens = tokens[: cut + 1] if cut is not None else tokens
+            out[i] = _finish(tokens, tokenizer, stops, cut is not None)
+            progress.update(1, tokens=len(tokens))
     return out  # type: ignore[return-value]
+
+
+def supports_continuous(model) -> bool:
+    """Continuous batching needs a plain full-attention KV cache in every layer."""
+    layer_types = getattr(model.config, "layer_types", None)
+    return not layer_types or all(t == "full_attention" for t in layer_types)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16,
+             stop_strings: list[str] | None = None, bf16: bool = False, desc: str = "generate",
+             continuous: bool | None = None) -> list[Completion]:
+    """Completions of `prompts` (token ids), in input order."""
+    progress = Progress(desc, len(prompts), "sequences")
+    use_continuous = supports_continuous(model) if continuous is None else continuous
+    run = _continuous if use_continuous else _plain
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = run(model, tokenizer, prompts, sampling, batch_size, list(stop_strings or []), progress) if prompts else []
+    progress.close()
+    return out

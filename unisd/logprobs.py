@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from unisd.progress import Progress
+
 
 def pack_left(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
     """Batch (prompt, completion) pairs, left-padded; `keep` covers every completion."""
@@ -35,10 +37,11 @@ def completion_logits(model, batch: dict[str, torch.Tensor], bf16: bool = False)
 
 @torch.inference_mode()
 def completion_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
-                        bf16: bool = False) -> list[torch.Tensor]:
+                        bf16: bool = False, desc: str = "score") -> list[torch.Tensor]:
     """log p(c_t | prompt, c_<t) for each completion token, one tensor per pair, in input order."""
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[torch.Tensor | None] = [None] * len(pairs)
+    progress = Progress(desc, len(pairs), "sequences")
     for first in range(0, len(order), batch_size):
         idx = order[first : first + batch_size]
         batch = pack_left([pairs[i] for i in idx], pad_id, model.device)
@@ -48,6 +51,8 @@ def completion_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id:
         for row, i in enumerate(idx):
             n = len(pairs[i][1])
             out[i] = token_lp[row, token_lp.shape[1] - n:].cpu()
+        progress.update(len(idx), tokens=int(batch["attention_mask"].sum()))
+    progress.close()
     return out  # type: ignore[return-value]
 
 

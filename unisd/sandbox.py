@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from unisd.progress import Progress
+
 Status = Literal["passed", "failed", "timeout"]
 
 # Runs inside the child, before the untrusted program. argv[1] holds the limits as JSON.
@@ -174,10 +176,20 @@ def run_python(program: str, limits: Limits = Limits()) -> SandboxResult:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_many(programs: list[str], limits: Limits = Limits(), workers: int = 2) -> list[SandboxResult]:
+def run_many(programs: list[str], limits: Limits = Limits(), workers: int = 2,
+             desc: str = "sandbox") -> list[SandboxResult]:
     """Run programs concurrently (each in its own sandbox), results in input order."""
+    progress = Progress(desc, len(programs), "programs")
+
+    def one(program: str) -> SandboxResult:
+        result = run_python(program, limits)
+        progress.update()
+        return result
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda p: run_python(p, limits), programs))
+        results = list(pool.map(one, programs))
+    progress.close()
+    return results
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

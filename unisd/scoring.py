@@ -34,12 +34,12 @@ def parse_mcq(text: str, choices: list[str]) -> str | None:
     return hits[-1] if hits and hits[-1] in valid else None
 
 
-_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+_FENCE = re.compile(r"```[ \t]*([^\n`]*)\n(.*?)(?:```|$)", re.DOTALL)
 
 
 def extract_code(text: str) -> str:
-    """The code of a reply: the first fenced block that parses, else the whole reply."""
-    blocks = [b for b in _FENCE.findall(text) if b.strip()]
+    """The code of a reply: the first Python (or untagged) fenced block that parses, else the whole reply."""
+    blocks = [b for tag, b in _FENCE.findall(text) if b.strip() and (not tag.strip() or tag.lower().startswith("py"))]
     for block in blocks:
         if _parses(block):
             return block
@@ -58,10 +58,12 @@ def code_program(ex: Example, completion: str) -> str:
     """A program that exits 0 iff the completion passes the example's tests."""
     code = extract_code(completion)
     if ex.entry_point:  # HumanEval: the reply may hold only the body or the whole function
-        if not re.search(rf"def\s+{re.escape(ex.entry_point)}\s*\(", code):
-            code = ex.code_prompt + code
+        # The prompt always comes first: a whole function redefines it but still needs its imports and helpers.
+        whole = re.search(rf"def\s+{re.escape(ex.entry_point)}\s*\(", code)
+        code = ex.code_prompt + ("\n" if whole else "") + code
         return f"{code}\n\n{ex.tests[0]}\n\ncheck({ex.entry_point})\n"
-    return "\n".join([ex.test_setup, code, "", *ex.tests, ""])
+    # MBPP setup code may use the solution's definitions (task 367 builds trees of its `Node`).
+    return "\n".join([code, "", ex.test_setup, *ex.tests, ""])
 
 
 _ACTION = re.compile(r"Action\s*:\s*(.+)")

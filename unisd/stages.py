@@ -3,8 +3,9 @@
 Each stage reads its inputs from disk, writes its output directory atomically (with a
 manifest of digests and the MLflow run that produced it) and logs a nested MLflow run.
 The Prefect tasks and the `unisd` CLI (called by dvc.yaml) are thin shells over these.
-`STAGES` says which param sections and inputs each stage depends on: that is its cache
-key, the same things dvc.yaml lists as its params and deps.
+`STAGE_PARAMS` says which params each stage depends on; with the digests of its input
+directories and the code version that is its cache key (dvc.yaml lists the same
+things, at the granularity of params.yaml sections, as params and deps).
 """
 
 from __future__ import annotations
@@ -12,36 +13,45 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from unisd.artifacts import atomic_dir, code_version, dir_digest, read_manifest, write_json_atomic, write_text_atomic
+from unisd.artifacts import atomic_dir, code_version, dir_digest, write_json_atomic, write_text_atomic
 from unisd.config import Config, digest_json
 from unisd.data.schema import read_examples
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    sections: tuple[str, ...]  # param sections the output depends on
-    inputs: tuple[str, ...]  # upstream stage outputs it reads
+def _method(cfg: Config, *fields: str) -> dict[str, Any]:
+    data = cfg.method.model_dump(mode="json")
+    return {f: data[f] for f in fields}
 
 
-STAGES = {
-    "model": StageSpec(("model",), ()),
-    "prepare": StageSpec(("data",), ()),
-    "evaluate": StageSpec(("model", "data", "prompts", "eval"), ("model", "data", "base")),
+STAGE_PARAMS: dict[str, Callable[[Config], dict[str, Any]]] = {
+    "model": lambda c: c.section("model"),
+    "prepare": lambda c: c.section("data"),
+    "contexts": lambda c: {**c.section("model", "prompts", "train_set"), **_method(c, "agreement"),
+                           "seed": c.run.seed},
+    "negatives": lambda c: {**c.section("model", "prompts", "train_set", "generation", "eval"),
+                            **_method(c, "contrastive"), "seed": c.run.seed},
+    "generate": lambda c: {**c.section("model", "prompts", "train_set", "generation"),
+                           **_method(c, "loss", "data", "on_policy_fraction", "sample_temperature", "sample_top_p"),
+                           "seed": c.run.seed},
+    "filter": lambda c: {**c.section("model", "prompts", "generation", "train"), **_method(c, "agreement", "teacher")},
+    "train": lambda c: {**c.section("model", "prompts", "train"), "method": c.method.model_dump(mode="json"),
+                        "seed": c.run.seed},
+    "evaluate": lambda c: c.section("model", "data", "prompts", "eval"),
 }
 
 
-def cache_key(stage: str, cfg: Config, inputs: dict[str, Path]) -> str:
-    """Content key of a stage run: code version, its param sections, its inputs' digests."""
-    spec = STAGES[stage]
+def cache_key(stage: str, cfg: Config, inputs: dict[str, Path], extra: dict[str, Any] | None = None) -> str:
+    """Content key of a stage run: code version, its params, its inputs' digests."""
     return digest_json({
-        "stage": stage, "code": code_version(), "params": cfg.section(*spec.sections),
-        "inputs": {k: dir_digest(p) for k, p in sorted(inputs.items())},
+        "stage": stage, "code": code_version(), "params": STAGE_PARAMS[stage](cfg), "extra": extra or {},
+        "inputs": {k: dir_digest(p) for k, p in sorted(inputs.items()) if p is not None},
     })
 
 
@@ -59,14 +69,30 @@ class Layout:
     def data(self) -> Path:
         return self.cfg.artifacts / "data"
 
-    def eval(self, label: str) -> Path:
-        return self.cfg.artifacts / "eval" / label
+    @property
+    def base_eval(self) -> Path:
+        return self.cfg.artifacts / "eval" / "base"
 
-    def metrics(self, label: str) -> Path:
-        return self.cfg.metrics_dir / f"{label}.json"
+    @property
+    def base_metrics(self) -> Path:
+        return self.cfg.metrics_dir / "base.json"
 
-    def scores_plot(self, label: str) -> Path:
-        return self.cfg.metrics_dir / f"{label}_scores.csv"
+    @property
+    def recipe_eval(self) -> Path:
+        """The evaluation of the recipe's trained model (for `base`, a copy of the base's)."""
+        return self.cfg.artifacts / "eval" / "recipes" / self.cfg.recipe
+
+    @property
+    def recipe_metrics(self) -> Path:
+        return self.cfg.metrics_dir / "recipes" / f"{self.cfg.recipe}.json"
+
+    @property
+    def run(self) -> Path:
+        """The recipe's folder: its contexts, negatives and rounds."""
+        return self.cfg.artifacts / "runs" / self.cfg.recipe
+
+    def round(self, index: int, step: str) -> Path:
+        return self.run / f"round-{index}" / step
 
 
 class _NullRun:
@@ -93,16 +119,34 @@ class StageContext:
             yield run
 
 
-def _meta(stage: str, run: Any, key: str) -> dict[str, Any]:
-    return {"stage": stage, "mlflow_run_id": run.run_id, "cache_key": key, "code_version": code_version()}
+def lineage_file(cfg: Config, out: Path) -> Path:
+    """Record naming the MLflow run that produced `out`. It lives in `<artifacts>/.lineage/`,
+    outside every stage output, so outputs stay byte-identical whichever launcher made them."""
+    out = Path(out).resolve()
+    try:
+        rel = out.relative_to(cfg.artifacts).as_posix()
+    except ValueError:
+        rel = digest_json(str(out))[:16]
+    return cfg.artifacts / ".lineage" / f"{rel.replace('/', '__')}.json"
+
+
+@contextlib.contextmanager
+def stage_output(ctx: StageContext, run_name: str, stage: str, cfg: Config, inputs: dict[str, Path], out: Path,
+                 params: dict[str, Any], extra: dict[str, Any] | None = None) -> Iterator[tuple[Any, Path]]:
+    """A logged stage run writing `out` atomically: yields (MLflow run, scratch dir)."""
+    meta = {"stage": stage, "cache_key": cache_key(stage, cfg, inputs, extra), "code_version": code_version()}
+    with ctx.stage(run_name, params) as run:
+        with atomic_dir(out, meta) as tmp:
+            yield run, tmp
+        write_json_atomic(lineage_file(cfg, out), {"mlflow_run_id": run.run_id, "stage": run_name,
+                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def model_stage(cfg: Config, out: Path, ctx: StageContext) -> Path:
     """Make the configured model loadable from disk (embedded GGUF → safetensors)."""
     from unisd.assets import materialize_model
 
-    key = cache_key("model", cfg, {})
-    with ctx.stage("model", cfg.section("model")) as run, atomic_dir(out, _meta("model", run, key)) as tmp:
+    with stage_output(ctx, "model", "model", cfg, {}, out, cfg.section("model")) as (run, tmp):
         source = materialize_model(cfg.model.name, cfg.model.revision, tmp)
         run.set_tags({f"model.{k}": v for k, v in source.items() if isinstance(v, str)})
         run.log_artifacts(tmp / "source.json")
@@ -113,10 +157,9 @@ def prepare_stage(cfg: Config, out: Path, ctx: StageContext) -> Path:
     """Load each benchmark, split it deterministically, write `<benchmark>/<split>.jsonl`."""
     from unisd.data import SUITES, load_benchmark, write_jsonl
 
-    key = cache_key("prepare", cfg, {})
     suite = SUITES[cfg.data.suite]
     splits: dict[str, dict[str, Any]] = {}
-    with ctx.stage("prepare", cfg.section("data")) as run, atomic_dir(out, _meta("prepare", run, key)) as tmp:
+    with stage_output(ctx, "prepare", "prepare", cfg, {}, out, cfg.section("data")) as (run, tmp):
         for name in cfg.data.benchmarks:
             log.info("prepare: loading %s", name)
             bench = suite[name]
@@ -139,13 +182,13 @@ def prepare_stage(cfg: Config, out: Path, ctx: StageContext) -> Path:
 
 def evaluate_stage(cfg: Config, model: Path, data: Path, out: Path, ctx: StageContext, label: str = "base",
                    base: Path | None = None) -> Path:
-    """Evaluate a model on the configured split; also writes `metrics/<label>.json`."""
+    """Evaluate a model on the configured split: predictions and metrics.json in `out`."""
     from unisd.evaluate import evaluate_model
 
-    inputs = {"model": model, "data": data, **({"base": base} if base else {})}
-    key = cache_key("evaluate", cfg, inputs)
+    inputs = {"model": model, "data": data, "base": base}
     params = {**cfg.section("eval", "prompts"), "label": label}
-    with ctx.stage(f"evaluate-{label}", params) as run, atomic_dir(out, _meta("evaluate", run, key)) as tmp:
+    extra = {"label": label}
+    with stage_output(ctx, f"evaluate-{label}", "evaluate", cfg, inputs, out, params, extra) as (run, tmp):
         splits = (data / "splits.json")
         for bench in cfg.data.benchmarks:
             examples = read_examples(data / bench / f"{cfg.eval.split}.jsonl")
@@ -158,23 +201,22 @@ def evaluate_stage(cfg: Config, model: Path, data: Path, out: Path, ctx: StageCo
         run.log_metrics(metrics)
         run.log_artifacts(tmp / "predictions", "predictions")
         run.log_artifacts(tmp / "metrics.json")
-    publish_metrics(cfg, label, out)
     return out
 
 
-def publish_metrics(cfg: Config, label: str, out: Path) -> dict[str, Any]:
-    """Copy an evaluation's metrics to `metrics/<label>.json` (+ a CSV for plots), for DVC."""
-    layout = Layout(cfg)
+def publish_metrics(out: Path, metrics_file: Path) -> dict[str, Any]:
+    """Copy an evaluation's metrics to the metrics file DVC tracks, plus a per-benchmark
+    CSV beside it (`<name>_scores.csv`) for `dvc plots`."""
     metrics = json.loads((out / "metrics.json").read_text())
-    write_json_atomic(layout.metrics(label), metrics)
+    write_json_atomic(metrics_file, metrics)
     rows = "".join(f"{b},{m['score']:.4f}\n" for b, m in metrics["benchmarks"].items())
-    write_text_atomic(layout.scores_plot(label), "benchmark,score\n" + rows)
+    write_text_atomic(metrics_file.with_name(f"{metrics_file.stem}_scores.csv"), "benchmark,score\n" + rows)
     return metrics
 
 
-def stage_source_run(out: Path) -> str | None:
-    manifest = read_manifest(out)
-    return manifest["meta"].get("mlflow_run_id") if manifest else None
+def stage_source_run(cfg: Config, out: Path) -> str | None:
+    path = lineage_file(cfg, out)
+    return json.loads(path.read_text()).get("mlflow_run_id") if path.is_file() else None
 
 
 def format_table(metrics: dict[str, Any]) -> str:

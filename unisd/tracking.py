@@ -84,7 +84,7 @@ class Tracker:
         return self.start_pipeline(name, {**tags, PIPELINE_KEY: key})
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any]) -> None:
-        StageRun(self.client, run_id).log_metrics(metrics)
+        StageRun(self.client, run_id, self.experiment_id).log_metrics(metrics)
 
     def end(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
@@ -97,7 +97,7 @@ class Tracker:
         if parent_id:
             run_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags)
-        stage = StageRun(self.client, run.info.run_id)
+        stage = StageRun(self.client, run.info.run_id, self.experiment_id)
         if params:
             stage.log_params(params)
         try:
@@ -127,8 +127,8 @@ def _params(data: dict[str, Any]) -> list:
 
 
 class StageRun:
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
+    def __init__(self, client, run_id: str, experiment_id: str):
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, params=_params(params))
@@ -138,13 +138,13 @@ class StageRun:
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int = 0, model_id: str | None = None) -> None:
         """Log every finite number in a (nested) dict; keys joined with '/'."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         flat = _flatten("", metrics, {})
-        batch = [Metric(k.replace(".", "/"), float(v), now, step) for k, v in sorted(flat.items())
+        batch = [Metric(k.replace(".", "/"), float(v), now, step, model_id=model_id) for k, v in sorted(flat.items())
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
@@ -155,6 +155,21 @@ class StageRun:
         ds = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
                      profile=json.dumps({"num_rows": n_rows}))
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+
+    def log_model(self, name: str, artifacts: Path | None, metrics: dict[str, Any], step: int = 0,
+                  tags: dict[str, str] | None = None) -> str:
+        """A LoggedModel from this run (weights when `artifacts` is given), linked to `metrics`."""
+        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
+                                                tags=tags or {})
+        if artifacts is not None:
+            self.client.log_model_artifacts(model.model_id, str(artifacts))
+        self.log_metrics(metrics, step=step, model_id=model.model_id)
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
+
+    def log_checkpoint(self, step: int, metrics: dict[str, Any], path: Path) -> str:
+        """A resumable checkpoint as a LoggedModel (weights stay on disk at `path`)."""
+        return self.log_model(f"checkpoint-step{step}", None, metrics, step, {"unisd.checkpoint_path": str(path)})
 
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
         if path.is_dir():

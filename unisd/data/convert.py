@@ -23,11 +23,13 @@ def clean_code(code: str) -> str:
     return code.replace("\r\n", "\n").replace("\r", "\n").rstrip() + "\n"
 
 
-def convert_rows(source: str, rows: Iterable[Row], convert: Callable[[int, Row], Example | None]) -> list[Example]:
+def convert_rows(source: str, rows: Iterable[Row],
+                 convert: Callable[[int, Row], Example | list[Example] | None]) -> list[Example]:
     """Apply `convert` to each row; a row it cannot read is a DataError naming source and row.
 
     `convert` returns None for rows that are skipped on purpose (e.g. ScienceQA items
-    with an image); those are not errors.
+    with an image); those are not errors. A row that holds several examples (a
+    ToolAlpaca API) gives a list.
     """
     out = []
     for i, row in enumerate(rows, start=1):
@@ -36,7 +38,9 @@ def convert_rows(source: str, rows: Iterable[Row], convert: Callable[[int, Row],
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, ValidationError) as err:
             detail = f"missing field {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
             raise DataError(f"{source}: row {i}: {type(err).__name__}: {detail}") from None
-        if ex is not None:
+        if isinstance(ex, list):
+            out.extend(ex)
+        elif ex is not None:
             out.append(ex)
     return out
 

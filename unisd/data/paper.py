@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from unisd.data.convert import Row, clean_code, convert_rows, shuffled, shuffled_mcq, split_off
-from unisd.data.schema import Example, iter_jsonl
+from unisd.data.schema import DataError, Example, iter_jsonl
 
 TOOLALPACA_RAW = "https://raw.githubusercontent.com/tangqiaoyu/ToolAlpaca/main/data/"
 
@@ -91,26 +91,34 @@ def toolalpaca_examples(source: str, apis: list[Row], split: str) -> list[Exampl
     """One example per (API, instruction): the first gold ReAct action and its input.
 
     Accepts the repository's evaluation format (`Instructions` + `Golden_Answers`) and
-    its training format (`Instances` with `intermediate_steps`).
+    its training format (`Instances` with `intermediate_steps`). As in the repository's
+    build_dataset.py, training runs without any step are skipped and a trailing "Hint:"
+    line is cut from the input. Runs that start with the `getDetails` meta-tool are
+    skipped too: it is not in the API documentation, and the later arguments come from
+    the user's reply. A malformed API entry is a DataError naming its place in the list.
     """
-    items: list[tuple[Row, str, str, str]] = []
-    for api in apis:
-        if "Instances" in api:
-            for inst in api["Instances"]:
-                (action, action_input, *_), _obs = inst["intermediate_steps"][0]
-                items.append((api, inst["input"], action, action_input))
-        else:
-            for instruction, gold in zip(api["Instructions"], api["Golden_Answers"]):
-                items.append((api, instruction, gold[0]["Action"], gold[0]["Action_Input"]))
 
-    def convert(i: int, item: tuple[Row, str, str, str]) -> Example:
-        api, instruction, action, action_input = item
-        return Example(id=f"toolalpaca-{split}-{i:05d}", benchmark="toolalpaca", task="tool", question=instruction,
-                       tools=f"{api['Name']}: {api.get('Description', '')}\n{api['NLDocumentation']}".strip(),
-                       answer=action, action_input=_canonical_json(action_input),
-                       meta={"api": api["Name"]})
+    def first_calls(api: Row) -> list[tuple[str, str, str]]:
+        """(instruction, action, action input) of each usable item."""
+        if "Instances" not in api:
+            return [(instruction, gold[0]["Action"], gold[0]["Action_Input"])
+                    for instruction, gold in zip(api["Instructions"], api["Golden_Answers"], strict=True)]
+        calls = []
+        for run in api["Instances"]:
+            if run.get("intermediate_steps"):
+                (action, action_input, *_), _observation = run["intermediate_steps"][0]
+                if action != "getDetails":
+                    calls.append((run["input"].rsplit("\nHint: ", 1)[0], action, action_input))
+        return calls
 
-    return convert_rows(source, items, convert)
+    def convert(i: int, api: Row) -> list[Example]:
+        tools = f"{api['Name']}: {api.get('Description', '')}\n{api['NLDocumentation']}".strip()
+        return [Example(id=f"toolalpaca-{split}-{i:04d}-{j:02d}", benchmark="toolalpaca", task="tool",
+                        question=instruction, tools=tools, answer=action, action_input=_canonical_json(action_input),
+                        meta={"api": api["Name"]})
+                for j, (instruction, action, action_input) in enumerate(first_calls(api), start=1)]
+
+    return convert_rows(source, apis, convert)
 
 
 def _canonical_json(text: str) -> str:
@@ -127,12 +135,18 @@ CONVERTERS: dict[str, Callable[[int, Row, str], Example | None]] = {
 
 
 def _read_local(folder: Path, split: str) -> tuple[str, list[Any]]:
-    for suffix in (".jsonl", ".json"):
-        path = folder / f"{split}{suffix}"
-        if path.is_file():
-            rows = list(iter_jsonl(path)) if suffix == ".jsonl" else json.loads(path.read_text())
-            return str(path), rows
-    raise FileNotFoundError(f"{folder}: no {split}.jsonl or {split}.json")
+    lines, whole = folder / f"{split}.jsonl", folder / f"{split}.json"
+    if lines.is_file():
+        return str(lines), list(iter_jsonl(lines))
+    if not whole.is_file():
+        raise DataError(f"{folder}: no {split}.jsonl or {split}.json")
+    try:
+        rows = json.loads(whole.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{whole}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{whole}: expected a JSON list of rows, got {type(rows).__name__}")
+    return str(whole), rows
 
 
 def _read_hub(src: Source) -> tuple[str, list[Any]]:

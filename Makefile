@@ -1,0 +1,36 @@
+# One command sets up and runs the main job; one sets up and runs the tests.
+#   make run     base-model evaluation on the embedded suite, as a cached Prefect flow
+#   make test    the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup run test repro serve mlflow-ui clean
+
+setup: $(VENV)/.installed
+
+# CPU machines: constraints.txt pins torch==2.13.0 (the CPU build on these machines).
+# GPU machines: install your CUDA torch into the venv first, then `make setup`.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/unisd run
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+repro: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+
+serve: setup
+	$(BIN)/unisd serve --with-server
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf artifacts metrics mlflow.db mlartifacts .prefect

@@ -1,0 +1,94 @@
+"""A real Prefect server on loopback, the served deployment, `prefect deployment run`,
+and the lineage it leaves in MLflow; a second run is served from cache."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.serve import local_prefect_server
+from project import copy_project, tiny_params
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+STAGES = {"model", "prepare", "evaluate-base", "contexts", "negatives", "generate-r1", "filter-r1", "train-r1",
+          "evaluate-unisd-full"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def runs_by_parent(db: Path) -> tuple[MlflowClient, dict]:
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("unisd")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = {r.info.run_id: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    children = {pid: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid] for pid in parents}
+    return client, {pid: (parents[pid], children[pid]) for pid in parents}
+
+
+def test_served_deployment_runs_and_caches(tmp_path, tiny_model_dir, monkeypatch):
+    project = copy_project(tmp_path / "project", tiny_params(tiny_model_dir))
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(tmp_path / "prefect-results"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    port = free_port()
+    with local_prefect_server(port) as api:
+        env = {**os.environ, "PREFECT_API_URL": api}
+        server = subprocess.Popen([str(BIN / "unisd"), "serve", "--params", str(project / "params.yaml")],
+                                  cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            for attempt in range(2):
+                deadline = time.monotonic() + 60
+                while True:  # the deployment appears once `serve` has registered it
+                    run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "pipeline/unisd-full",
+                                          "--watch", "--watch-timeout", "300"], cwd=project, env=env,
+                                         capture_output=True, text=True)
+                    if run.returncode == 0 or time.monotonic() > deadline or "not found" not in run.stdout + run.stderr:
+                        break
+                    time.sleep(2)
+                assert run.returncode == 0, run.stdout + run.stderr
+                assert "Completed" in run.stdout, run.stdout
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    client, pipelines = runs_by_parent(project / "mlflow.db")
+    assert len(pipelines) == 2
+    first, second = sorted(pipelines.values(), key=lambda pc: pc[0].info.start_time)
+    for parent, children in (first, second):
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["unisd.launcher"] == "prefect" and parent.data.tags["prefect.flow_run_id"]
+        assert parent.data.tags["unisd.params_hash"]
+        assert {c.info.run_name for c in children} == STAGES
+        assert "base/overall" in parent.data.metrics and "unisd-full/overall" in parent.data.metrics
+    ran = {c.info.run_name: c for c in first[1]}
+    assert "unisd.cached" not in ran["evaluate-base"].data.tags
+    datasets = {d.dataset.name for d in ran["prepare"].inputs.dataset_inputs}
+    assert {"sciq/train", "sciq/validation", "sciq/test", "mbpp/test"} <= datasets
+    assert {d.dataset.name for d in ran["evaluate-base"].inputs.dataset_inputs} == {"sciq/test", "mbpp/test"}
+    for key in ("benchmarks/sciq/score", "benchmarks/mbpp/score", "overall"):
+        assert key in ran["evaluate-base"].data.metrics
+    artifacts = {a.path for a in client.list_artifacts(ran["evaluate-base"].info.run_id, "predictions")}
+    assert artifacts == {"predictions/sciq.jsonl", "predictions/mbpp.jsonl"}
+    # training curves, the trained model as a LoggedModel, trajectories as a dataset input
+    train = ran["train-r1"]
+    assert {"train/loss", "train/divergence", "train/feature", "train/contrastive", "train/lr"} <= set(train.data.metrics)
+    assert [m.name for m in client.search_logged_models([train.info.experiment_id],
+                                                        filter_string=f"source_run_id = '{train.info.run_id}'")]
+    assert {d.dataset.name for d in ran["generate-r1"].inputs.dataset_inputs} == {"trajectories/round-1"}
+    assert "benchmarks/sciq/ppl_ret" in ran["evaluate-unisd-full"].data.metrics
+    # the second run was served from cache, each cached stage linked to the run that made it
+    cached = {c.info.run_name: c for c in second[1]}
+    for name, run in cached.items():
+        assert run.data.tags["unisd.cached"] == "true"
+        assert run.data.tags["unisd.source_run_id"] == ran[name].info.run_id
+    assert second[0].data.metrics["base/overall"] == first[0].data.metrics["base/overall"]

@@ -1,0 +1,676 @@
+"""Wrong demonstrations c⁻ for the token-level contrastive loss (SPEC §2.3).
+
+A negative takes the gold demonstration's place in the privileged template
+(`prompts.teacher_text`), so it is written in exactly the gold response's format: the
+two teacher contexts should differ only in what is wrong.
+
+* Programmatic negatives, verified wrong (our addition: small models write poor
+  negatives): MCQ argues for a wrong option in the gold rationale's form; code is an AST
+  mutation of the reference of one named bug type that fails a test the reference
+  passes; tool use calls a wrong function or passes wrong arguments.
+* Self-generated negatives (the reference's method): `negative_request` is what the
+  model is asked, `clean_self_generated` normalises its reply and keeps it only when it
+  is wrong in the requested way; code replies are then run by `verify_negatives`. The
+  model calls live in the pipeline, not here.
+
+Examples without a verified negative are absent from the returned mappings; the caller
+drops them from the contrastive loss and counts them.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import logging
+import random
+import re
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from unisd.data.schema import LETTERS, Example
+from unisd.prompts import gold_response, task_text
+from unisd.sandbox import Limits, run_many
+from unisd.scoring import code_program, extract_code, parse_mcq, parse_react, tool_scores
+
+log = logging.getLogger(__name__)
+
+TASKS = ("mcq", "code", "tool")
+BUG_TYPES = ("off_by_one", "wrong_operator", "missing_edge_case", "wrong_return")
+TOOL_MISTAKES = ("wrong_action", "wrong_arguments")
+
+
+@dataclass(frozen=True)
+class Negative:
+    """A wrong demonstration in the student's output format.
+
+    `kind` says what is wrong ("wrong_option:C", "off_by_one", "wrong_action:getForecast",
+    "dropped_argument:city", ...); `verified` that it was checked to be wrong (code: it
+    fails a test that the reference passes).
+    """
+
+    text: str
+    kind: str
+    verified: bool
+    source: Literal["programmatic", "self"] = "programmatic"
+
+
+# --------------------------------------------------------------------------- programmatic
+
+
+def programmatic_negatives(examples: list[Example], per_example: int = 4, seed: int = 0,
+                           limits: Limits = Limits(), workers: int = 2) -> dict[str, list[Negative]]:
+    """Up to `per_example` verified-wrong negatives per example id.
+
+    Candidates are drawn in a seeded order, spread over wrong letters, bug types or kinds
+    of tool mistake; code candidates are checked in sandbox batches across all examples,
+    only as many per round as each example still needs.
+    """
+    pools = {ex.id: _Pool(_candidates(ex, seed)) for ex in examples}
+    for ex_id in _failing_references([ex for ex in examples if ex.task == "code"], limits, workers):
+        pools[ex_id] = _Pool([])
+    while batch := [(ex, group, neg) for ex in examples
+                    for group, neg in pools[ex.id].draw(per_example - len(pools[ex.id].kept))]:
+        flags = _wrong_flags([(ex, neg.text) for ex, _, neg in batch], limits, workers)
+        for (ex, group, neg), wrong in zip(batch, flags):
+            if wrong:
+                pools[ex.id].keep(group, replace(neg, verified=True))
+    return {ex_id: pool.kept for ex_id, pool in pools.items() if pool.kept}
+
+
+class _Pool:
+    """One example's untried candidates, grouped by kind of mistake. Drawing prefers the
+    groups with the fewest verified negatives so far (seeded order on ties), so that a
+    candidate that turns out not to be wrong is replaced by one of the same kind."""
+
+    def __init__(self, groups: list[list[Negative]]):
+        self.groups = [deque(group) for group in groups]
+        self.counts = [0] * len(groups)
+        self.kept: list[Negative] = []
+
+    def draw(self, n: int) -> list[tuple[int, Negative]]:
+        order = sorted(range(len(self.groups)), key=self.counts.__getitem__)
+        drawn: list[tuple[int, Negative]] = []
+        while len(drawn) < n and any(self.groups):
+            drawn += [(g, self.groups[g].popleft()) for g in order if self.groups[g]][: n - len(drawn)]
+        return drawn
+
+    def keep(self, group: int, negative: Negative) -> None:
+        self.counts[group] += 1
+        self.kept.append(negative)
+
+
+def _candidates(ex: Example, seed: int) -> list[list[Negative]]:
+    """Unverified negatives of one example, grouped by kind of mistake, in seeded order."""
+    _require_task(ex)
+    rng = random.Random(f"{seed}:{ex.id}")
+    if ex.task == "mcq":
+        return _mcq_candidates(ex, rng)
+    if ex.task == "code":
+        return _code_candidates(ex, rng)
+    return _tool_candidates(ex, rng)
+
+
+def _require_task(ex: Example) -> None:
+    if ex.task not in TASKS:
+        raise ValueError(f"{ex.id}: no way to make negatives for task type {ex.task!r} "
+                         f"(supported: {', '.join(TASKS)})")
+
+
+# MCQ
+
+
+def _mcq_candidates(ex: Example, rng: random.Random) -> list[list[Negative]]:
+    """Every wrong option once, round-robin from a seeded start (so one negative per example
+    is not always the first wrong letter)."""
+    wrong = _wrong_letters(ex)
+    start = rng.randrange(len(wrong))
+    return [[_mcq_negative(ex, wrong[(start + i) % len(wrong)])] for i in range(len(wrong))]
+
+
+def _wrong_letters(ex: Example) -> list[str]:
+    return [letter for letter in LETTERS[: len(ex.choices)] if letter != ex.answer]
+
+
+def _wrong_letter(ex: Example, index: int) -> str:
+    wrong = _wrong_letters(ex)
+    return wrong[index % len(wrong)]
+
+
+def _mcq_negative(ex: Example, letter: str) -> Negative:
+    option = ex.choices[LETTERS.index(letter)]
+    if ex.rationale.strip():
+        reasoning = _redirect(ex.rationale, ex.choices[ex.gold_index], option)
+    else:
+        reasoning = f"The correct option is {letter}: {option}."
+    return Negative(_mcq_text(reasoning, letter), f"wrong_option:{letter}", verified=False)
+
+
+def _redirect(rationale: str, gold: str, wrong: str) -> str:
+    """The gold rationale made to argue for `wrong`: where it names the gold option, it now
+    names the wrong one; where it does not, a conclusion for the wrong one is appended."""
+    gold, wrong = gold.strip(), wrong.strip()
+    if len(gold) >= 2:
+        mention = re.compile(rf"(?<!\w){re.escape(gold)}(?!\w)", re.IGNORECASE)
+        redirected, n = mention.subn(lambda _: wrong, rationale)
+        if n:
+            return redirected
+    return f"{rationale.strip()} So the answer is {wrong}."
+
+
+def _mcq_text(reasoning: str, letter: str) -> str:
+    """Same layout as `gold_response` for MCQ."""
+    return f"Reasoning: {' '.join(reasoning.split())}\nAnswer: {letter}"
+
+
+# Code
+
+
+def _code_candidates(ex: Example, rng: random.Random) -> list[list[Negative]]:
+    groups = []
+    for kind in BUG_TYPES:
+        mutants = code_mutants(ex.answer, kind, ex.entry_point)
+        rng.shuffle(mutants)
+        groups.append([Negative(_code_text(m), kind, verified=False) for m in mutants])
+    rng.shuffle(groups)
+    return groups
+
+
+def _code_text(code: str) -> str:
+    """Same layout as `gold_response` for code."""
+    return f"```python\n{code.strip()}\n```"
+
+
+def code_mutants(code: str, kind: str, entry_point: str = "") -> list[str]:
+    """Every distinct single-site mutant of `code` of one bug type, in source order.
+
+    With `entry_point` (HumanEval) only that function's body is mutated, so the prompt's
+    signature, docstring and helpers stay as they are. Outside the rewritten span a mutant
+    keeps the reference's text (comments, layout), so that gold and negative differ only
+    by the bug. Mutants that do not parse or equal the reference are left out.
+    """
+    if kind not in _MUTATORS:
+        raise ValueError(f"unknown bug type {kind!r} (known: {', '.join(BUG_TYPES)})")
+    try:
+        reference = ast.dump(ast.parse(code))
+    except SyntaxError:
+        return []
+    counter = _MUTATORS[kind]()
+    if (scope := _scope(ast.parse(code), entry_point)) is None:
+        return []
+    counter.visit(scope)
+    mutants: list[str] = []
+    for target in range(counter.sites):
+        tree = ast.parse(code)
+        mutator = _MUTATORS[kind](target)
+        mutator.visit(_scope(tree, entry_point))
+        mutant = _render(code, tree, mutator.edit)
+        if mutant is not None and ast.dump(ast.parse(mutant)) != reference and mutant not in mutants:
+            mutants.append(mutant)
+    return mutants
+
+
+def _scope(tree: ast.Module, entry_point: str) -> ast.AST | None:
+    if not entry_point:
+        return tree
+    return next((node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and node.name == entry_point), None)
+
+
+def _render(source: str, tree: ast.Module, edit: tuple[ast.AST, ast.AST | list[ast.stmt]]) -> str | None:
+    """The mutant's text: the reference with only the mutated span rewritten when that
+    reproduces the mutated tree, else the whole tree unparsed; None if neither parses."""
+    node, new = edit
+    text = "\n".join(ast.unparse(s) for s in new) if isinstance(new, list) else ast.unparse(new)
+    spliced = _splice(source, node, text)
+    if _parse_dump(spliced) == ast.dump(tree):
+        return spliced
+    whole = ast.unparse(tree)
+    return whole if _parse_dump(whole) is not None else None
+
+
+def _parse_dump(code: str) -> str | None:
+    try:
+        return ast.dump(ast.parse(code))
+    except SyntaxError:
+        return None
+
+
+def _splice(source: str, node: ast.AST, text: str) -> str:
+    """`source` with `node`'s span replaced by `text`; an empty text removes the node's lines."""
+    raw = source.encode()  # ast columns count UTF-8 bytes
+    starts = [0]
+    for line in raw.split(b"\n"):
+        starts.append(starts[-1] + len(line) + 1)
+    line_start = starts[node.lineno - 1]
+    if text:
+        begin, end = line_start + node.col_offset, starts[node.end_lineno - 1] + node.end_col_offset
+    else:
+        begin, end = line_start, starts[node.end_lineno]
+    indent = raw[line_start:line_start + node.col_offset].decode()
+    return (raw[:begin] + text.replace("\n", "\n" + indent).encode() + raw[end:]).decode()
+
+
+class _Mutator(ast.NodeTransformer):
+    """Counts the sites of one bug type in traversal order and rewrites only the
+    `target`-th; `edit` keeps (original node, replacement) for splicing.
+
+    Function signatures are never visited, only bodies: tests call the signature.
+    """
+
+    def __init__(self, target: int = -1):
+        self.target, self.sites = target, 0
+        self.edit: tuple[ast.AST, ast.AST | list[ast.stmt]] | None = None
+
+    def take(self, node: ast.AST, replacement: ast.AST | list[ast.stmt]) -> bool:
+        hit = self.sites == self.target
+        self.sites += 1
+        if hit:
+            self.edit = (node, replacement)
+        return hit
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.FunctionDef:
+        body = ast.Module(body=node.body, type_ignores=[])
+        self.generic_visit(body)
+        node.body = body.body
+        return node
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+
+class _OffByOne(_Mutator):
+    """range() bounds, integer-like indices and slice bounds, and integer constants in
+    comparisons, moved by +1 and by −1."""
+
+    def visit_Call(self, node: ast.Call) -> ast.Call:
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and node.func.id == "range":
+            node.args[:2] = [self.shifted(arg, lambda _: True) for arg in node.args[:2]]
+        return node
+
+    def visit_Subscript(self, node: ast.Subscript) -> ast.Subscript:
+        self.generic_visit(node)
+        if isinstance(node.slice, ast.Slice):
+            node.slice.lower = self.shifted(node.slice.lower, _countable)
+            node.slice.upper = self.shifted(node.slice.upper, _countable)
+        else:
+            node.slice = self.shifted(node.slice, _countable)
+        return node
+
+    def visit_Compare(self, node: ast.Compare) -> ast.Compare:
+        self.generic_visit(node)
+        node.left = self.shifted(node.left, _is_int)
+        node.comparators = [self.shifted(c, _is_int) for c in node.comparators]
+        return node
+
+    def shifted(self, node: ast.expr | None, eligible) -> ast.expr | None:
+        if node is None or not eligible(node):
+            return node
+        for delta in (1, -1):
+            new = _shift(node, delta)
+            if self.take(node, new):
+                return new
+        return node
+
+
+def _int_value(node: ast.AST) -> int | None:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and _int_value(node.operand) is not None:
+        return -_int_value(node.operand)
+    return None
+
+
+def _int_node(value: int) -> ast.expr:
+    return ast.Constant(value) if value >= 0 else ast.UnaryOp(ast.USub(), ast.Constant(-value))
+
+
+def _is_int(node: ast.AST) -> bool:
+    return _int_value(node) is not None
+
+
+def _plus_minus_int(node: ast.AST) -> bool:
+    return isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)) and _is_int(node.right)
+
+
+def _countable(node: ast.AST) -> bool:
+    """An index that is clearly a count: a literal, `x ± k` or `len(...)`."""
+    is_len = isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len"
+    return _is_int(node) or _plus_minus_int(node) or is_len
+
+
+def _shift(node: ast.expr, delta: int) -> ast.expr:
+    """`node ± 1`, folded into a literal or an existing `± k` so the bug reads naturally
+    (`len(x) - 1` becomes `len(x)` or `len(x) - 2`, not `len(x) - 1 + 1`)."""
+    if (value := _int_value(node)) is not None:
+        return _int_node(value + delta)
+    if _plus_minus_int(node):
+        k = _int_value(node.right) * (1 if isinstance(node.op, ast.Add) else -1) + delta
+        if k == 0:
+            return node.left
+        return ast.BinOp(node.left, ast.Add() if k > 0 else ast.Sub(), _int_node(abs(k)))
+    return ast.BinOp(node, ast.Add() if delta > 0 else ast.Sub(), ast.Constant(1))
+
+
+_ARITHMETIC = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.FloorDiv: ast.Mult,
+               ast.Div: ast.Mult, ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult, ast.BitAnd: ast.BitOr,
+               ast.BitOr: ast.BitAnd, ast.LShift: ast.RShift, ast.RShift: ast.LShift}
+_COMPARISON = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+               ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
+_LOGIC = {ast.And: ast.Or, ast.Or: ast.And}
+
+
+class _WrongOperator(_Mutator):
+    """+ ↔ −, * ↔ //, / → *, % → //, ** → *, & ↔ |, << ↔ >>, < ↔ <=, > ↔ >=, == ↔ !=,
+    in ↔ not in, is ↔ is not, and ↔ or; also in augmented assignments."""
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.BinOp:
+        self.generic_visit(node)
+        if _is_text(node.left) or _is_text(node.right):
+            return node  # string joining and %-formatting would only crash, not be subtly wrong
+        return self.swapped(node, _ARITHMETIC)
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> ast.AugAssign:
+        self.generic_visit(node)
+        return self.swapped(node, _ARITHMETIC)
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> ast.BoolOp:
+        self.generic_visit(node)
+        return self.swapped(node, _LOGIC)
+
+    def visit_Compare(self, node: ast.Compare) -> ast.Compare:
+        self.generic_visit(node)
+        for i, op in enumerate(node.ops):
+            if type(op) in _COMPARISON:
+                new = copy.copy(node)
+                new.ops = [*node.ops[:i], _COMPARISON[type(op)](), *node.ops[i + 1:]]
+                if self.take(node, new):
+                    return new
+        return node
+
+    def swapped(self, node, table):
+        if type(node.op) not in table:
+            return node
+        new = copy.copy(node)
+        new.op = table[type(node.op)]()
+        return new if self.take(node, new) else node
+
+
+def _is_text(node: ast.AST) -> bool:
+    return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str))
+
+
+_JUMPS = (ast.Return, ast.Raise, ast.Continue, ast.Break)
+
+
+class _MissingEdgeCase(_Mutator):
+    """A guard clause (an `if` whose branch ends in return/raise/continue/break) dropped,
+    or an `if` condition inverted."""
+
+    def visit_If(self, node: ast.If) -> ast.If | list[ast.stmt]:
+        self.generic_visit(node)
+        if node.body and isinstance(node.body[-1], _JUMPS) and self.take(node, node.orelse):
+            return node.orelse
+        inverted = _negate(node.test)
+        if self.take(node.test, inverted):
+            node.test = inverted
+        return node
+
+
+def _negate(expr: ast.expr) -> ast.expr:
+    if isinstance(expr, ast.UnaryOp) and isinstance(expr.op, ast.Not):
+        return expr.operand
+    return ast.UnaryOp(ast.Not(), expr)
+
+
+class _WrongReturn(_Mutator):
+    """A returned boolean negated; any other returned value replaced by the function's
+    first argument or by None."""
+
+    def __init__(self, target: int = -1):
+        super().__init__(target)
+        self.first_args: list[str | None] = []
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.FunctionDef:
+        names = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+        self.first_args.append(names[0] if names else None)
+        node = super().visit_FunctionDef(node)
+        self.first_args.pop()
+        return node
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Return(self, node: ast.Return) -> ast.Return:
+        if node.value is None:
+            return node
+        first_arg = self.first_args[-1] if self.first_args else None
+        for new in _wrong_values(node.value, first_arg):
+            if self.take(node.value, new):
+                node.value = new
+                break
+        return node
+
+
+def _wrong_values(value: ast.expr, first_arg: str | None) -> list[ast.expr]:
+    if isinstance(value, ast.Constant) and isinstance(value.value, bool):
+        return [ast.Constant(not value.value)]
+    negation = isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.Not)
+    if isinstance(value, (ast.Compare, ast.BoolOp)) or negation:
+        return [_negate(value)]
+    out: list[ast.expr] = []
+    if first_arg and not (isinstance(value, ast.Name) and value.id == first_arg):
+        out.append(ast.Name(first_arg, ast.Load()))
+    if not (isinstance(value, ast.Constant) and value.value is None):
+        out.append(ast.Constant(None))
+    return out
+
+
+_MUTATORS: dict[str, type[_Mutator]] = {"off_by_one": _OffByOne, "wrong_operator": _WrongOperator,
+                                        "missing_edge_case": _MissingEdgeCase, "wrong_return": _WrongReturn}
+
+
+# Tool use
+
+_FUNCTION = re.compile(r"^[ \t]*([A-Za-z_]\w*)[ \t]*:[^\n]*?(?:Parameters[ \t]*:|\n[ \t]*Parameters[ \t]*:)",
+                       re.MULTILINE)
+
+
+def _api_functions(tools: str) -> list[str]:
+    """Function names in ToolAlpaca-style documentation: `name: description` lines that
+    have a `Parameters:` part (the API's own name line has none)."""
+    return list(dict.fromkeys(_FUNCTION.findall(tools)))
+
+
+def _tool_candidates(ex: Example, rng: random.Random) -> list[list[Negative]]:
+    actions = [_tool_negative(f"wrong_action:{name}", name, ex.action_input)
+               for name in _api_functions(ex.tools) if name != ex.answer]
+    args = _json_object(ex.action_input)
+    arguments = []
+    for key in sorted(args):
+        rest = {k: v for k, v in args.items() if k != key}
+        arguments.append(_tool_negative(f"dropped_argument:{key}", ex.answer, _json(rest)))
+        if (altered := _altered(args[key])) != args[key]:
+            arguments.append(_tool_negative(f"altered_argument:{key}", ex.answer, _json({**args, key: altered})))
+    groups = [actions, arguments]
+    for group in groups:
+        rng.shuffle(group)
+    rng.shuffle(groups)
+    return groups
+
+
+def _tool_negative(kind: str, action: str, action_input: str, source: str = "programmatic",
+                   verified: bool = False) -> Negative:
+    """Same layout as `gold_response` for tool use."""
+    text = f"Thought: I should call {action}.\nAction: {action}\nAction Input: {action_input}"
+    return Negative(text, kind, verified, source)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _json(value: Any) -> str:
+    """Canonical JSON, as the loaders store `action_input`."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _altered(value: Any) -> Any:
+    """A plausible wrong value of the same type; the value itself when there is none."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        words = value.split()
+        return " ".join(words[:-1]) if len(words) > 1 else ""
+    if isinstance(value, list):
+        return value[:-1]
+    return value
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def verify_negatives(examples: list[Example], negatives: dict[str, list[Negative]],
+                     limits: Limits = Limits(), workers: int = 2) -> dict[str, list[Negative]]:
+    """The negatives that really are wrong, marked verified; examples left with none are absent.
+
+    MCQ: the parsed letter is a wrong one; tool: not fully correct; code: fails a test in
+    the sandbox (one batch for all), counted only where the reference itself passes.
+    """
+    by_id = {ex.id: ex for ex in examples}
+    code_examples = [by_id[ex_id] for ex_id in negatives if by_id[ex_id].task == "code"]
+    unsound = set(_failing_references(code_examples, limits, workers))
+    pairs = [(by_id[ex_id], neg) for ex_id, negs in negatives.items() if ex_id not in unsound for neg in negs]
+    flags = _wrong_flags([(ex, neg.text) for ex, neg in pairs], limits, workers)
+    out: dict[str, list[Negative]] = {}
+    for (ex, neg), wrong in zip(pairs, flags):
+        if wrong:
+            out.setdefault(ex.id, []).append(replace(neg, verified=True))
+    return out
+
+
+def _wrong_flags(pairs: list[tuple[Example, str]], limits: Limits, workers: int) -> list[bool]:
+    """Whether each demonstration is wrong for its example (code: fails a test)."""
+    code = [(ex, text) for ex, text in pairs if ex.task == "code"]
+    failed = iter([not ok for ok in _passes(code, limits, workers)])
+    return [next(failed) if ex.task == "code" else _wrong_answer(ex, text) for ex, text in pairs]
+
+
+def _wrong_answer(ex: Example, text: str) -> bool:
+    if ex.task == "mcq":
+        return parse_mcq(text, ex.choices) not in (None, ex.answer)
+    return not tool_scores(ex, text)["full"]
+
+
+def _passes(pairs: list[tuple[Example, str]], limits: Limits, workers: int) -> list[bool]:
+    if not pairs:
+        return []
+    results = run_many([code_program(ex, text) for ex, text in pairs], limits, workers)
+    return [r.passed for r in results]
+
+
+def _failing_references(examples: list[Example], limits: Limits, workers: int) -> list[str]:
+    """Ids of code examples whose own reference fails their tests: a negative failing
+    them too would prove nothing."""
+    passed = _passes([(ex, gold_response(ex)) for ex in examples], limits, workers)
+    failing = [ex.id for ex, ok in zip(examples, passed) if not ok]
+    if failing:
+        log.warning("%d code example(s) get no negatives: the reference fails its own tests (%s)",
+                    len(failing), ", ".join(failing[:5]))
+    return failing
+
+
+# --------------------------------------------------------------------------- self-generated
+
+_BUG_HINTS = {
+    "off_by_one": "an off-by-one error (a loop bound, index or limit that is one too large or too small)",
+    "wrong_operator": "a wrong operator (for example + instead of -, < instead of <=, == instead of !=, "
+                      "or `and` instead of `or`)",
+    "missing_edge_case": "a missing edge case (for example no check for empty input, zero or a boundary value)",
+    "wrong_return": "a wrong return value (for example the wrong variable, None, or the negated result)",
+}
+
+
+def negative_request(ex: Example, index: int) -> str:
+    """The text asking the model for its `index`-th wrong demonstration (SPEC §2.3):
+    round-robin over wrong letters (MCQ), bug types (code) or kinds of mistake (tool)."""
+    _require_task(ex)
+    if ex.task == "mcq":
+        letter = _wrong_letter(ex, index)
+        ask = (f"Write a short, convincing response that argues that the answer is option {letter} "
+               f"({ex.choices[LETTERS.index(letter)]}), without hedging. "
+               f"Use the format above and end with the line 'Answer: {letter}'.")
+    elif ex.task == "code":
+        bug = BUG_TYPES[index % len(BUG_TYPES)]
+        ask = (f"Here is a correct solution:\n{gold_response(ex)}\n\n"
+               f"Rewrite it with one subtle bug: {_BUG_HINTS[bug]}. Keep the function name and signature, "
+               "do not point out the bug in comments, and reply with the complete function "
+               "in a single ```python code block.")
+    else:
+        mistake = (f"call a different function than {ex.answer}, one that does not fulfil the request"
+                   if TOOL_MISTAKES[index % len(TOOL_MISTAKES)] == "wrong_action" else
+                   f"call {ex.answer} with wrong arguments (one missing, or a wrong value)")
+        ask = (f"Here is the correct next call:\n{gold_response(ex)}\n\n"
+               f"Write a plausible but wrong call instead: {mistake}. Do not say that it is wrong. "
+               "Reply in the format above (Thought, Action, Action Input).")
+    return f"{task_text(ex)}\n\n{ask}"
+
+
+def clean_self_generated(ex: Example, request_index: int, text: str) -> Negative | None:
+    """The model's reply to `negative_request(ex, request_index)` in the student's output
+    format, or None when it is malformed or not wrong in the requested way.
+
+    MCQ and tool replies come back verified; code comes back unverified (it must fail a
+    test in the sandbox): pass it through `verify_negatives`, which batches the runs.
+    """
+    _require_task(ex)
+    if ex.task == "mcq":
+        return _clean_mcq(ex, _wrong_letter(ex, request_index), text)
+    if ex.task == "code":
+        return _clean_code(ex, BUG_TYPES[request_index % len(BUG_TYPES)], text)
+    return _clean_tool(ex, text)
+
+
+_ANSWER_ONLY = re.compile(r"^\W*answer\W*(?:is\W*)?\(?[A-J]\)?\W*$", re.IGNORECASE)
+_REASONING_LABEL = re.compile(r"^[*\s]*reasoning[*\s]*:[*\s]*", re.IGNORECASE)
+
+
+def _clean_mcq(ex: Example, letter: str, text: str) -> Negative | None:
+    if parse_mcq(text, ex.choices) != letter:
+        return None
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if _ANSWER_ONLY.match(lines[-1]):
+        lines.pop()
+    reasoning = _REASONING_LABEL.sub("", " ".join(lines)).strip()
+    if not reasoning:
+        return None
+    return Negative(_mcq_text(reasoning, letter), f"wrong_option:{letter}", verified=True, source="self")
+
+
+def _clean_code(ex: Example, bug: str, text: str) -> Negative | None:
+    code = extract_code(text)
+    if ex.entry_point and not re.search(rf"def\s+{re.escape(ex.entry_point)}\s*\(", code):
+        code = ex.code_prompt + code  # a body-only reply, completed as scoring does
+    dump = _parse_dump(code)
+    if dump is None or dump == _parse_dump(ex.answer):
+        return None
+    return Negative(_code_text(code), bug, verified=False, source="self")
+
+
+def _clean_tool(ex: Example, text: str) -> Negative | None:
+    name, raw = parse_react(text)
+    if not name or not raw:
+        return None
+    try:
+        action_input = _json(json.loads(raw))
+    except json.JSONDecodeError:
+        action_input = raw.strip()
+    kind = "wrong_arguments" if name == ex.answer else f"wrong_action:{name}"
+    negative = _tool_negative(kind, name, action_input, source="self", verified=True)
+    return None if tool_scores(ex, negative.text)["full"] else negative

@@ -1,0 +1,155 @@
+"""Recipes: named sets of component settings, resolved into one validated `Method`.
+
+A recipe is a partial `Method` on top of the defaults, which are plain on-policy
+self-distillation (SPEC §1): student samples, frozen teacher with the gold
+demonstration in context, forward KL at T=0.7. `params.yaml`'s `components:` may
+switch any component on or off on top of the chosen recipe.
+
+| recipe | SPEC | what it sets |
+|---|---|---|
+| base | §3 | no training |
+| sft | §3 | cross-entropy on gold completions |
+| ssd | §3 | cross-entropy on the model's own samples (T=1.0, top-p 0.95) |
+| sd | §1 | plain self-distillation (the base of the component ablations) |
+| sdft | §3 | on-policy, EMA teacher (every 10 steps, β=0.9), forward KL |
+| gkd | §3 | JSD(0.5), half on-policy / half gold sequences, frozen teacher |
+| opsd | §3 | JSD(0.5) on student rollouts, frozen teacher |
+| agreement_{tok,seq}_{random,retrieval,induction} | §2.1 | K=3 contexts, γ=0.01 |
+| ema | §2.2 | EMA teacher every 10 steps, β=0.9 |
+| contrastive | §2.3 | λ_c=0.1, margin 0.5, verified programmatic negatives |
+| match_joint / match_repr | §2.4 | KL + 0.1·MSE / MSE only |
+| clip | §2.5 | static clip at τ=10 nats |
+| unisd-full | §2.6 | retrieval token agreement (K=3, γ=0.001), EMA (10, 0.98), joint matching 0.01, contrastive 0.01 / margin 0.1, forward KL, no clip |
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherCfg(Part):
+    kind: Literal["frozen", "ema"] = "frozen"
+    ema_every: int = Field(10, ge=1, description="optimizer steps between EMA updates")
+    ema_beta: float = Field(0.9, ge=0.0, le=1.0)
+
+
+class AgreementCfg(Part):
+    enabled: bool = False
+    level: Literal["token", "sequence"] = "token"
+    contexts: Literal["random", "retrieval", "induction"] = "retrieval"
+    k: int = Field(3, description="number of auxiliary contexts (teachers); at least 2")
+    gamma: float = Field(1.0, ge=0.0)
+    stat: Literal["var", "range"] = "var"
+    filter_quantile: float = Field(1.0, gt=0.0, le=1.0, description="drop trajectories above this disagreement quantile")
+    normalize: Literal["tokens", "weight"] = "tokens"
+
+    def model_post_init(self, _: Any) -> None:
+        if self.enabled and self.k < 2:
+            raise ValueError(f"agreement.k must be at least 2 to measure agreement between teachers, got {self.k}")
+
+
+class ContrastiveCfg(Part):
+    enabled: bool = False
+    weight: float = Field(0.1, ge=0.0)
+    margin: float = Field(0.5, ge=0.0)
+    negatives: Literal["programmatic", "self"] = "programmatic"
+
+
+class FeatureCfg(Part):
+    mode: Literal["none", "joint", "repr"] = "none"
+    weight: float = Field(0.1, ge=0.0)
+
+
+class ClipCfg(Part):
+    mode: Literal["none", "static", "quantile"] = "none"
+    tau: float = Field(10.0, gt=0.0)
+    q: float = Field(0.99, gt=0.0, le=1.0)
+
+
+class Method(Part):
+    """What the train stage optimises and on which sequences."""
+
+    loss: Literal["none", "sft", "distill"] = "distill"
+    data: Literal["gold", "self_sample", "on_policy", "mixed"] = "on_policy"
+    on_policy_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of on-policy sequences in 'mixed'")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    alpha: float = Field(0.5, gt=0.0, lt=1.0, description="JSD mixture weight (GKD's beta)")
+    temperature: float = Field(0.7, gt=0.0, description="distillation temperature T")
+    sample_temperature: float | None = Field(None, gt=0.0, description="None: generation.temperature")
+    sample_top_p: float | None = Field(None, gt=0.0, le=1.0, description="None: generation.top_p")
+    teacher: TeacherCfg = TeacherCfg()
+    agreement: AgreementCfg = AgreementCfg()
+    contrastive: ContrastiveCfg = ContrastiveCfg()
+    feature: FeatureCfg = FeatureCfg()
+    clip: ClipCfg = ClipCfg()
+
+    def model_post_init(self, _: Any) -> None:
+        uses_teacher = self.loss == "distill"
+        for name, on in (("agreement", self.agreement.enabled), ("contrastive", self.contrastive.enabled),
+                         ("feature", self.feature.mode != "none"), ("ema teacher", self.teacher.kind == "ema"),
+                         ("clip", self.clip.mode != "none")):
+            if on and not uses_teacher:
+                raise ValueError(f"{name} needs a teacher, but loss is {self.loss!r} (use loss: distill)")
+
+    @property
+    def samples(self) -> bool:
+        """Whether the student's own samples are generated each round."""
+        return self.loss != "none" and self.data != "gold"
+
+
+EMA_SDFT = {"kind": "ema", "ema_every": 10, "ema_beta": 0.9}
+
+
+def _agreement(level: str, contexts: str) -> dict[str, Any]:
+    return {"agreement": {"enabled": True, "level": level, "contexts": contexts, "k": 3, "gamma": 0.01}}
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "base": {"loss": "none"},
+    "sft": {"loss": "sft", "data": "gold"},
+    "ssd": {"loss": "sft", "data": "self_sample", "sample_temperature": 1.0, "sample_top_p": 0.95},
+    "sd": {},
+    "sdft": {"teacher": EMA_SDFT},
+    "gkd": {"divergence": "jsd", "alpha": 0.5, "data": "mixed", "on_policy_fraction": 0.5},
+    "opsd": {"divergence": "jsd", "alpha": 0.5},
+    **{f"agreement_{lvl[:3]}_{ctx}": _agreement(lvl, ctx)
+       for lvl in ("token", "sequence") for ctx in ("random", "retrieval", "induction")},
+    "ema": {"teacher": EMA_SDFT},
+    "contrastive": {"contrastive": {"enabled": True, "weight": 0.1, "margin": 0.5}},
+    "match_joint": {"feature": {"mode": "joint", "weight": 0.1}},
+    "match_repr": {"feature": {"mode": "repr", "weight": 1.0}},
+    "clip": {"clip": {"mode": "static", "tau": 10.0}},
+    "unisd-full": {
+        "divergence": "forward_kl",
+        "agreement": {"enabled": True, "level": "token", "contexts": "retrieval", "k": 3, "gamma": 0.001},
+        "teacher": {"kind": "ema", "ema_every": 10, "ema_beta": 0.98},
+        "feature": {"mode": "joint", "weight": 0.01},
+        "contrastive": {"enabled": True, "weight": 0.01, "margin": 0.1},
+        "clip": {"mode": "none"},
+    },
+}
+BASELINES = ("base", "sft", "ssd", "sdft", "gkd", "opsd")
+COMPONENTS = ("agreement_tok_random", "agreement_tok_retrieval", "agreement_tok_induction",
+              "agreement_seq_random", "agreement_seq_retrieval", "agreement_seq_induction",
+              "ema", "contrastive", "match_joint", "match_repr", "clip")
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def method_dict(recipe: str, components: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The recipe's settings with `components` overrides on top (not yet validated)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    return deep_merge(RECIPES[recipe], components or {})

@@ -1,0 +1,71 @@
+"""The teacher π_φ: the same network as the student, with teacher weights swapped in.
+
+The student and the teacher share one model in memory. The teacher keeps its own copy
+of exactly the parameters the student trains — the LoRA adapter under LoRA, all weights
+under full fine-tuning — and `active()` swaps that copy in for a teacher pass.
+
+* frozen: the copy is the initial weights (under LoRA, B=0: the base model).
+* ema: every N optimizer steps φ ← β φ + (1−β) θ over those parameters (SPEC §2.2).
+
+This fixes the public reference's defect: it averaged the frozen base weights, which
+are identical in student and teacher, and skipped the LoRA weights, so its teacher
+never moved. Averaging what the student actually learns makes the teacher follow it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+class Teacher:
+    def __init__(self, model: torch.nn.Module, kind: str = "frozen", every: int = 10, beta: float = 0.9):
+        self.kind, self.every, self.beta = kind, every, beta
+        self.model = model
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("the model has no trainable parameters for a teacher to track")
+        self.weights = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Teacher weights in, eval mode (no dropout), no grad; student weights back after."""
+        was_training = self.model.training
+        student = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.weights[n])
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(student[n])
+            self.model.train(was_training)
+
+    def weight(self, name: str, current: torch.Tensor) -> torch.Tensor:
+        """The teacher's value of a parameter (the student's own if the teacher does not track it)."""
+        return self.weights.get(name, current.detach())
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> bool:
+        """Apply the EMA update after optimizer step `step` (1-based); True if it moved."""
+        if self.kind != "ema" or step % self.every:
+            return False
+        for n, p in self.params.items():
+            self.weights[n].lerp_(p.detach(), 1.0 - self.beta)
+        return True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: w.clone() for n, w in self.weights.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.weights) - set(state)
+        if missing:
+            raise ValueError(f"teacher state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]!r}")
+        for n in self.weights:
+            self.weights[n].copy_(state[n])

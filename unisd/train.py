@@ -1,0 +1,365 @@
+"""The training loop of one round: the student learns from its teacher (or from targets).
+
+Per micro-batch (SPEC §1-§2): the student's final hidden states at the completion
+positions (prompt x only) and the teacher's (x plus the gold demonstration; the same
+completion tokens, aligned by completion index) give the per-token divergence over the
+full vocabulary, computed in chunks; it is clipped, weighted by agreement and reduced;
+feature matching and the contrastive term are added with their weights.
+
+LoRA (peft) or full fine-tuning; AdamW with warmup + cosine, grad-norm clipping and
+accumulation; accelerate places the model. A resumable checkpoint is written atomically
+every `checkpoint_every` optimizer steps; a rerun after an interruption continues from
+it and ends with the same weights. A non-finite loss stops the run naming the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from unisd.agreement import sequence_weights, token_weights
+from unisd.config import Config
+from unisd.logprobs import pack_left
+from unisd.losses import (chunked_divergence, clip_divergence, contrastive_loss, feature_matching_loss,
+                          token_logprobs, weighted_token_loss)
+from unisd.recipes import Method
+from unisd.teachers import Teacher
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (non-finite loss, incompatible checkpoint)."""
+
+
+@dataclass
+class TrainItem:
+    prompt: list[int]  # the student's prompt x
+    completion: list[int]  # the trajectory y
+    teacher_prompt: list[int] | None = None  # x with the gold demonstration
+    negative_prompt: list[int] | None = None  # x with a wrong demonstration (contrastive)
+    scores: list[list[float]] | None = None  # [K][T] agreement scores
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def collate(items: list[TrainItem], pad_id: int, device) -> dict[str, Any]:
+    """Left-padded student/teacher/negative batches; completions right-aligned in [B, C]."""
+    width = max(len(it.completion) for it in items)
+    mask = torch.zeros(len(items), width, dtype=torch.bool)
+    targets = torch.zeros(len(items), width, dtype=torch.long)
+    for b, it in enumerate(items):
+        mask[b, width - len(it.completion):] = True
+        targets[b, width - len(it.completion):] = torch.tensor(it.completion)
+    batch: dict[str, Any] = {"mask": mask.to(device), "targets": targets.to(device), "width": width,
+                             "student": pack_left([(it.prompt, it.completion) for it in items], pad_id, device)}
+    for name in ("teacher_prompt", "negative_prompt"):
+        if getattr(items[0], name) is not None:
+            batch[name] = pack_left([(getattr(it, name), it.completion) for it in items], pad_id, device)
+    if items[0].scores is not None:
+        k = len(items[0].scores)
+        scores = torch.zeros(k, len(items), width)
+        for b, it in enumerate(items):
+            scores[:, b, width - len(it.completion):] = torch.tensor(it.scores)
+        batch["scores"] = scores.to(device)
+    return batch
+
+
+def completion_hidden(lm, packed: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+    """Final-layer hidden states (after the final norm) at the positions that predict
+    each completion token: [B, width, H], right-aligned like the batch's mask."""
+    out = lm.get_decoder()(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                           position_ids=packed["position_ids"], use_cache=False)
+    return out.last_hidden_state[:, -(width + 1):-1]
+
+
+def head_fn(lm, weight: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden -> logits through the LM head (optionally with another weight, e.g. the
+    teacher's), including the final logit soft-capping some models use."""
+    head = lm.get_output_embeddings()
+    w = head.weight if weight is None else weight
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, w.to(h.dtype), None if head.bias is None else head.bias.to(h.dtype))
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return apply
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def batch_loss(method: Method, lm, teacher: Teacher, head_name: str, batch: dict[str, Any],
+               chunk: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The recipe's total loss on one micro-batch, and its terms for logging."""
+    mask, targets, width = batch["mask"], batch["targets"], batch["width"]
+    head = head_fn(lm)
+    terms: dict[str, float] = {}
+    if method.loss == "sft":
+        lp = token_logprobs(completion_hidden(lm, batch["student"], width), head, targets, 1.0, chunk)
+        loss = -(lp * mask).sum() / mask.sum()
+        terms["sft"] = loss.item()
+        return loss, terms
+
+    # Teacher passes first: swapping the teacher's weights in place must not touch
+    # tensors that the student's forward has saved for backward.
+    with teacher.active():
+        h_t = completion_hidden(lm, batch["teacher_prompt"], width)
+        h_neg = completion_hidden(lm, batch["negative_prompt"], width) if method.contrastive.enabled else None
+    h_s = completion_hidden(lm, batch["student"], width)
+    t_head = head_fn(lm, teacher.weight(head_name, lm.get_output_embeddings().weight))
+    T = method.temperature
+    loss = h_s.new_zeros(())
+    lp_s = lp_pos = None
+    if method.feature.mode != "repr":
+        res = chunked_divergence(h_s, head, h_t, t_head, kind=method.divergence, alpha=method.alpha, temperature=T,
+                                 targets=targets if method.contrastive.enabled else None, chunk_size=chunk)
+        ell, terms["clipped_frac"] = clip_divergence(res.divergence, mask, method.clip.mode, method.clip.tau,
+                                                     method.clip.q)
+        token_w = seq_w = None
+        if method.agreement.enabled:
+            a = method.agreement
+            if a.level == "token":
+                token_w = token_weights(batch["scores"], mask, a.gamma, a.stat)
+                terms["token_weight_mean"] = float(token_w[mask].mean())
+                terms["token_weight_min"] = float(token_w[mask].min())
+            else:
+                seq_w = sequence_weights(batch["scores"], mask, a.gamma)
+                terms["seq_weight_mean"] = float(seq_w.mean())
+        normalize = method.agreement.normalize if method.agreement.enabled else "tokens"
+        kl = weighted_token_loss(ell, mask, token_w, seq_w, normalize)
+        terms["divergence"] = kl.item()
+        loss = loss + kl
+        lp_s, lp_pos = res.student_logprobs, res.teacher_logprobs
+    if method.feature.mode != "none":
+        feat = feature_matching_loss(h_s, h_t, mask)
+        terms["feature"] = feat.item()
+        loss = loss + (feat if method.feature.mode == "repr" else method.feature.weight * feat)
+    if method.contrastive.enabled:
+        if lp_s is None:
+            lp_s = token_logprobs(h_s, head, targets, T, chunk)
+            lp_pos = token_logprobs(h_t, t_head, targets, T, chunk)
+        lp_neg = token_logprobs(h_neg, t_head, targets, T, chunk)
+        con = contrastive_loss(lp_s, lp_pos, lp_neg, mask, method.contrastive.margin)
+        terms["contrastive"] = con.item()
+        loss = loss + method.contrastive.weight * con
+    return loss, terms
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def build_student(cfg: Config, base_dir: Path, init_dir: Path | None):
+    """The student: the base model with a LoRA adapter (or all weights) trainable,
+    continuing from a previous round's output when `init_dir` is given."""
+    from unisd.modeling import load_model
+
+    lora = cfg.train.lora
+    if not lora.enabled:
+        start = init_dir / "model" if init_dir else base_dir
+        model = load_model(start, cfg.model.dtype, cfg.model.device)
+        model.train()
+        return model
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = load_model(base_dir, cfg.model.dtype, cfg.model.device)
+    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_cfg)
+    if init_dir is not None:
+        state = load_file(init_dir / "adapter" / "adapter_model.safetensors", device=str(model.device))
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise TrainingError(f"{init_dir}/adapter does not fit this LoRA configuration "
+                                f"(unexpected {result.unexpected_keys[:2]})")
+    model.train()
+    return model
+
+
+def check_lineage(init_dir: Path | None, base_digest: str) -> None:
+    """A previous round must have trained from the same base model."""
+    if init_dir is None:
+        return
+    info_file = init_dir / "train_info.json"
+    if not info_file.is_file():
+        raise TrainingError(f"{init_dir}: not a train stage output (no train_info.json)")
+    got = json.loads(info_file.read_text())["base_digest"]
+    if got != base_digest:
+        raise TrainingError(f"{init_dir} was trained from model {got[:12]}, but this run's model is "
+                            f"{base_digest[:12]}: a checkpoint from a different model cannot be continued")
+
+
+def micro_batches(n_items: int, cfg: Config, seed: int) -> list[list[int]]:
+    """Item indices per micro-batch for all epochs, reshuffled each epoch (seeded)."""
+    out = []
+    for epoch in range(cfg.train.epochs):
+        order = list(range(n_items))
+        random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
+        out += [order[i : i + cfg.train.batch_size] for i in range(0, n_items, cfg.train.batch_size)]
+    return out
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, Any]:
+    # CUDA keeps its own generators (LoRA dropout on a GPU draws from them).
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_round(cfg: Config, items: list[TrainItem], base_dir: Path, base_digest: str, out: Path, work: Path,
+                run, init_dir: Path | None = None, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train one round and write `out/` (merged model, adapter, teacher state, curves).
+
+    `work` holds the resumable checkpoint (kept across failures, deleted on success).
+    `on_step` is called after each optimizer step (tests use it to interrupt a run).
+    """
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from unisd.modeling import load_tokenizer
+
+    method = cfg.method
+    check_lineage(init_dir, base_digest)
+    torch.manual_seed(cfg.run.seed)
+    accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
+    model = build_student(cfg, base_dir, init_dir)
+    teacher = Teacher(model, method.teacher.kind, method.teacher.ema_every, method.teacher.ema_beta)
+    if init_dir is not None:
+        # The previous round's teacher: an EMA teacher continues from it, and a frozen one
+        # stays the initial model in every round (the teacher above would be the
+        # previous round's student).
+        if not (init_dir / "teacher.pt").is_file():
+            raise TrainingError(f"{init_dir}: no teacher.pt to continue the teacher from")
+        teacher.load_state_dict(torch.load(init_dir / "teacher.pt", map_location=model.device))
+    head_weight = model.get_output_embeddings().weight
+    head_name = next((n for n, p in model.named_parameters() if p is head_weight), "lm_head.weight")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    batches = micro_batches(len(items), cfg, cfg.run.seed)
+    accum = cfg.train.grad_accum
+    total = cfg.train.max_steps or math.ceil(len(batches) / accum)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total), total)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    lm = accelerator.unwrap_model(model)
+
+    step, curves = 0, []
+    ckpt = work / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            for n, p in lm.named_parameters():
+                if n in state["trainable"]:
+                    p.copy_(state["trainable"][n])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        teacher.load_state_dict(state["teacher"])
+        _set_rng_state(state["rng"])
+        step, curves = state["step"], state["curves"]
+        log.info("resuming from %s at step %d of %d", ckpt, step, total)
+
+    tok = load_tokenizer(base_dir)
+    bf16 = cfg.train.bf16_autocast
+    device_type = lm.device.type
+    while step < total:
+        started, n_tokens, terms_sum, loss_sum = time.monotonic(), 0, {}, 0.0
+        group = [batches[(step * accum + j) % len(batches)] for j in range(accum)]
+        for j, idx in enumerate(group):
+            batch = collate([items[i] for i in idx], tok.pad_token_id, lm.device)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                loss, terms = batch_loss(method, lm, teacher, head_name, batch, cfg.train.chunk_size)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"non-finite loss ({float(loss)}) at step {step + 1}, micro-batch {j + 1}; "
+                                    f"terms {terms}")
+            accelerator.backward(loss / accum)
+            loss_sum += float(loss) / accum
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v / accum
+            n_tokens += int(batch["student"]["attention_mask"].sum())
+        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        teacher_moved = teacher.after_step(step)
+        elapsed = time.monotonic() - started
+        point = {"step": step, "loss": loss_sum, **terms_sum, "lr": scheduler.get_last_lr()[0],
+                 "grad_norm": grad_norm, "tokens_per_s": n_tokens / max(elapsed, 1e-9),
+                 "ema_update": int(teacher_moved)}
+        curves.append(point)
+        run.log_metrics({f"train/{k}": v for k, v in point.items() if k != "step"}, step=step)
+        if step % 10 == 0 or step == total:
+            log.info("train step %d/%d: loss %.4f, %.0f tok/s", step, total, loss_sum, point["tokens_per_s"])
+        if step % cfg.train.checkpoint_every == 0 and step < total:
+            _save_checkpoint(ckpt, lm, optimizer, scheduler, teacher, step, curves)
+            run.log_checkpoint(step, point, ckpt)
+        if on_step is not None:
+            on_step(step)
+
+    info = _write_outputs(cfg, lm, tok, teacher, out, base_digest, step, curves)
+    ckpt.unlink(missing_ok=True)
+    return info
+
+
+TIMINGS = ("tokens_per_s",)
+
+
+def _sort_target_modules(path: Path) -> None:
+    """peft writes target_modules from a set, in hash order; sort it so the file is reproducible."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _save_checkpoint(path: Path, lm, optimizer, scheduler, teacher: Teacher, step: int, curves: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"trainable": _trainable_state(lm), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "teacher": teacher.state_dict(), "rng": _rng_state(),
+                "step": step, "curves": curves}, tmp)
+    os.replace(tmp, path)
+
+
+def _write_outputs(cfg: Config, lm, tok, teacher: Teacher, out: Path, base_digest: str, steps: int,
+                   curves: list) -> dict[str, Any]:
+    """Adapter (LoRA), teacher weights, curves, and the merged model for evaluation."""
+    torch.save(teacher.state_dict(), out / "teacher.pt")
+    if cfg.train.lora.enabled:
+        lm.save_pretrained(out / "adapter")
+        _sort_target_modules(out / "adapter" / "adapter_config.json")
+        lm = lm.merge_and_unload()
+    lm.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    with open(out / "curves.jsonl", "w") as fh:  # timings stay in MLflow: the file is reproducible
+        for point in curves:
+            fh.write(json.dumps({k: v for k, v in point.items() if k not in TIMINGS}) + "\n")
+    info = {"base_digest": base_digest, "steps": steps, "recipe": cfg.recipe,
+            "final_loss": curves[-1]["loss"] if curves else None}
+    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
