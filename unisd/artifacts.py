@@ -142,12 +142,21 @@ def is_intact(path: str | Path, digest: str | None = None) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """Digest of the `unisd` package sources: a code change invalidates cached stages."""
+@functools.lru_cache(maxsize=None)
+def code_version(module: str) -> str:
+    """Digest of the sources of `module` and every `unisd` module it imports (directly,
+    lazily inside functions, or transitively): a change there invalidates the cached
+    outputs of the stages it defines, and a change elsewhere does not."""
+    import modulefinder
+
     pkg = Path(__file__).resolve().parent
+    path = pkg.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    finder = modulefinder.ModuleFinder(path=[str(pkg.parent)])
+    finder.run_script(str(path))
+    files = {path} | {Path(m.__file__) for name, m in finder.modules.items()
+                      if name.split(".")[0] == "unisd" and m.__file__}
     h = hashlib.sha256()
-    for p in sorted(pkg.rglob("*.py")):
-        h.update(p.relative_to(pkg).as_posix().encode())
-        h.update(p.read_bytes())
+    for f in sorted(files):
+        h.update(f.relative_to(pkg).as_posix().encode())
+        h.update(f.read_bytes())
     return h.hexdigest()

@@ -19,7 +19,7 @@ import random
 from typing import Any, Callable
 
 from unisd.data.schema import Example
-from unisd.prompts import gold_response, reference_text, task_text
+from unisd.prompts import gold_response, problem_text, reference_text
 
 INDUCTION_DEMOS = 3
 INDUCTION_REQUEST = (
@@ -53,18 +53,20 @@ def retrieval_refs(examples: list[Example], k: int, embed: Callable[[list[str]],
     return [{"id": ex.id, "refs": [examples[j].id for j in row]} for ex, row in zip(examples, nearest)]
 
 
-def induction_requests(examples: list[Example], k: int, seed: int) -> list[tuple[list[str], str]]:
-    """K+1 (demo ids, request text) pairs from disjoint demonstration sets."""
+def induction_demo_sets(examples: list[Example], k: int, seed: int) -> list[list[Example]]:
+    """K+1 disjoint sets of demonstrations, one per induced instruction."""
     need = (k + 1) * INDUCTION_DEMOS
     if len(examples) < need:
         raise ValueError(f"induction contexts need at least {need} examples per benchmark, got {len(examples)}")
     picked = random.Random(f"{seed}:induction").sample(examples, need)
-    out = []
-    for j in range(k + 1):
-        demos = picked[j * INDUCTION_DEMOS : (j + 1) * INDUCTION_DEMOS]
-        text = "\n\n".join(f"Problem:\n{task_text(d)}\nResponse:\n{gold_response(d)}" for d in demos)
-        out.append(([d.id for d in demos], INDUCTION_REQUEST.format(demos=text)))
-    return out
+    return [picked[j * INDUCTION_DEMOS : (j + 1) * INDUCTION_DEMOS] for j in range(k + 1)]
+
+
+def induction_request(demos: list[Example]) -> str:
+    """What the model is asked to induce an instruction from."""
+    text = "\n\n".join(f"Problem:\n{problem_text(d, with_context=False)}\nResponse:\n{gold_response(d)}"
+                         for d in demos)
+    return INDUCTION_REQUEST.format(demos=text)
 
 
 def induction_records(examples: list[Example], k: int, demo_ids: list[list[str]],

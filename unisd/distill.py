@@ -98,13 +98,24 @@ def _induced(cfg: Config, model_dir: Path, groups: dict[str, list[Example]]) -> 
     model = load_model(model_dir, cfg.model.dtype, cfg.model.device)
     k, records = cfg.method.agreement.k, []
     for bench, exs in groups.items():
-        requests = contexts.induction_requests(exs, k, cfg.run.seed)
-        prompts = [builder.encode(text) or builder.encode(text[-4000:]) for _, text in requests]
+        demo_sets = contexts.induction_demo_sets(exs, k, cfg.run.seed)
+        prompts = [_fitting_request(builder, demos) for demos in demo_sets]
         outs = generate(model, tok, prompts, Sampling(96, do_sample=True, temperature=0.7, seed=cfg.run.seed),
                         cfg.generation.batch_size, builder.stop_strings, desc=f"induce {bench}")
         instructions = [" ".join(c.text.split()) or "Solve the problem step by step." for c in outs]
-        records += contexts.induction_records(exs, k, [ids for ids, _ in requests], instructions)
+        records += contexts.induction_records(exs, k, [[d.id for d in ds] for ds in demo_sets], instructions)
     return records
+
+
+def _fitting_request(builder, demos: list[Example]) -> list[int]:
+    """The induction request with as many of its demonstrations as fit the prompt budget."""
+    from unisd.contexts import induction_request
+
+    for n in range(len(demos), 0, -1):
+        if (ids := builder.encode(induction_request(demos[:n]))) is not None:
+            return ids
+    raise ValueError(f"an induction request with one demonstration ({demos[0].id}) exceeds "
+                     f"prompts.max_prompt_tokens={builder.max_prompt_tokens}")
 
 
 # --------------------------------------------------------------------------- negatives (§2.3)

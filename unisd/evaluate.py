@@ -5,14 +5,15 @@
 * tool: action / argument / full accuracy (full is the score);
 * gold PPL: the model's perplexity on the gold responses;
 * PPLret: the *base* model's perplexity on this model's greedy responses (SPEC §5);
-  for the base model itself this is its own retention baseline.
+  for the base model itself this is its own retention baseline;
+* jsd_to_base: the mean per-token JSD between the base model's and this model's
+  next-token distributions along this model's greedy responses (0 for the base).
 
 Per-example predictions are written beside the aggregate metrics.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import statistics
@@ -23,7 +24,7 @@ from typing import Any
 from unisd.config import Config
 from unisd.data.schema import Example, read_examples, write_jsonl
 from unisd.generation import Sampling, generate
-from unisd.logprobs import completion_logprobs, perplexity
+from unisd.logprobs import completion_logprobs, perplexity, retention
 from unisd.modeling import load_model, load_tokenizer
 from unisd.prompts import PromptBuilder, gold_response, task_text
 from unisd.sandbox import Limits, run_many
@@ -84,7 +85,7 @@ def summarize(items: list[Item], n_dropped: int) -> dict[str, Any]:
     if recs and "action" in recs[0]:
         for k in ("action", "arguments", "full"):
             summary[f"{k}_accuracy"] = 100.0 * sum(r[k] for r in recs) / n
-    for k in ("gold_ppl", "ppl_ret"):
+    for k in ("gold_ppl", "ppl_ret", "jsd_to_base"):
         if recs and k in recs[0]:
             summary[k] = _mean([r[k] for r in recs])
     return summary
@@ -126,16 +127,18 @@ def evaluate_model(cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path,
                     it.record["gold_ppl"] = perplexity(lp)
         per_bench[bench] = (items, dropped)
 
-    if cfg.eval.ppl:
-        if base_dir is not None:  # score this model's answers under the base model
-            del model
-            gc.collect()
-            model = load_model(base_dir, cfg.model.dtype, cfg.model.device)
+    if cfg.eval.ppl:  # this model's answers under the base model: PPLret, and JSD(base ‖ this) on them
+        base = load_model(base_dir, cfg.model.dtype, cfg.model.device) if base_dir is not None else None
         for bench, (items, _) in per_bench.items():
-            rets = completion_logprobs(model, [(it.prompt, it.record["completion_ids"]) for it in items],
-                                       tok.pad_token_id, cfg.eval.batch_size, bf16, desc=f"ppl_ret {bench}")
-            for it, lp in zip(items, rets):
-                it.record["ppl_ret"] = perplexity(lp)
+            pairs = [(it.prompt, it.record["completion_ids"]) for it in items]
+            if base is None:  # the base model itself: its own retention baseline, no drift
+                rets = [(lp, 0.0) for lp in completion_logprobs(model, pairs, tok.pad_token_id, cfg.eval.batch_size,
+                                                                 bf16, desc=f"ppl_ret {bench}")]
+            else:
+                rets = retention(model, base, pairs, tok.pad_token_id, cfg.eval.batch_size, bf16,
+                                 desc=f"ppl_ret {bench}")
+            for it, (lp, jsd) in zip(items, rets):
+                it.record.update(ppl_ret=perplexity(lp), jsd_to_base=jsd)
 
     (out_dir / "predictions").mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"benchmarks": {}, "split": cfg.eval.split}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from unisd.logprobs import pad_left
 from unisd.progress import Progress
 
 
@@ -61,16 +62,6 @@ def _finish(tokens: list[int], tokenizer, stops: list[str], finished: bool) -> C
         if stop in text:
             text, finished = text[: text.index(stop)], True
     return Completion(tokens, text, finished)
-
-
-def _pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -132,7 +123,7 @@ def _continuous(model, tokenizer, prompts: list[list[int]], sampling: Sampling, 
     while queue or batch.rows:
         if len(batch.rows) < batch_size and queue:  # refill free slots
             admit, queue = queue[: batch_size - len(batch.rows)], queue[batch_size - len(batch.rows):]
-            ids, mask = _pad_left([prompts[i] for i in admit], pad_id, device)
+            ids, mask = pad_left([prompts[i] for i in admit], pad_id, device)
             cache = DynamicCache()
             logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -171,7 +162,7 @@ def _plain(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch
     out: list[Completion | None] = [None] * len(prompts)
     for b, first in enumerate(range(0, len(order), batch_size)):
         idx = order[first : first + batch_size]
-        ids, mask = _pad_left([prompts[i] for i in idx], pad_id, model.device)
+        ids, mask = pad_left([prompts[i] for i in idx], pad_id, model.device)
         if sampling.do_sample:
             torch.manual_seed(sampling.seed * 100_003 + b)
         seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,

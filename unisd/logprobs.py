@@ -12,19 +12,22 @@ import torch
 from unisd.progress import Progress
 
 
-def pack_left(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Batch (prompt, completion) pairs, left-padded; `keep` covers every completion."""
-    seqs = [p + c for p, c in pairs]
+def pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask [B, L] of sequences left-padded to the longest."""
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, seq in enumerate(seqs):
         ids[row, width - len(seq):] = torch.tensor(seq)
         mask[row, width - len(seq):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    keep = max(len(c) for _, c in pairs) + 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "position_ids": positions.to(device), "keep": keep}
+    return ids.to(device), mask.to(device)
+
+
+def pack_left(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Batch (prompt, completion) pairs, left-padded; `keep` covers every completion."""
+    ids, mask = pad_left([p + c for p, c in pairs], pad_id, device)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "keep": max(len(c) for _, c in pairs) + 1}
 
 
 def completion_logits(model, batch: dict[str, torch.Tensor], bf16: bool = False) -> torch.Tensor:
@@ -51,6 +54,31 @@ def completion_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id:
         for row, i in enumerate(idx):
             n = len(pairs[i][1])
             out[i] = token_lp[row, token_lp.shape[1] - n:].cpu()
+        progress.update(len(idx), tokens=int(batch["attention_mask"].sum()))
+    progress.close()
+    return out  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def retention(model, base, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
+              bf16: bool = False, desc: str = "retention") -> list[tuple[torch.Tensor, float]]:
+    """For each (prompt, ŷ) of `model`: the *base* model's log-probs of ŷ (for PPLret) and
+    the mean per-token JSD(base ‖ model) over ŷ (SPEC §5: drift from the base distribution)."""
+    from unisd.losses import token_divergence
+
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    out: list[tuple[torch.Tensor, float] | None] = [None] * len(pairs)
+    progress = Progress(desc, len(pairs), "sequences")
+    for first in range(0, len(order), batch_size):
+        idx = order[first : first + batch_size]
+        batch = pack_left([pairs[i] for i in idx], pad_id, model.device)
+        base_logits = completion_logits(base, batch, bf16)
+        jsd = token_divergence(completion_logits(model, batch, bf16), base_logits, "jsd", alpha=0.5)
+        targets = batch["input_ids"][:, -(batch["keep"] - 1):]
+        token_lp = torch.log_softmax(base_logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        for row, i in enumerate(idx):
+            n = len(pairs[i][1])
+            out[i] = (token_lp[row, token_lp.shape[1] - n:].cpu(), float(jsd[row, jsd.shape[1] - n:].mean()))
         progress.update(len(idx), tokens=int(batch["attention_mask"].sum()))
     progress.close()
     return out  # type: ignore[return-value]

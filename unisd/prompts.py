@@ -37,19 +37,27 @@ PLAIN_TEMPLATE = "### Instruction\n{text}\n\n### Response\n"
 PLAIN_STOP = "\n### "
 
 
-def task_text(ex: Example) -> str:
-    """What the student sees: the task and the expected output format."""
+FORMATS = {"mcq": MCQ_FORMAT, "code": CODE_FORMAT, "tool": TOOL_FORMAT}
+
+
+def problem_text(ex: Example, with_context: bool = True) -> str:
+    """The problem itself, without output-format instructions (and optionally without an
+    MCQ's context paragraph: auxiliary contexts quote other problems compactly)."""
     if ex.task == "mcq":
-        parts = [f"Context: {ex.context.strip()}"] if ex.context.strip() else []
+        parts = [f"Context: {ex.context.strip()}"] if with_context and ex.context.strip() else []
         parts.append(f"Question: {ex.question.strip()}")
         parts.append("Options:\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(ex.choices)))
-        parts.append(MCQ_FORMAT)
         return "\n".join(parts)
     if ex.task == "code":
         if ex.code_prompt:
-            return f"Complete this Python function.\n```python\n{ex.code_prompt.strip()}\n```\n{CODE_FORMAT}"
-        return f"{ex.question.strip()}\nYour code should pass this test:\n{ex.tests[0]}\n{CODE_FORMAT}"
-    return f"You can use this API:\n{ex.tools.strip()}\n\nUser request: {ex.question.strip()}\n{TOOL_FORMAT}"
+            return f"Complete this Python function.\n```python\n{ex.code_prompt.strip()}\n```"
+        return f"{ex.question.strip()}\nYour code should pass this test:\n{ex.tests[0]}"
+    return f"You can use this API:\n{ex.tools.strip()}\n\nUser request: {ex.question.strip()}"
+
+
+def task_text(ex: Example) -> str:
+    """What the student sees: the task and the expected output format."""
+    return f"{problem_text(ex)}\n{FORMATS[ex.task]}"
 
 
 def gold_response(ex: Example) -> str:
@@ -74,7 +82,8 @@ def reference_text(ex: Example, references: list[Example] | str) -> str:
     else:
         if any(r.id == ex.id for r in references):
             raise ValueError(f"{ex.id}: an auxiliary context must not hold the example's own answer")
-        material = "\n\n".join(f"Problem:\n{task_text(r)}\nResponse:\n{gold_response(r)}" for r in references)
+        material = "\n\n".join(f"Problem:\n{problem_text(r, with_context=False)}\nResponse:\n{gold_response(r)}"
+                                 for r in references)
     return f"{REFERENCE_INTRO}\n\n{material}\n\n{TASK_INTRO}\n{task_text(ex)}"
 
 

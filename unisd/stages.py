@@ -47,10 +47,15 @@ STAGE_PARAMS: dict[str, Callable[[Config], dict[str, Any]]] = {
 }
 
 
+def stage_code(stage: str) -> str:
+    """Version of the code a stage runs: the module defining it and what that imports."""
+    return code_version("unisd.stages" if stage in ("model", "prepare", "evaluate") else "unisd.distill")
+
+
 def cache_key(stage: str, cfg: Config, inputs: dict[str, Path], extra: dict[str, Any] | None = None) -> str:
     """Content key of a stage run: code version, its params, its inputs' digests."""
     return digest_json({
-        "stage": stage, "code": code_version(), "params": STAGE_PARAMS[stage](cfg), "extra": extra or {},
+        "stage": stage, "code": stage_code(stage), "params": STAGE_PARAMS[stage](cfg), "extra": extra or {},
         "inputs": {k: dir_digest(p) for k, p in sorted(inputs.items()) if p is not None},
     })
 
@@ -134,7 +139,7 @@ def lineage_file(cfg: Config, out: Path) -> Path:
 def stage_output(ctx: StageContext, run_name: str, stage: str, cfg: Config, inputs: dict[str, Path], out: Path,
                  params: dict[str, Any], extra: dict[str, Any] | None = None) -> Iterator[tuple[Any, Path]]:
     """A logged stage run writing `out` atomically: yields (MLflow run, scratch dir)."""
-    meta = {"stage": stage, "cache_key": cache_key(stage, cfg, inputs, extra), "code_version": code_version()}
+    meta = {"stage": stage, "cache_key": cache_key(stage, cfg, inputs, extra), "code_version": stage_code(stage)}
     with ctx.stage(run_name, params) as run:
         with atomic_dir(out, meta) as tmp:
             yield run, tmp

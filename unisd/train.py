@@ -297,7 +297,7 @@ def train_round(cfg: Config, items: list[TrainItem], base_dir: Path, base_digest
                 raise TrainingError(f"non-finite loss ({float(loss)}) at step {step + 1}, micro-batch {j + 1}; "
                                     f"terms {terms}")
             accelerator.backward(loss / accum)
-            loss_sum += float(loss) / accum
+            loss_sum += loss.item() / accum
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v / accum
             n_tokens += int(batch["student"]["attention_mask"].sum())

@@ -1,0 +1,70 @@
+"""Continuous batching gives the same completions as plain `model.generate`."""
+
+import pytest
+import torch
+
+from unisd.generation import Sampling, _pick, generate
+from unisd.modeling import load_model, load_tokenizer
+from unisd.prompts import PromptBuilder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    return load_model(tiny_model_dir), tok, PromptBuilder.for_tokenizer(tok, max_prompt_tokens=4096)
+
+
+def prompts(builder, n=11):
+    return [builder.encode(f"question {i}: " + "word " * (5 * i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_continuous_batching_equals_plain_generate(lm, batch_size):
+    model, tok, builder = lm
+    ps = prompts(builder)
+    fast = generate(model, tok, ps, Sampling(12), batch_size, continuous=True)
+    ref = generate(model, tok, ps, Sampling(12), batch_size, continuous=False)
+    assert [c.ids for c in fast] == [c.ids for c in ref]
+    assert [c.text for c in fast] == [c.text for c in ref]
+
+
+def test_stopping_at_eos_and_refilling(lm, monkeypatch):
+    model, tok, builder = lm
+    eos = tok.eos_token_id
+    # make the model end every sequence after 3 tokens: slots are freed and refilled
+    calls = {"n": 0}
+    real = model.forward
+
+    def forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if kwargs["input_ids"].shape[1] == 1 and calls["n"] % 3 == 0:
+            out.logits[:, -1, :] = -1e9
+            out.logits[:, -1, eos] = 0.0
+        return out
+
+    monkeypatch.setattr(model, "forward", forward)
+    done = generate(model, tok, prompts(builder, 7), Sampling(50), batch_size=2, continuous=True)
+    assert all(c.finished and c.ids[-1] == eos and len(c.ids) < 50 for c in done)
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    # top_p below the top token's probability keeps only the argmax
+    p0 = torch.softmax(logits, -1)[0, 0].item()
+    picks = {_pick(logits, Sampling(1, True, 1.0, p0 - 0.01), gen).item() for _ in range(50)}
+    assert picks == {0}
+    picks = {_pick(logits, Sampling(1, True, 1.0, 1.0), gen).item() for _ in range(400)}
+    assert picks == {0, 1, 2, 3}
+
+
+def test_sampled_generation_is_deterministic_for_a_seed(lm):
+    model, tok, builder = lm
+    ps = prompts(builder, 6)
+    a = generate(model, tok, ps, Sampling(10, True, 0.7, 1.0, seed=3), 4)
+    b = generate(model, tok, ps, Sampling(10, True, 0.7, 1.0, seed=3), 4)
+    c = generate(model, tok, ps, Sampling(10, True, 0.7, 1.0, seed=4), 4)
+    assert [x.ids for x in a] == [x.ids for x in b] != [x.ids for x in c]
