@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test repro serve mlflow-ui clean
+.PHONY: setup run test repro compare ablation serve mlflow-ui clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,13 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 repro: setup
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro evaluate
+
+compare: setup
+	$(BIN)/unisd study compare
+
+ablation: setup
+	$(BIN)/unisd study ablation
 
 serve: setup
 	$(BIN)/unisd serve --with-server
@@ -33,4 +39,4 @@ mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf artifacts metrics mlflow.db mlartifacts .prefect
+	rm -rf artifacts metrics reports mlflow.db mlartifacts .prefect

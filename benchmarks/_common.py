@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # unisd without an install; the tests' tiny model and project copy
@@ -77,7 +77,7 @@ def environment() -> dict[str, Any]:
 
 
 def report(title: str, headers: list[str], rows: list[list[Any]], results: dict[str, Any], json_out: Path | None,
-           notes: list[str] = ()) -> None:
+           notes: Iterable[str] = ()) -> None:
     """Print a markdown table (and notes); write `results` with the environment to `json_out`."""
     print(f"\n### {title}\n")
     print(markdown_table(headers, rows))
@@ -197,6 +197,16 @@ def model_dir(quick: bool) -> Path:
     if not (REAL_MODEL / "model.safetensors").is_file():
         sys.exit(f"{REAL_MODEL} is missing: run `unisd model` first (or use --quick)")
     return REAL_MODEL
+
+
+def lm(quick: bool, max_prompt_tokens: int):
+    """(model on CPU, tokenizer, prompt builder) of the benchmark's model."""
+    from unisd.modeling import load_model, load_tokenizer
+    from unisd.prompts import PromptBuilder
+
+    path = model_dir(quick)
+    tok = load_tokenizer(path)
+    return load_model(path, device="cpu"), tok, PromptBuilder.for_tokenizer(tok, max_prompt_tokens=max_prompt_tokens)
 
 
 def mixed_examples(n_mcq: int, n_code: int, quick: bool) -> list:

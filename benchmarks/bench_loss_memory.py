@@ -10,8 +10,8 @@ naive: the usual implementation (TRL's GKD, most KD code): both models' full log
 Both start from the same inputs (student hidden states that require grad, teacher
 hidden states, one shared frozen LM head as under LoRA with tied embeddings), compute
 the per-token divergence at temperature 0.7, and backpropagate its mean to the student
-hidden states. The two must agree: values and gradients within 1e-5 (asserted, and the
-maximum absolute differences printed).
+hidden states. The two must agree: values and gradients within 1e-5 (the maximum
+absolute differences are printed, then asserted).
 
 Memory: each variant runs in a fresh interpreter (see _common.py): the inputs are
 built, the resident set is the baseline, the kernel's high-water mark is reset, the
@@ -82,8 +82,6 @@ def main() -> None:
                         save = Path(tmp, f"{variant}.pt") if rep == 0 else None
                         runs[variant].append(C.peak_memory(__file__, "setup", save, variant=variant, **shape))
                 value_diff, grad_diff = _differences(Path(tmp, "naive.pt"), Path(tmp, "ours.pt"))
-                assert value_diff <= TOLERANCE and grad_diff <= TOLERANCE, (
-                    f"V={vocab} {kind}: ours differs from naive (values {value_diff:.2e}, grads {grad_diff:.2e})")
                 extra = {v: [r["extra_mb"] for r in runs[v]] for v in runs}
                 share = C.ratios(extra["ours"], extra["naive"])
                 logits_mb = cfg["batch"] * cfg["seq"] * vocab * 4 / C.MB
@@ -96,10 +94,12 @@ def main() -> None:
                                 "max_abs_diff_grads": grad_diff})
     C.report("Divergence memory, forward + backward (MiB above the inputs)",
              ["V", "T", "B", "divergence", "one B×T×V fp32 tensor", "naive extra", "ours extra", "ours / naive",
-              "max |Δ| values / grads"],
+              "max abs Δ values / grads"],
              rows, {"config": cfg | {"reps": reps, "temperature": TEMPERATURE}, "results": results}, args.json,
              notes=[f"H={cfg['hidden']}, chunk={cfg['chunk']}, fp32; median (min–max) over {reps} fresh processes "
                     "per variant. Target: ours ≤ 25% of naive at V=151,936, T=1,024."])
+    worst = max(max(r["max_abs_diff_values"], r["max_abs_diff_grads"]) for r in results)
+    assert worst <= TOLERANCE, f"ours differs from naive by {worst:.2e} (> {TOLERANCE}): see the table"
 
 
 def _differences(naive: Path, ours: Path) -> tuple[float, float]:

@@ -1,7 +1,7 @@
 """The `pipeline` flow: model -> prepare -> evaluate base -> the recipe's rounds -> evaluate.
 
-Deployed as `pipeline/unisd-full` (and one deployment per baseline); the recipe and
-any param can be overridden per run.
+Deployed as `pipeline/unisd-full` and `pipeline/<baseline>`; the recipe and any param
+can be overridden per run.
 """
 
 from __future__ import annotations
@@ -14,28 +14,27 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.runner import StageRunner
-from unisd.artifacts import link_copy
-from unisd.chain import distill_chain
+from unisd.chain import run_recipe
 from unisd.config import Config, load_config, parse_override
-from unisd.stages import Layout, StageContext, format_table, publish_metrics
+from unisd.stages import StageContext, format_table
 from unisd.tracking import Tracker
 
 
-def run_recipe(cfg: Config, runner: StageRunner) -> dict[str, Any]:
-    """Evaluate the base model and, unless the recipe is `base`, train and evaluate it."""
-    layout = Layout(cfg)
-    model = runner("model", "model", out=layout.model)
-    data = runner("prepare", "prepare", out=layout.data)
-    base_eval = runner("evaluate", "evaluate-base", model=model, data=data, out=layout.base_eval, label="base")
-    metrics = {"base": publish_metrics(base_eval, layout.base_metrics)}
-    trained = distill_chain(cfg, model, data, runner)
-    if trained is None:  # the `base` recipe: its evaluation is the base model's
-        out = link_copy(base_eval, layout.recipe_eval)
-    else:
-        out = runner("evaluate", f"evaluate-{cfg.recipe}", model=trained, data=data, out=layout.recipe_eval,
-                     label=cfg.recipe, base=model)
-    metrics[cfg.recipe] = publish_metrics(out, layout.recipe_metrics)
-    return metrics
+def tracked_recipe(cfg: Config, name: str, parent: str | None = None) -> dict[str, Any]:
+    """Run one recipe under an MLflow parent run (nested in `parent` if given)."""
+    tracker = Tracker(cfg)
+    tags = {"unisd.launcher": "prefect", "prefect.flow_run_id": str(flow_run.id or ""), "unisd.recipe": cfg.recipe}
+    run_id = tracker.start_pipeline(name, tags, parent)
+    runner = StageRunner(cfg, StageContext(tracker, run_id, tags))
+    ok = False
+    try:
+        metrics = run_recipe(cfg, runner)
+        tracker.log_metrics(run_id, metrics)
+        ok = True
+    finally:
+        tracker.end(run_id, ok)
+    get_run_logger().info("cache: %s", json.dumps(runner.cached))
+    return {"metrics": metrics, "cached": runner.cached, "mlflow_parent_run_id": run_id}
 
 
 @flow(name="pipeline", log_prints=True)
@@ -43,21 +42,10 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
              recipe: str | None = None) -> dict[str, Any]:
     """Run one recipe end to end; returns its metrics, what was cached and the MLflow parent run."""
     cfg = load_config(params_file, {**(overrides or {}), **({"recipe": recipe} if recipe else {})})
-    tracker = Tracker(cfg)
-    tags = {"unisd.launcher": "prefect", "prefect.flow_run_id": str(flow_run.id or ""), "unisd.recipe": cfg.recipe}
-    parent = tracker.start_pipeline(f"prefect:{cfg.recipe}", tags)
-    runner = StageRunner(cfg, StageContext(tracker, parent, tags))
-    ok = False
-    try:
-        metrics = run_recipe(cfg, runner)
-        tracker.log_metrics(parent, metrics)
-        ok = True
-    finally:
-        tracker.end(parent, ok)
-    get_run_logger().info("cache: %s", json.dumps(runner.cached))
-    for m in metrics.values():
-        print(format_table(m))
-    return {"metrics": metrics, "cached": runner.cached, "mlflow_parent_run_id": parent}
+    result = tracked_recipe(cfg, f"prefect:{cfg.recipe}")
+    for metrics in result["metrics"].values():
+        print(format_table(metrics))
+    return result
 
 
 def run_pipeline(params_file: Path, overrides: list[str]) -> dict[str, Any]:

@@ -48,10 +48,20 @@ def local_prefect_server(port: int = 4200, timeout_s: float = 90) -> Iterator[st
 
 
 def deployments(params_file: Path) -> list:
+    """`pipeline/unisd-full` and one `pipeline/<recipe>` per baseline; `compare/compare`,
+    `ablation/ablation`. All read `params_file`."""
     from flows.pipeline import pipeline
+    from flows.study import ablation, compare
+    from unisd.recipes import BASELINES
 
-    return [pipeline.to_deployment(name="unisd-full", parameters={"params_file": str(params_file)},
-                                   description="UniSD pipeline on params.yaml (model -> prepare -> evaluate)")]
+    params = {"params_file": str(params_file)}
+    return [
+        *(pipeline.to_deployment(name=recipe, parameters={**params, "recipe": recipe},
+                                 description=f"the whole pipeline with recipe {recipe}")
+          for recipe in ("unisd-full", *BASELINES)),
+        compare.to_deployment(name="compare", parameters=params, description="baselines vs unisd-full, with report"),
+        ablation.to_deployment(name="ablation", parameters=params, description="component ablation, with report"),
+    ]
 
 
 def serve_deployments(params_file: Path, with_server: bool = False, port: int = 4200) -> None:

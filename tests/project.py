@@ -17,10 +17,12 @@ def tiny_params(model_dir: Path, **sections) -> dict:
     params["model"]["name"] = str(model_dir)
     params["data"]["benchmarks"] = ["sciq", "mbpp"]
     params["eval"].update(limit=2, batch_size=4, max_new_tokens={"mcq": 8, "code": 8, "tool": 8},
-                          code_timeout_s=5)
+                          code_timeout_s=5, bf16_autocast=False)
     params["train_set"].update(limit=6)
-    params["generation"].update(batch_size=4, max_new_tokens={"mcq": 8, "code": 8, "tool": 8})
-    params["train"].update(batch_size=2, grad_accum=2, lr=1e-3, checkpoint_every=2,
+    # exact fp32 arithmetic: tests compare against independent fp32 computations
+    params["generation"].update(batch_size=4, max_new_tokens={"mcq": 8, "code": 8, "tool": 8},
+                                bf16_autocast=False)
+    params["train"].update(batch_size=2, grad_accum=2, lr=1e-3, checkpoint_every=2, bf16_autocast=False,
                            lora={**params["train"]["lora"], "r": 4, "alpha": 8})
     for name, values in sections.items():
         params[name].update(values)

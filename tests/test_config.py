@@ -105,6 +105,13 @@ def test_paper_suite_with_its_own_benchmarks_is_valid(tmp_path):
     assert cfg.data.benchmarks == ("gpqa", "toolalpaca") and cfg.data.sources == {"gpqa": "fixtures/gpqa"}
 
 
+def test_a_benchmark_without_the_eval_split(tmp_path):
+    message = config_error(tmp_path, "eval:\n  split: validation\n")
+    assert ": eval.split: 'humaneval' has no 'validation' split (only test)" in message
+    cfg = load_config(write(tmp_path, "eval:\n  split: validation\ndata:\n  benchmarks: [sciq, arc_challenge]\n"))
+    assert cfg.eval.split == "validation"
+
+
 def test_empty_benchmark_list(tmp_path):
     assert ": data.benchmarks: " in config_error(tmp_path, "data:\n  benchmarks: []\n")
 

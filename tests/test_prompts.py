@@ -130,6 +130,15 @@ def test_teacher_text_holds_the_demonstration_after_the_task():
     assert "Answer: D" in teacher_text(MCQ, "Reasoning: helium floats.\nAnswer: D")
 
 
+def test_worked_example_teacher_text_puts_the_demonstration_before_the_task():
+    demo = gold_response(MCQ)
+    text = teacher_text(MCQ, demo, "worked_example")
+    assert text.startswith("Here is a solved example with a good response:")
+    assert text.index(demo) < text.index("Now solve this problem in your own way.")
+    assert text.endswith(task_text(MCQ))  # the task and its answer format come last
+    assert "This is an example for a response" not in text
+
+
 def test_reference_text_uses_other_examples_only():
     other = MCQ.model_copy(update={"id": "sciq-0002", "question": "What do plants release?", "answer": "A"})
     text = reference_text(MCQ_RATIONALE, [MCQ, other])

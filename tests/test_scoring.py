@@ -20,6 +20,7 @@ LIMITS = Limits(timeout_s=10, memory_mb=512)
     ("the answer is (D)", "D"),
     ("So the correct answer is A.", "A"),
     ("answer is: D.", "D"),
+    ("The answer to the question is:\n\nD. helium\n\nHelium is a noble gas.", "D"),
     ("Answer：A", "A"),  # full-width colon
     ("Answer:\nB", "B"),
     ("B", "B"),
@@ -31,6 +32,9 @@ LIMITS = Limits(timeout_s=10, memory_mb=512)
     ("B) carbon dioxide, which plants use", "B"),
     ("Answer: A\nWait, no.\nAnswer: C", "C"),  # the last answer wins
     ("Answer: B\nC", "B"),  # an explicit answer beats a bare last line
+    ("B: carbon dioxide\nPlants take it in to make sugar.", "B"),  # a first line that names the option
+    ("C\nbecause nitrogen is inert", "C"),  # a first line that is only a letter
+    ("A\nsome text\nD", "D"),  # the last line beats the first
 ])
 def test_parse_mcq_reads_the_letter(text, letter):
     assert parse_mcq(text, CHOICES) == letter
@@ -46,6 +50,7 @@ def test_parse_mcq_reads_the_letter(text, letter):
     "The answer is Because of photosynthesis",  # a capital that starts a word is not a letter
     "I am not sure.",
     "Reasoning: it could be B or C",
+    "B: oxygen\nbecause it is a gas",  # the first line's letter and option disagree
     "",
 ])
 def test_parse_mcq_rejects(text):

@@ -1,4 +1,4 @@
-"""The order of a recipe's stages, written once for every launcher.
+"""The order of the pipeline's stages, written once for every launcher.
 
 `distill_chain` says which stages a recipe needs and how their outputs feed each
 other: contexts (if agreement) and negatives (if contrastive), then R rounds of
@@ -13,9 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from typing import Any
+
+from unisd.artifacts import link_copy
 from unisd.config import Config
 from unisd.distill import contexts_stage, filter_stage, generate_stage, negatives_stage, train_stage
-from unisd.stages import Layout, evaluate_stage, model_stage, prepare_stage
+from unisd.stages import Layout, evaluate_stage, model_stage, prepare_stage, publish_metrics
 
 RunStep = Callable[..., Path]
 
@@ -45,3 +48,21 @@ def distill_chain(cfg: Config, model: Path, data: Path, run_step: RunStep) -> Pa
                                       out=layout.round(r, "train"), round_idx=r, negatives=negatives,
                                       previous=previous)
     return previous
+
+
+def run_recipe(cfg: Config, run_step: RunStep) -> dict[str, Any]:
+    """The whole pipeline: evaluate the base model and, unless the recipe is `base`, train
+    and evaluate it. Returns the metrics of both (also written to the metrics folder)."""
+    layout = Layout(cfg)
+    model = run_step("model", "model", out=layout.model)
+    data = run_step("prepare", "prepare", out=layout.data)
+    base_eval = run_step("evaluate", "evaluate-base", model=model, data=data, out=layout.base_eval, label="base")
+    metrics = {"base": publish_metrics(base_eval, layout.base_metrics)}
+    trained = distill_chain(cfg, model, data, run_step)
+    if trained is None:  # the `base` recipe: its evaluation is the base model's
+        out = link_copy(base_eval, layout.recipe_eval)
+    else:
+        out = run_step("evaluate", f"evaluate-{cfg.recipe}", model=trained, data=data, out=layout.recipe_eval,
+                       label=cfg.recipe, base=model)
+    metrics[cfg.recipe] = publish_metrics(out, layout.recipe_metrics)
+    return metrics

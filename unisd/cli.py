@@ -3,6 +3,8 @@
     unisd run                      the whole pipeline as a Prefect flow (cached), prints the table
     unisd model|prepare|distill|evaluate [--trained]
                                    one stage at the default paths (what `dvc repro` runs)
+    unisd study compare|ablation   a study (Prefect flow) and its report in reports/<study>/
+    unisd report compare|ablation  rebuild a study's report from its outputs
     unisd serve [--with-server]    serve the Prefect deployments (optionally with a local server)
     unisd table FILE               print a metrics file as a table
 
@@ -20,8 +22,9 @@ import sys
 from pathlib import Path
 
 from unisd.assets import AssetError
-from unisd.config import Config, ConfigError, load_config
+from unisd.config import Config, ConfigError, load_config, parse_override
 from unisd.data.schema import DataError
+from unisd.report import ReportError
 from unisd.train import TrainingError
 
 log = logging.getLogger("unisd")
@@ -101,12 +104,16 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Prefect's 20 s for its temporary server is too short on 2 busy cores
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     parser = argparse.ArgumentParser(prog="unisd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (("run", "run the pipeline flow"), ("model", "stage: materialize the model"),
                            ("prepare", "stage: load and split the benchmarks"),
                            ("distill", "stage: the recipe's contexts, negatives and rounds"),
                            ("evaluate", "stage: evaluate the base (or, with --trained, the trained) model"),
+                           ("study", "run the compare or ablation study (Prefect flow) and write its report"),
+                           ("report", "rebuild a study's report from its outputs"),
                            ("serve", "serve Prefect deployments"), ("table", "print a metrics file")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -119,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--port", type=int, default=4200)
         if name == "table":
             p.add_argument("file")
+        if name in ("study", "report"):
+            p.add_argument("study", choices=("compare", "ablation"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -134,9 +143,19 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(Path(args.params).resolve(), args.overrides)
         elif args.command == "serve":
             _serve(args)
+        elif args.command == "study":
+            from flows import study
+
+            overrides = {".".join(k): v for k, v in map(parse_override, args.overrides)}
+            getattr(study, args.study)(str(Path(args.params).resolve()), overrides)
+        elif args.command == "report":
+            from unisd.study import run_study
+
+            overrides = {".".join(k): v for k, v in map(parse_override, args.overrides)}
+            print(run_study(Path(args.params).resolve(), overrides, args.study).read_text())
         else:
             _run_stage(cfg, args.command, getattr(args, "trained", False))
-    except (ConfigError, DataError, AssetError, TrainingError) as err:
+    except (ConfigError, DataError, AssetError, TrainingError, ReportError) as err:
         print(f"unisd: error: {err}", file=sys.stderr)
         return 2
     return 0

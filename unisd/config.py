@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from unisd.data.suites import SUITES
-from unisd.recipes import RECIPES, Method, method_dict
+from unisd.recipes import COMPONENTS, RECIPES, Method, method_dict
 
 
 class ConfigError(ValueError):
@@ -78,6 +78,8 @@ class DataCfg(Section):
 
 class PromptCfg(Section):
     max_prompt_tokens: int = Field(1024, ge=32)
+    # how the privileged teacher sees the gold demonstration (unisd.prompts.teacher_text)
+    teacher_template: Literal["spec", "worked_example"] = "spec"
 
 
 class NewTokens(Section):
@@ -138,6 +140,27 @@ class TrainCfg(Section):
     chunk_size: int = Field(128, ge=1, description="sequence positions per chunk of the vocabulary divergence")
 
 
+class StudyCfg(Section):
+    """The compare and ablation studies (unisd/study.py)."""
+
+    recipes: tuple[str, ...] = ("base", "sft", "ssd", "sdft", "gkd", "opsd", "unisd-full")
+    seeds: tuple[int, ...] = (42,)
+    components: tuple[str, ...] = ("agreement_tok_retrieval", "ema", "contrastive", "match_joint", "clip")
+    agreement_variants: bool = True
+    leave_one_out: bool = True
+    # param overrides applied to every study run, as {"eval.limit": 50, ...}
+    size: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("recipes", "components")
+    @classmethod
+    def _known(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        known = RECIPES if info.field_name == "recipes" else COMPONENTS
+        unknown = [name for name in v if name not in known]
+        if unknown:
+            raise ValueError(f"unknown {info.field_name[:-1]} {unknown[0]!r}; known: {', '.join(known)}")
+        return v
+
+
 class Config(Section):
     run: RunCfg = RunCfg()
     paths: PathsCfg = PathsCfg()
@@ -151,6 +174,7 @@ class Config(Section):
     train_set: TrainSetCfg = TrainSetCfg()
     generation: GenerationCfg = GenerationCfg()
     train: TrainCfg = TrainCfg()
+    study: StudyCfg = StudyCfg()
 
     # Where params.yaml lives; every relative path is taken from here. Not a param.
     root: Path = Field(Path("."), exclude=True)
@@ -166,6 +190,10 @@ class Config(Section):
             raise ValueError(f"recipe: unknown recipe {self.recipe!r}; known: {', '.join(RECIPES)}")
         self.method  # noqa: B018 - validates the components now, before any work
         suite = SUITES[self.data.suite]
+        for name in self.data.benchmarks:
+            if self.eval.split not in suite[name].splits:
+                raise ValueError(f"eval.split: {name!r} has no {self.eval.split!r} split (only "
+                                 f"{', '.join(suite[name].splits)}); drop it from data.benchmarks")
         for name in self.train_set.benchmarks or ():
             if name not in self.data.benchmarks:
                 raise ValueError(f"train_set.benchmarks: {name!r} is not in data.benchmarks")

@@ -288,13 +288,14 @@ def _train_items(cfg: Config, trajs: list, base: Path, data: Path, negatives: Pa
         item = TrainItem(t.prompt_ids, t.completion_ids,
                          scores=t.agreement_scores if method.agreement.enabled else None)
         if method.loss == "distill":
-            item.teacher_prompt = builder.encode(teacher_text(ex, gold_response(ex)))
+            template = cfg.prompts.teacher_template
+            item.teacher_prompt = builder.encode(teacher_text(ex, gold_response(ex), template))
             if method.contrastive.enabled:
                 if ex.id not in negs:
                     no_negative += 1
                     continue
                 chosen = random.Random(f"{cfg.run.seed}:{ex.id}").choice(negs[ex.id])
-                item.negative_prompt = builder.encode(teacher_text(ex, chosen["text"]))
+                item.negative_prompt = builder.encode(teacher_text(ex, chosen["text"], template))
             if item.teacher_prompt is None or (method.contrastive.enabled and item.negative_prompt is None):
                 over_budget += 1
                 continue

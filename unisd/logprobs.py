@@ -73,12 +73,13 @@ def retention(model, base, pairs: list[tuple[list[int], list[int]]], pad_id: int
         idx = order[first : first + batch_size]
         batch = pack_left([pairs[i] for i in idx], pad_id, model.device)
         base_logits = completion_logits(base, batch, bf16)
-        jsd = token_divergence(completion_logits(model, batch, bf16), base_logits, "jsd", alpha=0.5)
+        model_logits = completion_logits(model, batch, bf16)
         targets = batch["input_ids"][:, -(batch["keep"] - 1):]
-        token_lp = torch.log_softmax(base_logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        for row, i in enumerate(idx):
+        for row, i in enumerate(idx):  # one row at a time: [C, V] intermediates, not [B, C, V]
             n = len(pairs[i][1])
-            out[i] = (token_lp[row, token_lp.shape[1] - n:].cpu(), float(jsd[row, jsd.shape[1] - n:].mean()))
+            b, m = base_logits[row, -n:], model_logits[row, -n:]
+            lp = torch.log_softmax(b, -1).gather(-1, targets[row, -n:, None]).squeeze(-1)
+            out[i] = (lp.cpu(), float(token_divergence(m, b, "jsd", alpha=0.5).mean()))
         progress.update(len(idx), tokens=int(batch["attention_mask"].sum()))
     progress.close()
     return out  # type: ignore[return-value]

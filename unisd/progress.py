@@ -24,8 +24,11 @@ class Progress:
             self._line("")
 
     def close(self) -> float:
-        """Log the final line; returns the elapsed seconds."""
-        return self._line(" done")
+        """Log the final line (unless the loop was too short to matter); returns the seconds."""
+        elapsed = time.monotonic() - self.start
+        if elapsed >= 2.0 or self.last != self.start:
+            self._line(" done")
+        return elapsed
 
     def _line(self, suffix: str) -> float:
         elapsed = time.monotonic() - self.start

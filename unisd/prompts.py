@@ -31,6 +31,8 @@ DEMO_OUTRO = (
     "Study the example, then solve the problem in your own way. "
     "Reply only with your response, in the same format."
 )
+EXAMPLE_INTRO = "Here is a solved example with a good response:"
+EXAMPLE_OUTRO = "Now solve this problem in your own way."
 REFERENCE_INTRO = "Here is reference material from related problems:"
 TASK_INTRO = "Now solve this problem."
 PLAIN_TEMPLATE = "### Instruction\n{text}\n\n### Response\n"
@@ -70,8 +72,20 @@ def gold_response(ex: Example) -> str:
     return f"Thought: I should call {ex.answer}.\nAction: {ex.answer}\nAction Input: {ex.action_input}"
 
 
-def teacher_text(ex: Example, demonstration: str) -> str:
-    """The privileged teacher's view: the task with a demonstration in context (SPEC §1)."""
+TeacherTemplate = Literal["spec", "worked_example"]
+
+
+def teacher_text(ex: Example, demonstration: str, template: TeacherTemplate = "spec") -> str:
+    """The privileged teacher's view: the task with a demonstration in context (SPEC §1).
+
+    spec: the task, "This is an example for a response to the question:", the
+    demonstration, then the instruction to solve it in its own way (the reference).
+    worked_example: the demonstration first, as a solved example, then the task; small
+    models copy the reference template's phrases instead of answering (see README).
+    """
+    if template == "worked_example":
+        return (f"{EXAMPLE_INTRO}\n\nProblem:\n{problem_text(ex)}\nResponse:\n{demonstration.strip()}\n\n"
+                f"{EXAMPLE_OUTRO}\n{task_text(ex)}")
     return f"{task_text(ex)}\n\n{DEMO_INTRO}\n{demonstration.strip()}\n\n{DEMO_OUTRO}"
 
 

@@ -8,7 +8,7 @@ import re
 
 from unisd.data.schema import LETTERS, Example
 
-_ANSWER_LINE = re.compile(r"answer\s*(?:is)?\s*[:：]?\s*\**\s*\(?((?-i:[A-J]))\)?(?![A-Za-z])", re.IGNORECASE)
+_ANSWER_LINE = re.compile(r"answer(?:\s+to\s+(?:the|this)\s+question)?\s*(?:is)?\s*[:：]?\s*\**\s*\(?((?-i:[A-J]))\)?(?![A-Za-z])", re.IGNORECASE)
 _BARE_LETTER = re.compile(r"^\s*\**\(?([A-J])\)?[.:)]?\**\s*$")
 _LETTER_AND_OPTION = re.compile(r"^\s*\**\(?([A-J])[.:)]\**\s+(.+?)\s*$")
 
@@ -17,21 +17,29 @@ def parse_mcq(text: str, choices: list[str]) -> str | None:
     """The chosen option letter, or None when no valid letter can be read.
 
     Prefers the last 'Answer: X' (also 'the answer is (X)', '**Answer:** X'). Without
-    one, a last line that is only a letter ('B', '(B)', 'B.') counts, and so does a last
-    line that restates an option with its letter ('B. carbon dioxide'). Letters beyond
-    the options are invalid.
+    one, the last line, else the first, counts when it is only a letter ('B', '(B)',
+    'B.') or restates an option with its letter ('B. carbon dioxide', 'B: carbon
+    dioxide'). Letters beyond the options are invalid.
     """
     valid = LETTERS[: len(choices)]
     hits = [m.group(1).upper() for m in _ANSWER_LINE.finditer(text)]
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    if not hits and lines:
-        if m := _BARE_LETTER.match(lines[-1]):
-            hits = [m.group(1)]
-        elif (m := _LETTER_AND_OPTION.match(lines[-1])) and m.group(1) in valid:
-            option = choices[LETTERS.index(m.group(1))].strip().lower().rstrip(".")
-            if m.group(2).strip().lower().rstrip(".").startswith(option):
-                hits = [m.group(1)]
+    for line in (lines[-1:] + lines[:1]) if not hits else ():
+        if letter := _letter_line(line, choices):
+            hits = [letter]
+            break
     return hits[-1] if hits and hits[-1] in valid else None
+
+
+def _letter_line(line: str, choices: list[str]) -> str | None:
+    """The letter of a line that is only a letter, or a letter with its option's text."""
+    if m := _BARE_LETTER.match(line):
+        return m.group(1)
+    if (m := _LETTER_AND_OPTION.match(line)) and m.group(1) in LETTERS[: len(choices)]:
+        option = choices[LETTERS.index(m.group(1))].strip().lower().rstrip(".")
+        if m.group(2).strip().lower().rstrip(".").startswith(option):
+            return m.group(1)
+    return None
 
 
 _FENCE = re.compile(r"```[ \t]*([^\n`]*)\n(.*?)(?:```|$)", re.DOTALL)

