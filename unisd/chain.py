@@ -11,9 +11,7 @@ function directly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
-
-from typing import Any
+from typing import Any, Callable
 
 from unisd.artifacts import link_copy
 from unisd.config import Config

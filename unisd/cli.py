@@ -143,16 +143,16 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(Path(args.params).resolve(), args.overrides)
         elif args.command == "serve":
             _serve(args)
-        elif args.command == "study":
-            from flows import study
-
+        elif args.command in ("study", "report"):
             overrides = {".".join(k): v for k, v in map(parse_override, args.overrides)}
-            getattr(study, args.study)(str(Path(args.params).resolve()), overrides)
-        elif args.command == "report":
-            from unisd.study import run_study
+            if args.command == "study":
+                from flows import study
 
-            overrides = {".".join(k): v for k, v in map(parse_override, args.overrides)}
-            print(run_study(Path(args.params).resolve(), overrides, args.study).read_text())
+                getattr(study, args.study)(str(Path(args.params).resolve()), overrides)
+            else:
+                from unisd.study import run_study
+
+                print(run_study(Path(args.params).resolve(), overrides, args.study).read_text())
         else:
             _run_stage(cfg, args.command, getattr(args, "trained", False))
     except (ConfigError, DataError, AssetError, TrainingError, ReportError) as err:

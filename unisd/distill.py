@@ -282,13 +282,13 @@ def _train_items(cfg: Config, trajs: list, base: Path, data: Path, negatives: Pa
     _, builder = _builder(cfg, base)
     by_id = {ex.id: ex for ex in train_examples(cfg, data)}
     negs = {r["id"]: r["negatives"] for r in _read_jsonl(negatives / "negatives.jsonl")} if negatives else {}
+    template = cfg.prompts.teacher_template
     items, no_negative, over_budget = [], 0, 0
     for t in trajs:
         ex = by_id[t.example_id]
         item = TrainItem(t.prompt_ids, t.completion_ids,
                          scores=t.agreement_scores if method.agreement.enabled else None)
         if method.loss == "distill":
-            template = cfg.prompts.teacher_template
             item.teacher_prompt = builder.encode(teacher_text(ex, gold_response(ex), template))
             if method.contrastive.enabled:
                 if ex.id not in negs:

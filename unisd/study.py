@@ -11,6 +11,7 @@ report of `unisd.report`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 from unisd.config import Config, load_config
 from unisd.recipes import RECIPES, deep_merge
+from unisd.report import ReportError, infer_kind, write_report
 from unisd.stages import Layout
 
 log = logging.getLogger(__name__)
@@ -49,15 +51,9 @@ class Cell:
         return f"{self.label}-s{self.seed}"
 
 
-def _kind(recipe: str) -> str:
-    from unisd.report import infer_kind
-
-    return infer_kind(recipe)
-
-
 def compare_cells(cfg: Config) -> list[Cell]:
     """Base, every baseline and unisd-full, at every study seed."""
-    return [Cell(r, r, s, _kind(r)) for s in cfg.study.seeds for r in cfg.study.recipes]
+    return [Cell(r, r, s, infer_kind(r)) for s in cfg.study.seeds for r in cfg.study.recipes]
 
 
 def ablation_cells(cfg: Config) -> list[Cell]:
@@ -81,13 +77,13 @@ def ablation_cells(cfg: Config) -> list[Cell]:
 CELLS = {"compare": compare_cells, "ablation": ablation_cells}
 
 
-def cell_config(params_file: Path, overrides: dict[str, Any], study: str, cell: Cell) -> Config:
-    """The cell's config: the study size, its recipe and seed, and its own artifacts root."""
-    base = load_config(params_file, overrides)
+def cell_config(cfg: Config, params_file: Path, overrides: dict[str, Any], study: str, cell: Cell) -> Config:
+    """The cell's config: the study's `cfg` with its size, the cell's recipe and seed, and
+    the cell's own artifacts root."""
     where = f"study/{study}/{cell.name}"
     return load_config(params_file, {
-        **overrides, **base.study.size, "recipe": cell.recipe, "components": cell.components, "run.seed": cell.seed,
-        "paths.artifacts": f"{base.paths.artifacts}/{where}", "paths.metrics": f"{base.paths.metrics}/{where}",
+        **overrides, **cfg.study.size, "recipe": cell.recipe, "components": cell.components, "run.seed": cell.seed,
+        "paths.artifacts": f"{cfg.paths.artifacts}/{where}", "paths.metrics": f"{cfg.paths.metrics}/{where}",
     })
 
 
@@ -110,8 +106,6 @@ def cell_entry(cfg: Config, cell: Cell) -> dict[str, Any]:
 
 def require_done(cfg: Config, cell: Cell) -> None:
     """A `run_cell` for rebuilding a report: the cell must have been run already."""
-    from unisd.report import ReportError
-
     if not (Layout(cfg).recipe_eval / "metrics.json").is_file():
         raise ReportError(f"study cell {cell.name} has not been run (no {Layout(cfg).recipe_eval}/metrics.json): "
                           f"run `unisd study` first")
@@ -124,20 +118,16 @@ def run_study(params_file: Path, overrides: dict[str, Any], study: str,
     With the default `run_cell` nothing runs: the report is rebuilt from the cells'
     outputs, keeping the wall time the last full run recorded.
     """
-    import json
-
-    from unisd.report import write_report
-
     cfg = load_config(params_file, overrides)
     cells = CELLS[study](cfg)
     started = time.monotonic()
     models = {}
     for i, cell in enumerate(cells, start=1):
         log.info("study %s: cell %d/%d %s", study, i, len(cells), cell.name)
-        cell_cfg = cell_config(params_file, overrides, study, cell)
+        cell_cfg = cell_config(cfg, params_file, overrides, study, cell)
         run_cell(cell_cfg, cell)
         models[cell.name] = cell_entry(cell_cfg, cell)
-    sized = cell_config(params_file, overrides, study, cells[0])
+    sized = cell_config(cfg, params_file, overrides, study, cells[0])
     info = {
         "title": f"UniSD {study} study", "model": sized.model.name, "split": sized.eval.split,
         "split_sizes": {"eval_limit_per_benchmark": sized.eval.limit or "all",
