@@ -50,7 +50,8 @@ def _write_eval(folder: Path, label: str, accs: tuple[float, ...], rng: random.R
 
 def _write_curves(path: Path, steps: int, rng: random.Random) -> None:
     rows = [{"step": s, "loss": 2.0 / s + rng.random() / 10, "divergence": 1.0 / s, "feature": 0.1 / s,
-             "lr": 1e-5, "grad_norm": 1.0} for s in range(1, steps + 1)]
+             "lr": 1e-5, "grad_norm": 1.0, "ema_update": int(s == 3), "clipped_frac": 0.1 * s, "token_weight_mean": 1.0 - 0.01 * s,
+             "token_weight_min": 1.0 - 0.1 * s} for s in range(1, steps + 1)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -70,7 +71,8 @@ def study(tmp_path_factory) -> dict:
                 _write_curves(path, 5, rng)
             entry["curves"] = [str(p) for p in rounds]
         if extra.get("filter"):
-            (root / name / "stats.json").write_text(json.dumps({"kept": 30, "filtered_fraction": 0.25}))
+            (root / name / "stats.json").write_text(json.dumps({"kept": 30, "filtered_fraction": 0.25,
+                                                                "disagreement_mean": 0.5}))
             entry["filter_stats"] = str(root / name / "stats.json")
         models[name] = entry
     return {"title": "fake study", "model": "tiny", "split": "test", "split_sizes": {b: N for b in BENCHES},
@@ -138,8 +140,11 @@ def test_sections_and_references(report, study):
     assert seeds["n_seeds"] == 2 and seeds["mean"] == pytest.approx(
         (data["scores"]["unisd-full@0"]["overall"]["score"] + data["scores"]["unisd-full@1"]["overall"]["score"]) / 2)
     last_round = Path(study["models"]["unisd-full@0"]["curves"][-1]).read_text().splitlines()
-    assert data["training"]["unisd-full@0"] == {"steps": 10, "final_loss": json.loads(last_round[-1])["loss"],
-                                                "filtered_fraction": [0.25]}
+    # two rounds of 5 steps (s = 1..5 each): mean clipped 0.1*3, mean weight 1 - 0.01*3, min weight 1 - 0.1*5
+    train = data["training"]["unisd-full@0"]
+    assert {k: train[k] for k in ("steps", "final_loss", "teacher_updates", "disagreement", "filtered_fraction")} == {
+        "steps": 10, "teacher_updates": 2, "final_loss": json.loads(last_round[-1])["loss"], "disagreement": [0.5], "filtered_fraction": [0.25]}
+    assert (train["token_weight_mean"], train["token_weight_min"], train["clipped_frac"]) == pytest.approx((0.97, 0.5, 0.3))
     for heading in ("## Scores", "### Over seeds", "## Gain over the base model", "## Gain over the best baseline",
                     "## Drift and fit", "## Component gains", "## Interactions", "## Leave-one-out",
                     "## Agreement variants", "## Training", "- wall time: 123 s"):

@@ -18,7 +18,8 @@ def project(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(tmp_path / "prefect-results"))
     params = tiny_params(tiny_model_dir)
     params["study"] = {"recipes": ["base", "sft", "unisd-full"], "seeds": [42], "components": ["ema", "clip"],
-                       "agreement_variants": False, "leave_one_out": True, "size": {"train_set.limit": 4}}
+                       "agreement_variants": False, "leave_one_out": True, "size": {"train_set.limit": 4},
+                       "ablation_size": {"train.lr": 5.0e-5}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
 
@@ -50,10 +51,15 @@ def test_compare_and_ablation_flows(project):
     data = check_report(report, {"base", "sft", "unisd-full"})
     assert data["best_baseline"] == "sft-s42"
     assert set(data["vs_base"]) >= {"sft-s42", "unisd-full-s42"}
+    assert data["study"]["split_sizes"]["train_examples_per_benchmark"] == 4  # study.size
+    assert data["study"]["budget"]["lr"] != 5.0e-5
 
     report = Path(ablation(str(project / "params.yaml")))
-    data = check_report(report, {"sd", "ema", "clip", "ema+clip", "unisd-full", "unisd-full-no-agreement",
+    data = check_report(report, {"base", "sd", "ema", "clip", "ema+clip", "unisd-full", "unisd-full-no-agreement",
                                  "unisd-full-no-ema", "unisd-full-no-contrastive", "unisd-full-no-feature"})
     assert set(data["components"]) == {"ema-s42", "clip-s42"}
     assert list(data["interactions"]) == ["ema+clip-s42"]
     assert len(data["leave_one_out"]) == 4
+    assert set(data["vs_base"]) >= {"sd-s42", "unisd-full-s42"}
+    assert data["study"]["split_sizes"]["train_examples_per_benchmark"] == 4
+    assert data["study"]["budget"]["lr"] == 5.0e-5  # study.ablation_size, on top of study.size

@@ -16,11 +16,10 @@ from torch.distributions import Categorical, kl_divergence
 
 import unisd.train as train_mod
 from unisd.config import build_config
-from unisd.logprobs import completion_logprobs
+from unisd.logprobs import completion_hidden, completion_logprobs, head_fn
 from unisd.modeling import load_model, load_tokenizer
 from unisd.teachers import Teacher
-from unisd.train import (TrainingError, TrainItem, batch_loss, check_lineage, collate, completion_hidden, head_fn,
-                         train_round)
+from unisd.train import TrainingError, TrainItem, batch_loss, check_lineage, collate, train_round
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTIONS = [

@@ -150,6 +150,8 @@ class StudyCfg(Section):
     leave_one_out: bool = True
     # param overrides applied to every study run, as {"eval.limit": 50, ...}
     size: dict[str, Any] = Field(default_factory=dict)
+    # further overrides for the ablation's runs only (it has ~3x the compare study's cells)
+    ablation_size: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("recipes", "components")
     @classmethod

@@ -1,14 +1,20 @@
 """Teacher-forced log-probabilities of completions given prompts.
 
-Sequences are left-padded so that every completion ends at the last position; only the
-logits of the completion positions are computed (`logits_to_keep`), and position ids
-follow the attention mask so padding does not shift positions.
+Sequences are left-padded so that every completion ends at the last position, and
+position ids follow the attention mask so padding does not shift positions. Only
+completion positions reach the LM head: for scoring, only each row's own completion
+tokens, a chunk at a time, so a batch that mixes short and long completions computes
+no [B, T, V] logits for padding.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
+import torch
+import torch.nn.functional as F
+
+from unisd.losses import token_divergence, token_logprobs
 from unisd.progress import Progress
 
 
@@ -30,6 +36,28 @@ def pack_left(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> 
             "keep": max(len(c) for _, c in pairs) + 1}
 
 
+def completion_hidden(lm, packed: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+    """Final-layer hidden states (after the final norm) at the positions that predict
+    each completion token: [B, width, H], right-aligned like the batch's mask."""
+    out = lm.get_decoder()(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                           position_ids=packed["position_ids"], use_cache=False)
+    return out.last_hidden_state[:, -(width + 1):-1]
+
+
+def head_fn(lm, weight: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden -> logits through the LM head (optionally with another weight, e.g. the
+    teacher's), including the final logit soft-capping some models use."""
+    head = lm.get_output_embeddings()
+    w = head.weight if weight is None else weight
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, w.to(h.dtype), None if head.bias is None else head.bias.to(h.dtype))
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return apply
+
+
 def completion_logits(model, batch: dict[str, torch.Tensor], bf16: bool = False) -> torch.Tensor:
     """Logits [B, keep-1, V] whose position j predicts completion slot j (right-aligned)."""
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -40,20 +68,24 @@ def completion_logits(model, batch: dict[str, torch.Tensor], bf16: bool = False)
 
 @torch.inference_mode()
 def completion_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
-                        bf16: bool = False, desc: str = "score") -> list[torch.Tensor]:
+                        bf16: bool = False, desc: str = "score", chunk_size: int = 256) -> list[torch.Tensor]:
     """log p(c_t | prompt, c_<t) for each completion token, one tensor per pair, in input order."""
+    head = head_fn(model)
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[torch.Tensor | None] = [None] * len(pairs)
     progress = Progress(desc, len(pairs), "sequences")
     for first in range(0, len(order), batch_size):
         idx = order[first : first + batch_size]
         batch = pack_left([pairs[i] for i in idx], pad_id, model.device)
-        logp = torch.log_softmax(completion_logits(model, batch, bf16), dim=-1)
-        targets = batch["input_ids"][:, -(batch["keep"] - 1):]
-        token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        for row, i in enumerate(idx):
-            n = len(pairs[i][1])
-            out[i] = token_lp[row, token_lp.shape[1] - n:].cpu()
+        width = batch["keep"] - 1
+        lengths = [len(pairs[i][1]) for i in idx]
+        real = torch.arange(width, device=model.device) >= width - torch.tensor(lengths, device=model.device)[:, None]
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = completion_hidden(model, batch, width)[real]  # [sum of lengths, H], row by row
+            targets = batch["input_ids"][:, -width:][real]
+            token_lp = token_logprobs(hidden[None], head, targets[None], 1.0, chunk_size)[0].float()
+        for i, lp in zip(idx, token_lp.split(lengths)):
+            out[i] = lp.cpu()
         progress.update(len(idx), tokens=int(batch["attention_mask"].sum()))
     progress.close()
     return out  # type: ignore[return-value]
@@ -64,8 +96,6 @@ def retention(model, base, pairs: list[tuple[list[int], list[int]]], pad_id: int
               bf16: bool = False, desc: str = "retention") -> list[tuple[torch.Tensor, float]]:
     """For each (prompt, ŷ) of `model`: the *base* model's log-probs of ŷ (for PPLret) and
     the mean per-token JSD(base ‖ model) over ŷ (SPEC §5: drift from the base distribution)."""
-    from unisd.losses import token_divergence
-
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[tuple[torch.Tensor, float] | None] = [None] * len(pairs)
     progress = Progress(desc, len(pairs), "sequences")
@@ -85,6 +115,6 @@ def retention(model, base, pairs: list[tuple[list[int], list[int]]], pad_id: int
     return out  # type: ignore[return-value]
 
 
-def perplexity(token_logprobs: torch.Tensor) -> float:
-    """exp of the mean negative log-likelihood of one sequence."""
-    return float(torch.exp(-token_logprobs.mean())) if token_logprobs.numel() else float("nan")
+def perplexity(logprobs: torch.Tensor) -> float:
+    """exp of the mean negative log-likelihood of one sequence (its token log-probs)."""
+    return float(torch.exp(-logprobs.mean())) if logprobs.numel() else float("nan")

@@ -286,9 +286,24 @@ def drift(study: Study) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
+def _step_mean(curves: list[dict[str, float]], key: str) -> float | None:
+    values = [c[key] for c in curves if key in c]
+    return float(np.mean(values)) if values else None
+
+
 def training(study: Study) -> dict[str, dict[str, Any]]:
-    """Steps, final loss and filtered fraction per round, for runs with curves or filter stats."""
+    """Per run with curves or filter stats: steps, final loss, and what each mechanism did
+    to the loss — how often the EMA teacher moved, the mean and smallest agreement token
+    weight, the fraction of tokens whose divergence was clipped (mean over steps), the
+    mean teacher disagreement and the filtered fraction per round. A mechanism whose weights stay near 1 or that clips
+    nothing cannot change the result, whatever the score says."""
     return {r.name: {"steps": len(r.curves), "final_loss": r.curves[-1]["loss"] if r.curves else None,
+                     "teacher_updates": sum(c.get("ema_update", 0) for c in r.curves),
+                     "token_weight_mean": _step_mean(r.curves, "token_weight_mean"),
+                     "token_weight_min": min((c["token_weight_min"] for c in r.curves if "token_weight_min" in c),
+                                             default=None),
+                     "clipped_frac": _step_mean(r.curves, "clipped_frac"),
+                     "disagreement": [s.get("disagreement_mean") for s in r.filter_stats],
                      "filtered_fraction": [s.get("filtered_fraction") for s in r.filter_stats]}
             for r in study.runs if r.curves or r.filter_stats}
 
@@ -335,7 +350,8 @@ def _heatmap(fig: Figure, ax, values: np.ndarray, rows: list[str], cols: list[st
     ax.set_yticks(range(len(rows)), rows)
     for (i, j), v in np.ndenumerate(values):
         if np.isfinite(v):
-            ax.text(j, i, _signed(v), ha="center", va="center", fontsize=7)
+            ax.text(j, i, _signed(v), ha="center", va="center", fontsize=7,
+                    color="white" if abs(v) > 0.6 * limit else "black")  # readable on the saturated ends
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
 
@@ -445,7 +461,7 @@ def _header_md(study: Study) -> list[str]:
              f"- runs: {len(study.runs)}; evaluated examples per benchmark: "
              + ", ".join(f"{b} {m['n']}" for b, m in study.runs[0].metrics["benchmarks"].items()), "",
              f"Scores are percentages with {kw['level']:.0%} percentile-bootstrap intervals ({kw['n_boot']} "
-             f"resamples of the test examples, seed {kw['seed']}). The overall score is the mean of the "
+             f"resamples of the evaluated examples, seed {kw['seed']}). The overall score is the mean of the "
              "benchmark scores; its interval resamples examples within each benchmark. Differences are paired "
              "on the same examples: a paired bootstrap interval, a two-sided sign-flip permutation p-value, "
              "and per benchmark the McNemar counts (b10: model right and reference wrong; b01: the reverse) "
@@ -503,9 +519,18 @@ def _ablation_md(study: Study, comp: dict, inter: dict, skipped: list[str], loo:
 
 
 def _training_md(train: dict) -> list[str]:
-    rows = [[name, str(t["steps"]), _f(t["final_loss"], 4),
-             ", ".join(_f(f, 3) for f in t["filtered_fraction"]) or "—"] for name, t in train.items()]
-    return ["## Training", "", *_table(["model", "steps", "final loss", "filtered fraction per round"], rows)]
+    def per_round(values: list[float | None]) -> str:
+        return ", ".join(_f(v, 3) for v in values) or "—"
+
+    rows = [[name, str(t["steps"]), _f(t["final_loss"], 4), str(t["teacher_updates"]),
+             _f(t["token_weight_mean"], 3), _f(t["token_weight_min"], 3), _f(t["clipped_frac"], 4),
+             per_round(t["disagreement"]), per_round(t["filtered_fraction"])] for name, t in train.items()]
+    return ["## Training", "", "What each mechanism did: EMA teacher updates, agreement token weights (mean over "
+            "steps, and the smallest), the fraction of tokens whose divergence was clipped (mean over steps), the "
+            "mean teacher disagreement of the kept trajectories and the filtered fraction, per round; — where the "
+            "mechanism is off.", "",
+            *_table(["model", "steps", "final loss", "teacher updates", "token weight mean", "token weight min",
+                     "clipped fraction", "disagreement per round", "filtered fraction per round"], rows)]
 
 
 # --------------------------------------------------------------------------- entry point
@@ -549,7 +574,8 @@ def _best_note(s: Study, best: Run) -> str:
     candidates = ", ".join(r.name for r in s.of_kind("baseline"))
     return (f"The best baseline is `{best.name}`, the baseline run (of {candidates}) with the best overall score "
             f"on this {s.info.get('split', 'evaluation')} split ({best.metrics['overall']:.1f}). Choosing it on the "
-            "test split is itself a selection in the baseline's favour, so this is the most demanding comparison.")
+            "evaluation split is itself a selection in the baseline's favour, so this is the most demanding "
+            "comparison.")
 
 
 def _markdown(s: Study, data: dict, base: Run | None, best: Run | None) -> list[str]:

@@ -57,13 +57,14 @@ def compare_cells(cfg: Config) -> list[Cell]:
 
 
 def ablation_cells(cfg: Config) -> list[Cell]:
-    """Single components on plain SD, every pair of them, leave-one-out from unisd-full,
-    and (optionally) all agreement variants."""
+    """The base model (for reference; its evaluation is shared with every cell), single
+    components on plain SD, every pair of them, leave-one-out from unisd-full, and
+    (optionally) all agreement variants."""
     comps = cfg.study.components
     singles = list(dict.fromkeys([*comps, *(AGREEMENT_VARIANTS if cfg.study.agreement_variants else ())]))
     cells = []
     for s in cfg.study.seeds:
-        cells.append(Cell("sd", "sd", s, "sd"))
+        cells += [Cell("base", "base", s, "base"), Cell("sd", "sd", s, "sd")]
         cells += [Cell(c, c, s, "component") for c in singles]
         cells += [Cell(f"{a}+{b}", "sd", s, "pair", deep_merge(RECIPES[a], RECIPES[b]), (a, b))
                   for a, b in combinations(comps, 2)]
@@ -78,11 +79,13 @@ CELLS = {"compare": compare_cells, "ablation": ablation_cells}
 
 
 def cell_config(cfg: Config, params_file: Path, overrides: dict[str, Any], study: str, cell: Cell) -> Config:
-    """The cell's config: the study's `cfg` with its size, the cell's recipe and seed, and
+    """The cell's config: the study's size (`study.size`, then `study.ablation_size` for
+    the ablation), the command line's overrides on top, the cell's recipe and seed, and
     the cell's own artifacts root."""
     where = f"study/{study}/{cell.name}"
+    size = {**cfg.study.size, **(cfg.study.ablation_size if study == "ablation" else {})}
     return load_config(params_file, {
-        **overrides, **cfg.study.size, "recipe": cell.recipe, "components": cell.components, "run.seed": cell.seed,
+        **size, **overrides, "recipe": cell.recipe, "components": cell.components, "run.seed": cell.seed,
         "paths.artifacts": f"{cfg.paths.artifacts}/{where}", "paths.metrics": f"{cfg.paths.metrics}/{where}",
     })
 

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from unisd.agreement import sequence_weights, token_weights
 from unisd.config import Config
-from unisd.logprobs import pack_left
+from unisd.logprobs import completion_hidden, head_fn, pack_left
 from unisd.losses import (chunked_divergence, clip_divergence, contrastive_loss, feature_matching_loss,
                           token_logprobs, weighted_token_loss)
 from unisd.recipes import Method
@@ -74,28 +73,6 @@ def collate(items: list[TrainItem], pad_id: int, device) -> dict[str, Any]:
             scores[:, b, width - len(it.completion):] = torch.tensor(it.scores)
         batch["scores"] = scores.to(device)
     return batch
-
-
-def completion_hidden(lm, packed: dict[str, torch.Tensor], width: int) -> torch.Tensor:
-    """Final-layer hidden states (after the final norm) at the positions that predict
-    each completion token: [B, width, H], right-aligned like the batch's mask."""
-    out = lm.get_decoder()(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                           position_ids=packed["position_ids"], use_cache=False)
-    return out.last_hidden_state[:, -(width + 1):-1]
-
-
-def head_fn(lm, weight: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden -> logits through the LM head (optionally with another weight, e.g. the
-    teacher's), including the final logit soft-capping some models use."""
-    head = lm.get_output_embeddings()
-    w = head.weight if weight is None else weight
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-
-    def apply(h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, w.to(h.dtype), None if head.bias is None else head.bias.to(h.dtype))
-        return torch.tanh(logits / cap) * cap if cap else logits
-
-    return apply
 
 
 # --------------------------------------------------------------------------- the loss
