@@ -174,3 +174,20 @@ def test_stale_predictions_are_an_error(study, tmp_path):
     (folder / "metrics.json").write_text((Path(entry["eval_dir"]) / "metrics.json").read_text())
     with pytest.raises(ReportError, match="metrics.json says"):
         write_report({**study, "models": {"base": {"eval_dir": str(folder)}}}, tmp_path / "out")
+
+
+def test_against_the_paper_says_reached_or_not(report):
+    path, data = report
+    text = path.read_text()
+    section = text[text.index("## Against the paper"):text.index("## Scores")]
+    rows = [line for line in section.splitlines() if line.startswith("| unisd-full")]
+    overall = {name: data["scores"][name]["overall"]["score"] for name in data["scores"]}
+    expected = {"base": ("base", 5.4), "best baseline": (data["best_baseline"], 2.8)}
+    assert len(rows) == 4  # both seeds of unisd-full, each against base and the best baseline
+    for row in rows:
+        name = row.split()[1]
+        what = "best baseline" if "best baseline" in row else "base"
+        reference, target = expected[what]
+        gap = overall[name] - overall[reference]
+        assert f"({reference})" in row and f"+{target}" in row
+        assert row.rstrip(" |").endswith("reached" if gap >= target else "**not reached**")

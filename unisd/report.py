@@ -60,6 +60,7 @@ DRIFT_KEYS = {"ppl_ret": "PPLret (base model's perplexity on this model's answer
               "gold_ppl": "Gold PPL (this model's perplexity on the references)",
               "jsd_to_base": "JSD(base, model) per token on this model's answers"}
 OVERALL = "overall"
+PAPER_GAIN = {"base": 5.4, "best baseline": 2.8}  # unisd-full's overall gains in the paper (Qwen2.5-7B)
 
 
 class ReportError(ValueError):
@@ -578,9 +579,27 @@ def _best_note(s: Study, best: Run) -> str:
             "comparison.")
 
 
+def _paper_md(s: Study, data: dict) -> list[str]:
+    """The paper's headline gaps against this study's, in words: reached or not."""
+    rows = []
+    for run in s.of_kind("full"):
+        for what, table, target in (("base", data["vs_base"], PAPER_GAIN["base"]),
+                                    ("best baseline", data["vs_best_baseline"], PAPER_GAIN["best baseline"])):
+            if run.name in table:
+                t = table[run.name]["overall"]
+                verdict = "reached" if t["diff_pct"] >= target else "**not reached**"
+                rows.append([f"{run.name} − {what} ({table[run.name]['reference']})", _signed(target), _diff(t),
+                             verdict])
+    if not rows:
+        return []
+    return ["## Against the paper", "", "The paper reports unisd-full +5.4 points over the base model and +2.8 over "
+            "the strongest baseline (GKD), overall, on Qwen2.5-7B. Reached means this study's point estimate is at "
+            "least the paper's gap.", "", *_table(["gap (overall)", "paper", "here", "verdict"], rows)]
+
+
 def _markdown(s: Study, data: dict, base: Run | None, best: Run | None) -> list[str]:
     cols = [*s.benchmarks, OVERALL]
-    lines = [*_header_md(s), *_scores_md(s, data["scores"], data["seeds"])]
+    lines = [*_header_md(s), *_paper_md(s, data), *_scores_md(s, data["scores"], data["seeds"])]
     if base:
         lines += _comparison_md("Gain over the base model", "model − base, paired on the same examples.",
                                 data["vs_base"], cols, "base")
