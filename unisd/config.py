@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from unisd.data.suites import SUITES
+from unisd.prompts import TeacherTemplate
 from unisd.recipes import COMPONENTS, RECIPES, Method, method_dict
 
 
@@ -79,7 +80,7 @@ class DataCfg(Section):
 class PromptCfg(Section):
     max_prompt_tokens: int = Field(1024, ge=32)
     # how the privileged teacher sees the gold demonstration (unisd.prompts.teacher_text)
-    teacher_template: Literal["spec", "worked_example"] = "spec"
+    teacher_template: TeacherTemplate = "spec"
 
 
 class NewTokens(Section):

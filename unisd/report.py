@@ -42,15 +42,16 @@ import re
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
 from unisd.artifacts import write_json_atomic, write_text_atomic
 from unisd.recipes import BASELINES, COMPONENTS
 from unisd.stats import bootstrap_ci, interaction, overall_ci, paired_overall_test, paired_test, seed_summary
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BASELINE_LABELS = tuple(b for b in BASELINES if b != "base")
 AGREEMENT = re.compile(r"^agreement_(tok|seq)_(random|retrieval|induction)$")
@@ -296,8 +297,8 @@ def training(study: Study) -> dict[str, dict[str, Any]]:
     """Per run with curves or filter stats: steps, final loss, and what each mechanism did
     to the loss — how often the EMA teacher moved, the mean and smallest agreement token
     weight, the fraction of tokens whose divergence was clipped (mean over steps), the
-    mean teacher disagreement and the filtered fraction per round. A mechanism whose weights stay near 1 or that clips
-    nothing cannot change the result, whatever the score says."""
+    mean teacher disagreement and the filtered fraction per round. A mechanism whose
+    weights stay near 1 or that clips nothing cannot change the result."""
     return {r.name: {"steps": len(r.curves), "final_loss": r.curves[-1]["loss"] if r.curves else None,
                      "teacher_updates": sum(c.get("ema_update", 0) for c in r.curves),
                      "token_weight_mean": _step_mean(r.curves, "token_weight_mean"),
@@ -312,8 +313,18 @@ def training(study: Study) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- figures
 
 
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A new figure. matplotlib is imported here, not at the top: every `unisd` command
+    imports this module (for `ReportError`), and only the report draws."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
+
+
 def _colors(runs: list[Run]) -> dict[str, Any]:
     """One colour per run, the same in every figure (tab20: distinct for up to 20 runs)."""
+    from matplotlib import colormaps
+
     cmap = colormaps["tab20"]
     return {r.name: cmap(i % cmap.N) for i, r in enumerate(runs)}
 
@@ -329,7 +340,7 @@ def fig_scores(study: Study, table: dict, out: Path) -> str:
     groups = [*study.benchmarks, OVERALL]
     names, colors = [r.name for r in study.runs], _colors(study.runs)
     width = 0.8 / len(names)
-    fig = Figure(figsize=(max(6.0, 2.0 + 0.2 * len(groups) * len(names)), 4.5), layout="constrained")
+    fig = _figure((max(6.0, 2.0 + 0.2 * len(groups) * len(names)), 4.5))
     ax = fig.subplots()
     for i, name in enumerate(names):
         cells = [table[name][g] for g in groups]
@@ -359,7 +370,7 @@ def _heatmap(fig: Figure, ax, values: np.ndarray, rows: list[str], cols: list[st
 
 def fig_components(study: Study, comp: dict, inter: dict, out: Path) -> str:
     """Component gains over sd (per benchmark) and, when pairs exist, the pairwise interactions."""
-    fig = Figure(figsize=(12 if inter else 6.5, 0.5 * max(len(comp), 4) + 2), layout="constrained")
+    fig = _figure((12 if inter else 6.5, 0.5 * max(len(comp), 4) + 2))
     axes = fig.subplots(1, 2 if inter else 1, squeeze=False)[0]
     cols = [*study.benchmarks, OVERALL]
     gains_ = np.array([[comp[name][c]["diff_pct"] for c in cols] for name in comp])
@@ -377,7 +388,7 @@ def fig_components(study: Study, comp: dict, inter: dict, out: Path) -> str:
 def fig_drift(study: Study, table: dict, drift_: dict, out: Path) -> str:
     """Overall score against mean PPLret: accuracy gained vs distance from the base model."""
     colors = _colors(study.runs)
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    fig = _figure((6.5, 4.5))
     ax = fig.subplots()
     for name, d in drift_.items():
         x, cell = d["ppl_ret"]["mean"], table[name][OVERALL]
@@ -395,7 +406,7 @@ def fig_curves(study: Study, out: Path) -> str:
     terms = [t for t in CURVE_TERMS if any(t in p for r in runs for p in r.curves)]
     ncols = min(3, len(terms))
     nrows = math.ceil(len(terms) / ncols)
-    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), layout="constrained")
+    fig = _figure((4.2 * ncols, 3.0 * nrows))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
     for ax, term in zip(axes, terms):
         for run in runs:
@@ -592,9 +603,10 @@ def _paper_md(s: Study, data: dict) -> list[str]:
                              verdict])
     if not rows:
         return []
-    return ["## Against the paper", "", "The paper reports unisd-full +5.4 points over the base model and +2.8 over "
-            "the strongest baseline (GKD), overall, on Qwen2.5-7B. Reached means this study's point estimate is at "
-            "least the paper's gap.", "", *_table(["gap (overall)", "paper", "here", "verdict"], rows)]
+    return ["## Against the paper", "", f"The paper reports unisd-full {_signed(PAPER_GAIN['base'])} points over "
+            f"the base model and {_signed(PAPER_GAIN['best baseline'])} over the strongest baseline (GKD), overall, "
+            "on Qwen2.5-7B. Reached means this study's point estimate is at least the paper's gap.", "",
+            *_table(["gap (overall)", "paper", "here", "verdict"], rows)]
 
 
 def _markdown(s: Study, data: dict, base: Run | None, best: Run | None) -> list[str]:

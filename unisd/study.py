@@ -123,14 +123,14 @@ def run_study(params_file: Path, overrides: dict[str, Any], study: str,
     """
     cfg = load_config(params_file, overrides)
     cells = CELLS[study](cfg)
+    configs = [cell_config(cfg, params_file, overrides, study, cell) for cell in cells]  # all validated first
     started = time.monotonic()
     models = {}
-    for i, cell in enumerate(cells, start=1):
+    for i, (cell, cell_cfg) in enumerate(zip(cells, configs), start=1):
         log.info("study %s: cell %d/%d %s", study, i, len(cells), cell.name)
-        cell_cfg = cell_config(cfg, params_file, overrides, study, cell)
         run_cell(cell_cfg, cell)
         models[cell.name] = cell_entry(cell_cfg, cell)
-    sized = cell_config(cfg, params_file, overrides, study, cells[0])
+    sized = configs[0]
     info = {
         "title": f"UniSD {study} study", "model": sized.model.name, "split": sized.eval.split,
         "split_sizes": {"eval_limit_per_benchmark": sized.eval.limit or "all",
