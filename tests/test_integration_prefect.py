@@ -2,6 +2,7 @@
 and the lineage it leaves in MLflow; a second run is served from cache."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -92,3 +93,35 @@ def test_served_deployment_runs_and_caches(tmp_path, tiny_model_dir, monkeypatch
         assert run.data.tags["unisd.cached"] == "true"
         assert run.data.tags["unisd.source_run_id"] == ran[name].info.run_id
     assert second[0].data.metrics["base/overall"] == first[0].data.metrics["base/overall"]
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_stopped_run_stops_its_temporary_prefect_server(tmp_path, tiny_model_dir, monkeypatch, sig, code, word):
+    """`unisd run` without PREFECT_API_URL starts a temporary Prefect server (a child
+    process); SIGTERM or Ctrl-C mid-flow must end the run with a message and stop it."""
+    project = copy_project(tmp_path / "project", tiny_params(tiny_model_dir))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONUNBUFFERED="1",
+               PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "prefect-results"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run = subprocess.Popen([str(BIN / "unisd"), "run"], cwd=project, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell would
+    try:
+        deadline, log = time.monotonic() + 240, []
+        while time.monotonic() < deadline and run.poll() is None:
+            log.append(run.stdout.readline())
+            if "Beginning flow run" in log[-1]:
+                break
+        children = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
+        servers = [pid for pid in children if "uvicorn" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+        assert servers, "".join(log)
+        run.send_signal(sig)
+        rest, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == code, "".join(log) + rest
+    assert f"unisd: {word}" in rest
+    time.sleep(2)
+    assert not [pid for pid in servers if Path(f"/proc/{pid}").exists()], "the temporary Prefect server outlived the run"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tiny import build_tiny_model
-from unisd.logprobs import completion_logprobs, perplexity, retention
-from unisd.modeling import load_model, load_tokenizer
+from unisd.logprobs import completion_logprobs, length_batches, perplexity, retention
+from unisd.modeling import inference_autocast, load_model, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,11 +28,23 @@ def reference(model, prompt, completion):
     return torch.log_softmax(logits, -1)
 
 
-def test_completion_logprobs_match_unpadded_forwards(models):
+@pytest.mark.parametrize("batch_size, max_tokens", [(2, 0), (3, 14), (3, 1)])
+def test_completion_logprobs_match_unpadded_forwards(models, batch_size, max_tokens):
     model, _, pad = models
-    for (prompt, completion), lp in zip(PAIRS, completion_logprobs(model, PAIRS, pad, batch_size=2)):
+    lps = completion_logprobs(model, PAIRS, pad, batch_size=batch_size, max_tokens=max_tokens)
+    for (prompt, completion), lp in zip(PAIRS, lps):
         ref = reference(model, prompt, completion).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
         assert torch.allclose(lp.double(), ref, atol=1e-5)
+
+
+def test_length_batches_hand_worked():
+    # lengths by index: 0:5 1:9 2:3 3:9 4:4 5:12 -> longest first: 5(12) 1(9) 3(9) 0(5) 4(4) 2(3)
+    lengths = [5, 9, 3, 9, 4, 12]
+    assert length_batches(lengths, max_rows=2) == [[5, 1], [3, 0], [4, 2]]
+    # budget 20 padded tokens: 12 alone (2×12 > 20); 9+9 = 18; then 5,4,3 -> 3×5 = 15
+    assert length_batches(lengths, max_rows=4, max_tokens=20) == [[5], [1, 3], [0, 4, 2]]
+    # a budget below one sequence still scores it, alone
+    assert length_batches(lengths, max_rows=4, max_tokens=1) == [[i] for i in (5, 1, 3, 0, 4, 2)]
 
 
 def test_retention_gives_base_logprobs_and_jsd(models):
@@ -53,3 +65,24 @@ def test_retention_gives_base_logprobs_and_jsd(models):
 def test_perplexity_is_exp_of_mean_nll():
     assert perplexity(torch.tensor([math.log(0.5), math.log(0.25)])) == pytest.approx(2 ** 1.5)
     assert math.isnan(perplexity(torch.tensor([])))
+
+
+def test_inference_autocast_equals_autocast_and_restores_the_weights(models):
+    model, _, pad = models
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    ids = torch.tensor([[5, 9, 12, 7, 30, 31, 2], [4, 6, 40, 41, 42, 43, 44]])
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = model(input_ids=ids).logits
+        with inference_autocast(model, True):
+            got = model(input_ids=ids).logits
+            cast = {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    torch.testing.assert_close(got, want, atol=0, rtol=0)  # the same rounding, done once
+    assert cast and all(n.endswith("proj.weight") for n in cast)  # linear layers; the tied head/embedding stay fp32
+    assert dict(model.named_parameters()) == params  # the same Parameter objects, fp32 again, unchanged
+    for n, p in params.items():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+    bf16 = completion_logprobs(model, PAIRS, pad, bf16=True)  # the scoring path under it: close to fp32
+    for a, b in zip(bf16, completion_logprobs(model, PAIRS, pad)):
+        assert (a - b).abs().max() < 0.1

@@ -2,6 +2,7 @@
 loops, closed-form gradients and hand-worked numbers."""
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -131,8 +132,10 @@ def heads(dtype=torch.float32):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 10, 16])
-def test_chunked_equals_unchunked_values_and_gradients(kind, chunk_size):
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trainable-head", "frozen-head"])
+def test_chunked_equals_unchunked_values_and_gradients(kind, chunk_size, frozen_head):
     student, teacher = heads()
+    student.requires_grad_(not frozen_head)
     h_s = logits(B, T, H, scale=1.0, seed=21, dtype=torch.float32).requires_grad_()
     h_t = logits(B, T, H, scale=1.0, seed=22, dtype=torch.float32)
     targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(23))
@@ -149,7 +152,7 @@ def test_chunked_equals_unchunked_values_and_gradients(kind, chunk_size):
     assert not out.teacher_logprobs.requires_grad
 
     # any loss touching both outputs: gradients w.r.t. hidden states and head weights agree
-    params = [h_s, student.weight, student.bias]
+    params = [h_s] if frozen_head else [h_s, student.weight, student.bias]
     g = torch.Generator().manual_seed(24)
     a, c = torch.rand(B, T, generator=g), torch.rand(B, T, generator=g)
     want = torch.autograd.grad((a * full + c * lp_s).sum(), params)
@@ -167,29 +170,52 @@ def test_chunked_accepts_teacher_logits_and_returns_no_logprobs_without_targets(
     assert out.student_logprobs is None and out.teacher_logprobs is None
 
 
-def test_chunked_recomputes_chunks_in_backward_instead_of_storing_logits():
-    student, teacher = heads()
-    calls = []
+def traced_chunked(student, teacher):
+    """chunked_divergence (chunks of 4) through a head that records each call's width,
+    and the shapes of the tensors saved for a backward that are still alive after the
+    forward (the forward's own inner graphs, if any, have been freed by then)."""
     h_s = logits(B, T, H, scale=1.0, seed=27, dtype=torch.float32).requires_grad_()
     h_t = logits(B, T, H, scale=1.0, seed=28, dtype=torch.float32)
+    calls, saved = [], []
 
     def head(x):
         calls.append(x.shape[1])
         return student(x)
 
-    saved = []
-
     def pack(x):
-        saved.append(x.shape)
+        saved.append(weakref.ref(x))
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         out = chunked_divergence(h_s, head, h_t, teacher, chunk_size=4)
-    assert calls == [4, 4, 2]
-    assert not any(shape[-1] == V for shape in saved), saved  # nothing B×chunk×V kept for backward
+    kept = [ref().shape for ref in saved if ref() is not None]
+    return out, h_s, h_t, calls, kept
+
+
+def test_chunked_recomputes_chunks_in_backward_instead_of_storing_logits():
+    student, teacher = heads()
+    out, h_s, _, calls, kept = traced_chunked(student, teacher)
+    assert calls == [1, 4, 4, 2]  # one probe token (is the head trainable?), then each chunk
+    assert kept and not any(shape[-1] == V for shape in kept), kept  # nothing B×chunk×V kept for backward
     out.divergence.sum().backward()
-    assert sorted(calls) == [2, 2, 4, 4, 4, 4]  # each chunk recomputed once in backward
+    assert sorted(calls) == [1, 2, 2, 4, 4, 4, 4]  # each chunk recomputed once in backward
     assert h_s.grad is not None and student.weight.grad is not None
+
+
+def test_chunked_with_a_frozen_head_takes_gradients_in_the_forward_and_never_recomputes():
+    student, teacher = heads()
+    student.requires_grad_(False)
+    out, h_s, h_t, calls, kept = traced_chunked(student, teacher)
+    assert calls == [1, 4, 4, 2]  # one probe token (is the head trainable?), then each chunk once
+    assert kept and not any(shape[-1] == V for shape in kept), kept  # nothing B×chunk×V outlives the forward
+    out.divergence.sum().backward()
+    assert calls == [1, 4, 4, 2]  # the backward ran no head
+    want = torch.autograd.grad(token_divergence(student(h_s), teacher(h_t)).sum(), h_s)[0]
+    torch.testing.assert_close(h_s.grad, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # without autograd nothing is differentiated
+        plain = chunked_divergence(h_s, student, h_t, teacher, chunk_size=4).divergence
+    assert not plain.requires_grad
+    torch.testing.assert_close(plain, out.divergence.detach(), atol=0, rtol=0)
 
 
 # --- clip_divergence -------------------------------------------------------------------

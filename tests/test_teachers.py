@@ -116,9 +116,38 @@ def test_lora_frozen_teacher_is_the_base_model_after_the_student_moves(tiny_mode
     torch.testing.assert_close(logits(model, probe), student_logits, atol=0, rtol=0)
 
 
-def test_student_weights_are_restored_when_the_teacher_pass_raises(tiny_model_dir):
+def test_base_teacher_shortcut_equals_swapping_the_zero_adapter_in(tiny_model_dir, probe, base_logits):
+    """While the teacher's LoRA B is zero, `active()` switches the adapter off instead of
+    swapping weights: both ways give the base model's logits, and the student is restored."""
+    model = lora_model(tiny_model_dir)
+    teacher = Teacher(model, "ema", every=1, beta=0.5)
+    assert teacher.is_base
+    perturb(model, 0.05)
+    student_before = snapshot(model)
+    shortcut = teacher_token_logprobs(teacher, probe)
+    teacher.is_base = False  # force the weight swap
+    swapped = teacher_token_logprobs(teacher, probe)
+    expected = torch.log_softmax(base_logits.double(), -1)[:, :-1].gather(-1, probe[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(shortcut, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(swapped, shortcut, atol=1e-6, rtol=0)
+    assert_same(snapshot(model), student_before)
+    assert model.training
+
+    # an EMA update makes B non-zero: from then on the teacher is no longer the base model
+    teacher.after_step(1)
+    assert not teacher.is_base
+    moved = teacher_token_logprobs(teacher, probe)
+    assert (moved - expected).abs().max() > 1e-4
+    # and a state with a zero B (a frozen round's teacher.pt) makes it the base model again
+    teacher.load_state_dict({n: torch.zeros_like(w) if "lora_B" in n else w for n, w in teacher.weights.items()})
+    assert teacher.is_base
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_student_weights_are_restored_when_the_teacher_pass_raises(tiny_model_dir, shortcut):
     model = lora_model(tiny_model_dir)
     teacher = Teacher(model, "frozen")
+    teacher.is_base = shortcut
     perturb(model, 0.05)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -103,7 +104,33 @@ def _serve(args: argparse.Namespace) -> None:
     serve_deployments(Path(args.params).resolve(), with_server=args.with_server, port=args.port)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup runs (see `_on_sigterm`)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    # Python's default SIGTERM action ends the process on the spot: no `finally`, no
+    # atexit, so the temporary Prefect server (a child process that atexit stops) would
+    # outlive us. Prefect turns a SIGTERM during a flow into a crash, then re-sends it to
+    # the handler that was installed before: this one.
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("unisd: interrupted; finished stage outputs are kept and reused on the next run", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("unisd: terminated; finished stage outputs are kept and reused on the next run", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     # Prefect's 20 s for its temporary server is too short on 2 busy cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     parser = argparse.ArgumentParser(prog="unisd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -89,10 +89,14 @@ class NewTokens(Section):
     tool: int = Field(256, ge=1)
 
 
+SCORE_TOKENS = "padded tokens (rows × longest) per teacher-forced scoring forward; 0 = batch_size rows only"
+
+
 class EvalCfg(Section):
     split: Literal["validation", "test"] = "test"
     limit: int = Field(100, ge=0, description="items per benchmark; 0 = the whole split")
     batch_size: int = Field(16, ge=1)
+    score_tokens: int = Field(2048, ge=0, description=SCORE_TOKENS)
     max_new_tokens: NewTokens = NewTokens()
     bf16_autocast: bool = False
     code_timeout_s: float = Field(10.0, gt=0, le=600)
@@ -114,6 +118,7 @@ class GenerationCfg(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     samples_per_prompt: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
+    score_tokens: int = Field(2048, ge=0, description=SCORE_TOKENS)
     max_new_tokens: NewTokens = NewTokens(mcq=192, code=256, tool=192)
     bf16_autocast: bool = False
 

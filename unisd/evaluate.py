@@ -122,7 +122,8 @@ def evaluate_model(cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path,
             if cfg.eval.ppl:
                 golds = completion_logprobs(
                     model, [(it.prompt, builder.encode_response(gold_response(it.example))) for it in items],
-                    tok.pad_token_id, cfg.eval.batch_size, bf16, desc=f"gold ppl {bench}")
+                    tok.pad_token_id, cfg.eval.batch_size, bf16, desc=f"gold ppl {bench}",
+                    max_tokens=cfg.eval.score_tokens)
                 for it, lp in zip(items, golds):
                     it.record["gold_ppl"] = perplexity(lp)
         per_bench[bench] = (items, dropped)
@@ -133,10 +134,11 @@ def evaluate_model(cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path,
             pairs = [(it.prompt, it.record["completion_ids"]) for it in items]
             if base is None:  # the base model itself: its own retention baseline, no drift
                 rets = [(lp, 0.0) for lp in completion_logprobs(model, pairs, tok.pad_token_id, cfg.eval.batch_size,
-                                                                 bf16, desc=f"ppl_ret {bench}")]
+                                                                 bf16, desc=f"ppl_ret {bench}",
+                                                                 max_tokens=cfg.eval.score_tokens)]
             else:
                 rets = retention(model, base, pairs, tok.pad_token_id, cfg.eval.batch_size, bf16,
-                                 desc=f"ppl_ret {bench}")
+                                 desc=f"ppl_ret {bench}", max_tokens=cfg.eval.score_tokens)
             for it, (lp, jsd) in zip(items, rets):
                 it.record.update(ppl_ret=perplexity(lp), jsd_to_base=jsd)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from unisd.logprobs import pad_left
+from unisd.modeling import inference_autocast
 from unisd.progress import Progress
 
 
@@ -191,7 +192,7 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, bat
     progress = Progress(desc, len(prompts), "sequences")
     use_continuous = supports_continuous(model) if continuous is None else continuous
     run = _continuous if use_continuous else _plain
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with inference_autocast(model, bf16):
         out = run(model, tokenizer, prompts, sampling, batch_size, list(stop_strings or []), progress) if prompts else []
     progress.close()
     return out

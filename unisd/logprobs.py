@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from unisd.losses import token_divergence, token_logprobs
+from unisd.modeling import inference_autocast
 from unisd.progress import Progress
 
 
@@ -44,6 +45,22 @@ def completion_hidden(lm, packed: dict[str, torch.Tensor], width: int) -> torch.
     return out.last_hidden_state[:, -(width + 1):-1]
 
 
+def length_batches(lengths: list[int], max_rows: int, max_tokens: int = 0) -> list[list[int]]:
+    """Indices grouped for padded forwards: longest first, at most `max_rows` per batch
+    and, when `max_tokens` > 0, at most that many padded tokens (rows × longest); a
+    sequence longer than the budget goes alone. Neighbours in length share a batch, so
+    padding stays small, and long sequences get fewer rows: on a CPU a single long
+    sequence already fills the matmuls, and padding is pure extra work."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        batch = batches[-1] if batches else None
+        if batch and len(batch) < max_rows and (not max_tokens or (len(batch) + 1) * lengths[batch[0]] <= max_tokens):
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def head_fn(lm, weight: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden -> logits through the LM head (optionally with another weight, e.g. the
     teacher's), including the final logit soft-capping some models use."""
@@ -58,59 +75,56 @@ def head_fn(lm, weight: torch.Tensor | None = None) -> Callable[[torch.Tensor], 
     return apply
 
 
-def completion_logits(model, batch: dict[str, torch.Tensor], bf16: bool = False) -> torch.Tensor:
+def completion_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits [B, keep-1, V] whose position j predicts completion slot j (right-aligned)."""
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False)
     return out.logits[:, :-1].float()
 
 
 @torch.inference_mode()
 def completion_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
-                        bf16: bool = False, desc: str = "score", chunk_size: int = 256) -> list[torch.Tensor]:
-    """log p(c_t | prompt, c_<t) for each completion token, one tensor per pair, in input order."""
+                        bf16: bool = False, desc: str = "score", chunk_size: int = 256,
+                        max_tokens: int = 0) -> list[torch.Tensor]:
+    """log p(c_t | prompt, c_<t) for each completion token, one tensor per pair, in input
+    order; batches as `length_batches(…, batch_size, max_tokens)`."""
     head = head_fn(model)
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[torch.Tensor | None] = [None] * len(pairs)
     progress = Progress(desc, len(pairs), "sequences")
-    for first in range(0, len(order), batch_size):
-        idx = order[first : first + batch_size]
-        batch = pack_left([pairs[i] for i in idx], pad_id, model.device)
-        width = batch["keep"] - 1
-        lengths = [len(pairs[i][1]) for i in idx]
-        real = torch.arange(width, device=model.device) >= width - torch.tensor(lengths, device=model.device)[:, None]
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with inference_autocast(model, bf16):
+        for idx in length_batches([len(p) + len(c) for p, c in pairs], batch_size, max_tokens):
+            batch = pack_left([pairs[i] for i in idx], pad_id, model.device)
+            width = batch["keep"] - 1
+            lengths = [len(pairs[i][1]) for i in idx]
+            real = torch.arange(width, device=model.device) >= width - torch.tensor(lengths, device=model.device)[:, None]
             hidden = completion_hidden(model, batch, width)[real]  # [sum of lengths, H], row by row
             targets = batch["input_ids"][:, -width:][real]
             token_lp = token_logprobs(hidden[None], head, targets[None], 1.0, chunk_size)[0].float()
-        for i, lp in zip(idx, token_lp.split(lengths)):
-            out[i] = lp.cpu()
-        progress.update(len(idx), tokens=int(batch["attention_mask"].sum()))
+            for i, lp in zip(idx, token_lp.split(lengths)):
+                out[i] = lp.cpu()
+            progress.update(len(idx), tokens=int(batch["attention_mask"].sum()))
     progress.close()
     return out  # type: ignore[return-value]
 
 
 @torch.inference_mode()
 def retention(model, base, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
-              bf16: bool = False, desc: str = "retention") -> list[tuple[torch.Tensor, float]]:
+              bf16: bool = False, desc: str = "retention", max_tokens: int = 0) -> list[tuple[torch.Tensor, float]]:
     """For each (prompt, ŷ) of `model`: the *base* model's log-probs of ŷ (for PPLret) and
     the mean per-token JSD(base ‖ model) over ŷ (SPEC §5: drift from the base distribution)."""
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[tuple[torch.Tensor, float] | None] = [None] * len(pairs)
     progress = Progress(desc, len(pairs), "sequences")
-    for first in range(0, len(order), batch_size):
-        idx = order[first : first + batch_size]
-        batch = pack_left([pairs[i] for i in idx], pad_id, model.device)
-        base_logits = completion_logits(base, batch, bf16)
-        model_logits = completion_logits(model, batch, bf16)
-        targets = batch["input_ids"][:, -(batch["keep"] - 1):]
-        for row, i in enumerate(idx):  # one row at a time: [C, V] intermediates, not [B, C, V]
-            n = len(pairs[i][1])
-            b, m = base_logits[row, -n:], model_logits[row, -n:]
-            lp = torch.log_softmax(b, -1).gather(-1, targets[row, -n:, None]).squeeze(-1)
-            out[i] = (lp.cpu(), float(token_divergence(m, b, "jsd", alpha=0.5).mean()))
-        progress.update(len(idx), tokens=int(batch["attention_mask"].sum()))
+    with inference_autocast(model, bf16), inference_autocast(base, bf16):
+        for idx in length_batches([len(p) + len(c) for p, c in pairs], batch_size, max_tokens):
+            batch = pack_left([pairs[i] for i in idx], pad_id, model.device)
+            base_logits, model_logits = completion_logits(base, batch), completion_logits(model, batch)
+            targets = batch["input_ids"][:, -(batch["keep"] - 1):]
+            for row, i in enumerate(idx):  # one row at a time: [C, V] intermediates, not [B, C, V]
+                n = len(pairs[i][1])
+                b, m = base_logits[row, -n:], model_logits[row, -n:]
+                lp = torch.log_softmax(b, -1).gather(-1, targets[row, -n:, None]).squeeze(-1)
+                out[i] = (lp.cpu(), float(token_divergence(m, b, "jsd", alpha=0.5).mean()))
+            progress.update(len(idx), tokens=int(batch["attention_mask"].sum()))
     progress.close()
     return out  # type: ignore[return-value]
 

@@ -82,11 +82,15 @@ def chunked_divergence(student_hidden: Tensor, student_head: Callable[[Tensor], 
     student_hidden [B, T, H] goes through `student_head` (hidden → logits) one chunk of
     `chunk_size` positions at a time. `teacher` is either teacher hidden states [B, T, H']
     passed through `teacher_head` (no grad), or, with `teacher_head=None`, teacher logits
-    [B, T, V] that are only sliced. Each chunk runs under activation checkpointing, so its
-    B×chunk×V logits, log-probs and mixtures are freed after the forward and recomputed
-    chunk by chunk in the backward; teacher logits are computed inside the chunk for the
-    same reason. Peak memory is a few B×chunk×V floats plus the [B, T] outputs (and, with
-    teacher_head=None, the caller's own teacher logits).
+    [B, T, V] that are only sliced. A chunk's B×chunk×V logits, log-probs and mixtures
+    are freed before the next chunk; peak memory is a few B×chunk×V floats plus the [B, T]
+    outputs (and, with teacher_head=None, the caller's own teacher logits).
+
+    The backward needs no logits either. When the student head has no trainable weights
+    (LoRA: the LM head is frozen), each output's gradient with respect to the hidden
+    states is taken in the forward, chunk by chunk (`_per_token_gradients`), and the
+    backward only scales it. Otherwise each chunk runs under activation checkpointing and
+    is recomputed in the backward, teacher head included.
 
     With `targets` [B, T] (the sampled tokens y_t) the same pass also returns
     log p_S(y_t) and log p_T(y_t) at temperature T, which the contrastive loss needs.
@@ -104,14 +108,47 @@ def chunked_divergence(student_hidden: Tensor, student_head: Callable[[Tensor], 
         y = target[0].unsqueeze(-1)
         return div, lp_s.gather(-1, y).squeeze(-1), lp_t.gather(-1, y).squeeze(-1)
 
+    grads_now = (torch.is_grad_enabled() and student_hidden.requires_grad
+                 and not student_head(student_hidden[:1, :1].detach()).requires_grad)
     outs = []
     for start in range(0, student_hidden.shape[1], chunk_size):
         cut = slice(start, start + chunk_size)
-        target = () if targets is None else (targets[:, cut],)
-        outs.append(checkpoint(chunk, student_hidden[:, cut], teacher[:, cut].detach(), *target,
-                               use_reentrant=False))
+        args = (student_hidden[:, cut], teacher[:, cut].detach(), *(() if targets is None else (targets[:, cut],)))
+        outs.append(_per_token_gradients(chunk, *args) if grads_now else checkpoint(chunk, *args, use_reentrant=False))
     columns = [torch.cat(column, dim=1) for column in zip(*outs)]
     return ChunkedDivergence(*columns) if targets is not None else ChunkedDivergence(columns[0], None, None)
+
+
+def _per_token_gradients(fn: Callable[..., tuple[Tensor, ...]], hidden: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
+    """fn(hidden, *rest) -> outputs [B, C], each output token a function of that token's
+    hidden state alone. Returns the outputs attached to `hidden` through their per-token
+    gradients ∂out[b, t]/∂hidden[b, t], computed here: since tokens do not interact,
+    ∂(Σ out)/∂hidden is exactly that. The backward then costs one multiply per output
+    instead of recomputing fn."""
+    leaf = hidden.detach().requires_grad_()
+    with torch.enable_grad():
+        outs = fn(leaf, *rest)
+    needs = [i for i, out in enumerate(outs) if out.requires_grad]
+    jacobians = {}
+    for n, i in enumerate(needs):
+        (jacobians[i],) = torch.autograd.grad(outs[i].sum(), leaf, retain_graph=n < len(needs) - 1)
+    return tuple(_KnownGradient.apply(hidden, out.detach(), jacobians[i]) if i in jacobians else out.detach()
+                 for i, out in enumerate(outs))
+
+
+class _KnownGradient(torch.autograd.Function):
+    """`value` [B, C] as a function of `hidden` [B, C, H] whose per-token gradient is
+    `jacobian` [B, C, H]: backward returns grad[b, t] · jacobian[b, t]."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, value: Tensor, jacobian: Tensor) -> Tensor:
+        ctx.save_for_backward(jacobian)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (jacobian,) = ctx.saved_tensors
+        return (grad.unsqueeze(-1) * jacobian).to(jacobian.dtype), None, None
 
 
 # ---------------------------------------------------------------------------------------

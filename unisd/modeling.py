@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -41,3 +43,33 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "aut
     model.to(pick_device(device)).eval()
     log.info("loaded %s (%.1fM parameters, %s, %s)", path, model.num_parameters() / 1e6, dtype, model.device)
     return model
+
+
+@contextlib.contextmanager
+def inference_autocast(model, enabled: bool) -> Iterator[None]:
+    """bf16 autocast for inference, with the linear layers' fp32 weights cast once.
+
+    Under inference mode autocast keeps no cache of its casts, so every forward (every
+    decoding step) would cast every weight again. Casting them once up front gives the
+    same numbers (autocast would round them the same way) with a fraction of the memory
+    traffic. The output embedding is left alone when it is tied to the input embedding
+    (the embedding lookup must stay fp32). The fp32 weights are back on exit.
+    """
+    if not enabled:
+        yield
+        return
+    tied = model.get_input_embeddings().weight
+    swapped = []
+    with torch.inference_mode(False), torch.no_grad():
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if isinstance(module, torch.nn.Linear) and w is not tied and w.dtype == torch.float32:
+                swapped.append((w, w.data))
+                w.data = w.data.to(torch.bfloat16)
+    try:
+        with torch.autocast(model.device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        with torch.inference_mode(False), torch.no_grad():
+            for w, data in swapped:
+                w.data = data

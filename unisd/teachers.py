@@ -10,6 +10,10 @@ under full fine-tuning — and `active()` swaps that copy in for a teacher pass.
 This fixes the public reference's defect: it averaged the frozen base weights, which
 are identical in student and teacher, and skipped the LoRA weights, so its teacher
 never moved. Averaging what the student actually learns makes the teacher follow it.
+
+While the teacher's LoRA B matrices are all zero (a frozen teacher, or an EMA teacher
+before its first update) its adapter adds exactly zero, so a teacher pass runs with
+the adapter switched off instead: the same numbers, without the adapter's matmuls.
 """
 
 from __future__ import annotations
@@ -28,16 +32,30 @@ class Teacher:
         if not self.params:
             raise ValueError("the model has no trainable parameters for a teacher to track")
         self.weights = {n: p.detach().clone() for n, p in self.params.items()}
+        self._check_base()
+
+    def _check_base(self) -> None:
+        """Whether the teacher is the base model: a LoRA adapter whose B matrices are zero."""
+        lora_b = [w for n, w in self.weights.items() if "lora_B" in n]
+        self.is_base = (hasattr(self.model, "disable_adapter") and len(lora_b) > 0
+                        and all(not w.any() for w in lora_b) and all("lora_" in n for n in self.weights))
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Teacher weights in, eval mode (no dropout), no grad; student weights back after."""
         was_training = self.model.training
+        self.model.eval()
+        if self.is_base:
+            try:
+                with torch.no_grad(), self.model.disable_adapter():
+                    yield
+            finally:
+                self.model.train(was_training)
+            return
         student = {n: p.detach().clone() for n, p in self.params.items()}
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(self.weights[n])
-        self.model.eval()
         try:
             with torch.no_grad():
                 yield
@@ -58,6 +76,7 @@ class Teacher:
             return False
         for n, p in self.params.items():
             self.weights[n].lerp_(p.detach(), 1.0 - self.beta)
+        self._check_base()
         return True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -69,3 +88,4 @@ class Teacher:
             raise ValueError(f"teacher state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]!r}")
         for n in self.weights:
             self.weights[n].copy_(state[n])
+        self._check_base()

@@ -81,7 +81,7 @@ def sample_trajectories(cfg: Config, model, tok, builder: PromptBuilder, example
             out.append(Trajectory(id=f"{ex.id}#{n}", example_id=ex.id, benchmark=ex.benchmark, source="sampled",
                                   prompt_ids=ids, completion_ids=c.ids, text=c.text, finished=c.finished))
     lps = completion_logprobs(model, [(t.prompt_ids, t.completion_ids) for t in out], tok.pad_token_id,
-                              gen.batch_size, gen.bf16_autocast, desc="student log-probs")
+                              gen.batch_size, gen.bf16_autocast, desc="student log-probs", max_tokens=gen.score_tokens)
     for t, lp in zip(out, lps):
         t.student_logprobs = lp.tolist()
     return out, {"dropped_over_budget": dropped, "sampled": len(sampled), "gold": len(gold)}
@@ -104,7 +104,8 @@ def score_agreement(cfg: Config, teacher, tok, builder: PromptBuilder, trajector
         scored.append(t)
         pairs.extend((p, t.completion_ids) for p in prompts[: agreement.k])
     lps = completion_logprobs(teacher, pairs, tok.pad_token_id, cfg.generation.batch_size,
-                              cfg.generation.bf16_autocast, desc="agreement scores")
+                              cfg.generation.bf16_autocast, desc="agreement scores",
+                              max_tokens=cfg.generation.score_tokens)
     k = agreement.k
     for i, t in enumerate(scored):
         scores = torch.stack(lps[i * k : (i + 1) * k])  # [K, T]
