@@ -19,7 +19,7 @@ from unisd.config import build_config
 from unisd.logprobs import completion_hidden, completion_logprobs, head_fn
 from unisd.modeling import load_model, load_tokenizer
 from unisd.teachers import Teacher
-from unisd.train import TrainingError, TrainItem, batch_loss, check_lineage, collate, train_round
+from unisd.train import TeacherCache, TrainingError, TrainItem, batch_loss, check_lineage, collate, train_round
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTIONS = [
@@ -195,6 +195,35 @@ def test_sd_loss_is_forward_kl_to_the_frozen_initial_teacher(tmp_path, tiny_mode
     ref_grads = torch.autograd.grad(ref, params)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r.double(), atol=1e-6, rtol=1e-3)
+
+
+def test_teacher_cache_serves_repeat_items_without_a_teacher_pass(tmp_path, tiny_model_dir, items, tok, monkeypatch):
+    m = method(tmp_path, tiny_model_dir, "sd")
+    lm = lora_model(tiny_model_dir)
+    lm.train()
+    teacher = Teacher(lm, "frozen")
+    perturb(lm, 0.05)
+    forwards = []
+    real = train_mod.completion_hidden
+    monkeypatch.setattr(train_mod, "completion_hidden", lambda *a: forwards.append(1) or real(*a))
+
+    def loss(idx, cache):
+        batch = collate([items[i] for i in idx], tok.pad_token_id, "cpu") | {"ids": idx}
+        out, _ = batch_loss(m, lm, teacher, head_name_of(lm), batch, chunk=3, cache=cache)
+        return out, torch.autograd.grad(out, [p for p in lm.parameters() if p.requires_grad])
+
+    cache = TeacherCache()
+    loss([0, 1, 2], cache), loss([3, 4, 5], cache)  # the first epoch fills it
+    forwards.clear()
+    got, got_grads = loss([4, 0, 2], cache)  # another grouping, every row cached
+    assert len(forwards) == 1  # the student's forward only
+    want, want_grads = loss([4, 0, 2], None)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-4)
+    forwards.clear()
+    loss([5, 6], cache)  # item 6 is new: the teacher runs, and fills it
+    assert len(forwards) == 2 and ("teacher_prompt", 6) in cache.rows
 
 
 def test_sft_loss_is_mean_token_cross_entropy(tmp_path, tiny_model_dir, items, tok):
@@ -451,3 +480,25 @@ def test_full_finetuning_round(tmp_path, tiny_model_dir, items):
     # the EMA teacher sits strictly between the base and the trained weights
     k = "model.layers.0.self_attn.q_proj.weight"
     assert 0 < (teacher[k] - base[k]).norm() < (trained[k] - base[k]).norm()
+
+
+@pytest.mark.parametrize("recipe, train, cached", [
+    ("sd", {"epochs": 2, "max_steps": 0}, True),
+    ("sd", {"epochs": 1, "max_steps": 0}, False),  # every item seen once: nothing to reuse
+    ("sd", {"epochs": 2, "max_steps": 0, "cache_teacher": False}, False),
+    ("ema", {"epochs": 2, "max_steps": 0}, False),  # the teacher moves
+])
+def test_teacher_cache_in_a_round(tmp_path, tiny_model_dir, items, recipe, train, cached, monkeypatch):
+    """Used only when a frozen teacher would see items again; the round then ends as
+    without it (the cached rows differ from recomputed ones only by float rounding)."""
+    made = []
+    monkeypatch.setattr(train_mod, "TeacherCache", lambda: made.append(TeacherCache()) or made[-1])
+    cfg = make_cfg(tmp_path / "on", tiny_model_dir, recipe, **train)
+    run_round(cfg, items, tiny_model_dir, tmp_path / "on" / "out", tmp_path / "on" / "work")
+    assert bool(made) == cached
+    if cached:
+        assert {i for _, i in made[0].rows} == set(range(len(items)))
+        off = make_cfg(tmp_path / "off", tiny_model_dir, recipe, **train, cache_teacher=False)
+        run_round(off, items, tiny_model_dir, tmp_path / "off" / "out", tmp_path / "off" / "work")
+        for name, w in adapter(tmp_path / "off" / "out").items():
+            torch.testing.assert_close(adapter(tmp_path / "on" / "out")[name], w, atol=1e-5, rtol=1e-4)

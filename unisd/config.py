@@ -144,6 +144,8 @@ class TrainCfg(Section):
     bf16_autocast: bool = False
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     chunk_size: int = Field(128, ge=1, description="sequence positions per chunk of the vocabulary divergence")
+    cache_teacher: bool = Field(True, description="keep a frozen teacher's hidden states for items seen again "
+                                                  "(epochs > 1): completion tokens × hidden size floats")
 
 
 class StudyCfg(Section):

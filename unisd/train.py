@@ -75,12 +75,40 @@ def collate(items: list[TrainItem], pad_id: int, device) -> dict[str, Any]:
     return batch
 
 
+class TeacherCache:
+    """A frozen teacher's hidden states over each item's completion, kept for the item's
+    next visit (`train.epochs` > 1): the teacher cannot change, so its passes would only
+    repeat. One [len(completion), H] tensor per item and teacher prompt (gold; negative
+    under the contrastive loss). A batch is served from the cache only when all its rows
+    are there; other batches run the teacher and fill it. Rows come back as computed in
+    their first batch, which differs from a recomputation in another batch only by
+    float rounding (padding changes the batch shape)."""
+
+    def __init__(self):
+        self.rows: dict[tuple[str, int], torch.Tensor] = {}
+
+    def hidden(self, prompt: str, batch: dict[str, Any], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        width, keys = batch["width"], [(prompt, i) for i in batch["ids"]]
+        lengths = batch["mask"].sum(1).tolist()
+        if all(k in self.rows for k in keys):
+            first = self.rows[keys[0]]
+            out = first.new_zeros(len(keys), width, first.shape[-1])
+            for b, (k, n) in enumerate(zip(keys, lengths)):
+                out[b, width - n:] = self.rows[k]
+            return out
+        out = compute()
+        for b, (k, n) in enumerate(zip(keys, lengths)):
+            self.rows[k] = out[b, width - n:].clone()
+        return out
+
+
 # --------------------------------------------------------------------------- the loss
 
 
 def batch_loss(method: Method, lm, teacher: Teacher, head_name: str, batch: dict[str, Any],
-               chunk: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """The recipe's total loss on one micro-batch, and its terms for logging."""
+               chunk: int, cache: TeacherCache | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The recipe's total loss on one micro-batch, and its terms for logging. With a
+    `cache` (frozen teacher only), `batch["ids"]` names the items of the batch."""
     mask, targets, width = batch["mask"], batch["targets"], batch["width"]
     head = head_fn(lm)
     terms: dict[str, float] = {}
@@ -92,9 +120,13 @@ def batch_loss(method: Method, lm, teacher: Teacher, head_name: str, batch: dict
 
     # Teacher passes first: swapping the teacher's weights in place must not touch
     # tensors that the student's forward has saved for backward.
+    def teacher_hidden(prompt: str) -> torch.Tensor:
+        run = lambda: completion_hidden(lm, batch[prompt], width)  # noqa: E731
+        return run() if cache is None else cache.hidden(prompt, batch, run)
+
     with teacher.active():
-        h_t = completion_hidden(lm, batch["teacher_prompt"], width)
-        h_neg = completion_hidden(lm, batch["negative_prompt"], width) if method.contrastive.enabled else None
+        h_t = teacher_hidden("teacher_prompt")
+        h_neg = teacher_hidden("negative_prompt") if method.contrastive.enabled else None
     h_s = completion_hidden(lm, batch["student"], width)
     t_head = head_fn(lm, teacher.weight(head_name, lm.get_output_embeddings().weight))
     T = method.temperature
@@ -189,6 +221,18 @@ def micro_batches(n_items: int, cfg: Config, seed: int) -> list[list[int]]:
     return out
 
 
+def _teacher_cache(cfg: Config, items: list[TrainItem], lm, visits: int, per_epoch: int) -> TeacherCache | None:
+    """A TeacherCache when the teacher is frozen and items come back (more micro-batches
+    than one pass over the data), and `train.cache_teacher` allows it."""
+    if not cfg.train.cache_teacher or cfg.method.teacher.kind != "frozen" or visits <= per_epoch:
+        return None
+    passes = 2 if cfg.method.contrastive.enabled else 1
+    size = sum(len(it.completion) for it in items) * passes * lm.config.hidden_size * 4
+    log.info("frozen teacher: caching its hidden states for repeat visits (%.0f MiB; train.cache_teacher)",
+             size / 2**20)
+    return TeacherCache()
+
+
 def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -263,13 +307,14 @@ def train_round(cfg: Config, items: list[TrainItem], base_dir: Path, base_digest
     tok = load_tokenizer(base_dir)
     bf16 = cfg.train.bf16_autocast
     device_type = lm.device.type
+    cache = _teacher_cache(cfg, items, lm, total * accum, len(batches) // cfg.train.epochs)
     while step < total:
         started, n_tokens, terms_sum, loss_sum = time.monotonic(), 0, {}, 0.0
         group = [batches[(step * accum + j) % len(batches)] for j in range(accum)]
         for j, idx in enumerate(group):
-            batch = collate([items[i] for i in idx], tok.pad_token_id, lm.device)
+            batch = collate([items[i] for i in idx], tok.pad_token_id, lm.device) | {"ids": idx}
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-                loss, terms = batch_loss(method, lm, teacher, head_name, batch, cfg.train.chunk_size)
+                loss, terms = batch_loss(method, lm, teacher, head_name, batch, cfg.train.chunk_size, cache)
             if not torch.isfinite(loss):
                 raise TrainingError(f"non-finite loss ({float(loss)}) at step {step + 1}, micro-batch {j + 1}; "
                                     f"terms {terms}")
