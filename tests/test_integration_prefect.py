@@ -96,7 +96,7 @@ def test_served_deployment_runs_and_caches(tmp_path, tiny_model_dir, monkeypatch
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_a_stopped_run_stops_its_temporary_prefect_server(tmp_path, tiny_model_dir, monkeypatch, sig, code, word):
+def test_a_stopped_run_stops_its_temporary_prefect_server(tmp_path, tiny_model_dir, sig, code, word):
     """`unisd run` without PREFECT_API_URL starts a temporary Prefect server (a child
     process); SIGTERM or Ctrl-C mid-flow must end the run with a message and stop it."""
     project = copy_project(tmp_path / "project", tiny_params(tiny_model_dir))
