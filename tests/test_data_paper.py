@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from unisd.data import DataError, Example, load_benchmark
+from unisd.data.convert import balance_letters, rotate_options
 from unisd.sandbox import Limits, run_many
 from unisd.scoring import code_program
 
@@ -137,9 +138,10 @@ def test_validation_is_carved_from_train_deterministically(name, train_ids):
 
 def test_option_order_is_per_example_and_deterministic():
     a, b, other = by_id(load("cos_e", 3)), by_id(load("cos_e", 3)), by_id(load("cos_e", 4))
-    assert {k: v.choices for k, v in a.items()} == {k: v.choices for k, v in b.items()}
-    # The option order belongs to the example, not to the split seed.
-    assert {k: v.choices for k, v in a.items()} == {k: v.choices for k, v in other.items()}
+    assert {k: (v.choices, v.answer) for k, v in a.items()} == {k: (v.choices, v.answer) for k, v in b.items()}
+    # The cyclic option order belongs to the example; the split seed only rotates it (balanced letters).
+    for k, ex in a.items():
+        assert is_rotation(other[k].choices, ex.choices) and gold_text(other[k]) == gold_text(ex), k
     # It differs between examples: the gold is not always at the same place, and the orders are not all
     # the hub's order (gold first or wherever the hub put it).
     assert len({e.answer for e in a.values()}) > 1
@@ -158,6 +160,49 @@ def test_example_order_follows_the_seed():
     assert [[e.model_dump() for e in v] for v in a.values()] == [[e.model_dump() for e in v] for v in b.values()]
     assert [[e.id for e in v] for v in a.values()] != [[e.id for e in v] for v in c.values()]
     assert {k: sorted(e.id for e in v) for k, v in a.items()} == {k: sorted(e.id for e in v) for k, v in c.items()}
+
+
+# ------------------------------------------------------------------ balanced gold letters
+
+def is_rotation(choices: list[str], source: list[str]) -> bool:
+    """Brute force: some cyclic shift of `source` is `choices`."""
+    return any(source[s:] + source[:s] == choices for s in range(len(source)))
+
+
+def mcq(ex_id: str, choices: str, answer: str) -> Example:
+    return Example(id=ex_id, benchmark="t", task="mcq", question="q?", choices=list(choices), answer=answer)
+
+
+def test_rotate_options_hand_worked():
+    ex = mcq("x", "abcd", "B")
+    assert (rotate_options(ex, 1).choices, rotate_options(ex, 1).answer) == (list("bcda"), "A")
+    assert (rotate_options(ex, -1).choices, rotate_options(ex, -1).answer) == (list("dabc"), "C")
+    assert rotate_options(ex, 4) == ex and rotate_options(ex, 0) == ex
+    assert rotate_options(ex, 2).id == "x"
+
+
+def test_balance_letters_follows_permutation_blocks_per_option_count():
+    # 8 three-option items (gold always A) and 9 four-option items (gold always D), interleaved, and a code item.
+    items = [mcq(f"t{i}", "pqr", "A") if i % 2 else mcq(f"f{i}", "wxyz", "D") for i in range(17)]
+    code = Example(id="c", benchmark="t", task="code", question="q", answer="pass", tests=["assert True"])
+    out = balance_letters(items[:5] + [code] + items[5:], "key")
+    assert out[5] == code and [e.id for e in out] == [e.id for e in items[:5]] + ["c"] + [e.id for e in items[5:]]
+    for n, source in ((3, "pqr"), (4, "wxyz")):
+        group = [e for e in out if e.task == "mcq" and len(e.choices) == n]
+        letters = [e.answer for e in group]
+        for start in range(0, len(letters) - n + 1, n):  # each aligned block is a permutation of the letters
+            assert sorted(letters[start:start + n]) == list("ABCD"[:n]), (n, letters)
+        for e in group:
+            assert is_rotation(e.choices, list(source)) and e.choices[e.gold_index] == source[0 if n == 3 else 3]
+    assert balance_letters(items, "key") == [e for e in out if e.task == "mcq"]  # deterministic
+    assert [e.answer for e in balance_letters(items, "other")] != [e.answer for e in out if e.task == "mcq"]
+
+
+def test_paper_splits_have_balanced_gold_letters():
+    # One complete block each: GPQA's 4 four-option test items, CoS-E's 5 five-option train items.
+    assert sorted(e.answer for e in load("gpqa")["test"]) == list("ABCD")
+    for seed in range(4):
+        assert sorted(e.answer for e in load("cos_e", seed)["train"]) == list("ABCDE")
 
 
 # ------------------------------------------------------------------ MBPP

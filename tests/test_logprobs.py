@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tiny import build_tiny_model
-from unisd.logprobs import completion_logprobs, length_batches, perplexity, retention
+from unisd.logprobs import completion_logprobs, length_batches, next_token_logprobs, perplexity, retention
 from unisd.modeling import inference_autocast, load_model, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,6 +35,18 @@ def test_completion_logprobs_match_unpadded_forwards(models, batch_size, max_tok
     for (prompt, completion), lp in zip(PAIRS, lps):
         ref = reference(model, prompt, completion).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
         assert torch.allclose(lp.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size, max_tokens", [(1, 0), (3, 0), (2, 9)])
+def test_next_token_logprobs_match_unpadded_forwards(models, batch_size, max_tokens):
+    model, _, pad = models
+    prompts = [p + c for p, c in PAIRS]  # lengths 7, 7, 8
+    candidates = [[3, 30], [44], [50, 7, 50]]
+    got = next_token_logprobs(model, prompts, candidates, pad, batch_size=batch_size, max_tokens=max_tokens)
+    for prompt, cands, lp in zip(prompts, candidates, got):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].double(), -1)
+        assert torch.allclose(lp.double(), ref[cands], atol=1e-5)
 
 
 def test_length_batches_hand_worked():

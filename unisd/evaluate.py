@@ -1,10 +1,14 @@
 """Evaluation: greedy answers scored per task, plus fit and drift perplexities.
 
-* mcq: accuracy of the final answer line (unparseable = wrong, counted);
+* mcq: accuracy of the final answer line (unparseable = wrong, counted; `score`, the
+  paper's metric), with what it is made of (parse and finish rates, the predicted and
+  gold letter histograms, the best one-letter score on the same items) and, with
+  eval.choice_scores, the teacher-forced scores that do not depend on where the gold
+  stands (unisd.choice_scores: rot_acc, rot_gold_prob, circular_acc, ll_acc, ll_norm_acc);
 * code: pass@1, the benchmark's tests run in the sandbox;
 * tool: action / argument / full accuracy (full is the score);
 * gold PPL: the model's perplexity on the gold responses;
-* PPLret: the *base* model's perplexity on this model's greedy responses (SPEC §5);
+* PPLret: the *base* model's perplexity on this model's greedy responses (docs/method.md §5);
   for the base model itself this is its own retention baseline;
 * jsd_to_base: the mean per-token JSD between the base model's and this model's
   next-token distributions along this model's greedy responses (0 for the base).
@@ -17,16 +21,19 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unisd.choice_scores import Scoring, choice_scores
 from unisd.config import Config
-from unisd.data.schema import Example, read_examples, write_jsonl
+from unisd.data.schema import LETTERS, Example, read_examples, write_jsonl
+from unisd.data.suites import SUITES
 from unisd.generation import Sampling, generate
 from unisd.logprobs import completion_logprobs, perplexity, retention
 from unisd.modeling import load_model, load_tokenizer
-from unisd.prompts import PromptBuilder, gold_response, task_text
+from unisd.prompts import McqFormat, PromptBuilder, gold_response, task_text
 from unisd.sandbox import Limits, run_many
 from unisd.scoring import code_program, parse_mcq, tool_scores
 
@@ -70,6 +77,38 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(finite) if finite else float("nan")
 
 
+# summary key (percent) -> per-item record field of unisd.choice_scores
+CHOICE_METRICS = {"rot_acc": "rot_correct", "rot_gold_prob": "rot_gold_prob", "circular_acc": "circular_correct",
+                  "ll_acc": "ll_correct", "ll_norm_acc": "ll_norm_correct"}
+
+
+def mcq_summary(items: list[Item]) -> dict[str, Any]:
+    """What a generative MCQ score is made of, and the scores that do not depend on letters.
+
+    parse_rate / finish_rate: fractions of answers with a readable letter / that stopped
+    before the token limit; letter_hist: predicted letters ("none": unparseable);
+    gold_hist: gold letters; one_letter_baseline: max over letters L of the share of
+    items whose gold is L, in percent, i.e. the score of always answering the best single
+    letter (with balanced letters: about 100/n); then, when the records hold them, the
+    mean of each `CHOICE_METRICS` field in percent.
+    """
+    recs = [it.record for it in items]
+    n = len(recs)
+    letters = LETTERS[: max(len(it.example.choices) for it in items)]
+    predicted, gold = Counter(r["parsed"] or "none" for r in recs), Counter(r["gold"] for r in recs)
+    out: dict[str, Any] = {
+        "parse_rate": sum(r["parsed"] is not None for r in recs) / n,
+        "finish_rate": sum(r["finished"] for r in recs) / n,
+        "letter_hist": {**{k: predicted[k] for k in letters}, "none": predicted["none"]},
+        "gold_hist": {k: gold[k] for k in letters},
+        "one_letter_baseline": 100.0 * max(gold.values()) / n,
+    }
+    for key, field in CHOICE_METRICS.items():
+        if field in recs[0]:
+            out[key] = 100.0 * statistics.fmean(float(r[field]) for r in recs)
+    return out
+
+
 def summarize(items: list[Item], n_dropped: int) -> dict[str, Any]:
     recs = [it.record for it in items]
     n = len(recs)
@@ -82,6 +121,7 @@ def summarize(items: list[Item], n_dropped: int) -> dict[str, Any]:
     }
     if recs and "parsed" in recs[0]:
         summary["unparseable"] = sum(r["parsed"] is None for r in recs)
+        summary.update(mcq_summary(items))
     if recs and "action" in recs[0]:
         for k in ("action", "arguments", "full"):
             summary[f"{k}_accuracy"] = 100.0 * sum(r[k] for r in recs) / n
@@ -91,19 +131,46 @@ def summarize(items: list[Item], n_dropped: int) -> dict[str, Any]:
     return summary
 
 
+def overall_metrics(benchmarks: dict[str, dict[str, Any]], tasks: dict[str, str],
+                    headline: str) -> dict[str, Any]:
+    """Top-level means over benchmark summaries: overall (every `score`, the paper's
+    metric), mcq_overall and mcq_rot_overall (`score` and `rot_acc` over MCQ benchmarks),
+    code_overall (`score` over code benchmarks), each only when its group has a number;
+    and headline: the `headline` benchmark's rot_acc, when it was evaluated with one."""
+    def mean_of(task: str | None, key: str) -> float:
+        return _mean([m.get(key, math.nan) for b, m in benchmarks.items() if task in (None, tasks[b])])
+
+    out: dict[str, Any] = {"overall": mean_of(None, "score")}
+    for name, task, key in (("mcq_overall", "mcq", "score"), ("mcq_rot_overall", "mcq", "rot_acc"),
+                            ("code_overall", "code", "score")):
+        if not math.isnan(value := mean_of(task, key)):
+            out[name] = value
+    if "rot_acc" in benchmarks.get(headline, {}):
+        out["headline"] = {"benchmark": headline, "metric": "rot_acc", "value": benchmarks[headline]["rot_acc"]}
+    return out
+
+
+def add_choice_scores(run: Scoring, builder: PromptBuilder, items: list[Item], mcq_format: McqFormat,
+                      bench: str) -> None:
+    """Each MCQ record gains its rotation and option log-likelihood scores."""
+    scores = choice_scores(run, builder, [it.example for it in items], mcq_format, desc=f"choices {bench}")
+    for it, extra in zip(items, scores):
+        it.record.update(extra)
+
+
 def evaluate_model(cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path,
                    base_dir: Path | None = None) -> dict[str, Any]:
     """Evaluate `model_dir` on every configured benchmark; write predictions and metrics."""
     tok = load_tokenizer(model_dir)
     builder = PromptBuilder.for_tokenizer(tok, cfg.model.template, cfg.prompts.max_prompt_tokens)
     model = load_model(model_dir, cfg.model.dtype, cfg.model.device)
-    bf16 = cfg.eval.bf16_autocast
+    bf16, fmt = cfg.eval.bf16_autocast, cfg.prompts.mcq_format
     per_bench: dict[str, tuple[list[Item], int]] = {}
     for bench in cfg.data.benchmarks:
         examples = eval_examples(cfg, data_dir, bench)
         items, dropped = [], 0
         for ex in examples:
-            ids = builder.encode(task_text(ex))
+            ids = builder.encode(task_text(ex, fmt))
             if ids is None:
                 dropped += 1
                 continue
@@ -121,11 +188,14 @@ def evaluate_model(cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path,
             score_items(cfg, items)
             if cfg.eval.ppl:
                 golds = completion_logprobs(
-                    model, [(it.prompt, builder.encode_response(gold_response(it.example))) for it in items],
+                    model, [(it.prompt, builder.encode_response(gold_response(it.example, fmt))) for it in items],
                     tok.pad_token_id, cfg.eval.batch_size, bf16, desc=f"gold ppl {bench}",
                     max_tokens=cfg.eval.score_tokens)
                 for it, lp in zip(items, golds):
                     it.record["gold_ppl"] = perplexity(lp)
+            if cfg.eval.choice_scores and items[0].example.task == "mcq":
+                run = Scoring(model, tok.pad_token_id, cfg.eval.batch_size, bf16, cfg.eval.score_tokens)
+                add_choice_scores(run, builder, items, fmt, bench)
         per_bench[bench] = (items, dropped)
 
     if cfg.eval.ppl:  # this model's answers under the base model: PPLret, and JSD(base ‖ this) on them
@@ -147,6 +217,6 @@ def evaluate_model(cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path,
     for bench, (items, dropped) in per_bench.items():
         write_jsonl(out_dir / "predictions" / f"{bench}.jsonl", [it.record for it in items])
         metrics["benchmarks"][bench] = summarize(items, dropped)
-    scores = [m["score"] for m in metrics["benchmarks"].values()]
-    metrics["overall"] = _mean(scores)
+    tasks = {b: SUITES[cfg.data.suite][b].task for b in metrics["benchmarks"]}
+    metrics.update(overall_metrics(metrics["benchmarks"], tasks, cfg.eval.headline))
     return metrics

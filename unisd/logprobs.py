@@ -1,4 +1,5 @@
-"""Teacher-forced log-probabilities of completions given prompts.
+"""Teacher-forced log-probabilities of completions given prompts (and of candidate
+next tokens at the end of prompts).
 
 Sequences are left-padded so that every completion ends at the last position, and
 position ids follow the attention mask so padding does not shift positions. Only
@@ -108,10 +109,34 @@ def completion_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id:
 
 
 @torch.inference_mode()
+def next_token_logprobs(model, prompts: list[list[int]], candidates: list[list[int]], pad_id: int,
+                        batch_size: int = 8, bf16: bool = False, desc: str = "next token",
+                        max_tokens: int = 0) -> list[torch.Tensor]:
+    """log p(x | prompt) of each candidate token x of `candidates[i]` right after
+    `prompts[i]`: the whole-vocabulary next-token log-softmax read at the candidates, one
+    tensor [len(candidates[i])] per prompt, in input order. Only the last position
+    reaches the LM head (logits_to_keep=1), so a forward costs no [B, T, V] logits;
+    batches as `length_batches(…, batch_size, max_tokens)`."""
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    progress = Progress(desc, len(prompts), "sequences")
+    with inference_autocast(model, bf16):
+        for idx in length_batches([len(p) for p in prompts], batch_size, max_tokens):
+            batch = pack_left([(prompts[i], []) for i in idx], pad_id, model.device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"], logits_to_keep=1, use_cache=False).logits
+            lp = torch.log_softmax(logits[:, -1].float(), -1)
+            for row, i in enumerate(idx):
+                out[i] = lp[row, candidates[i]].cpu()
+            progress.update(len(idx), tokens=int(batch["attention_mask"].sum()))
+    progress.close()
+    return out  # type: ignore[return-value]
+
+
+@torch.inference_mode()
 def retention(model, base, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
               bf16: bool = False, desc: str = "retention", max_tokens: int = 0) -> list[tuple[torch.Tensor, float]]:
     """For each (prompt, ŷ) of `model`: the *base* model's log-probs of ŷ (for PPLret) and
-    the mean per-token JSD(base ‖ model) over ŷ (SPEC §5: drift from the base distribution)."""
+    the mean per-token JSD(base ‖ model) over ŷ (docs/method.md §5: drift from the base distribution)."""
     out: list[tuple[torch.Tensor, float] | None] = [None] * len(pairs)
     progress = Progress(desc, len(pairs), "sequences")
     with inference_autocast(model, bf16), inference_autocast(base, bf16):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import ValidationError
 
@@ -63,3 +63,51 @@ def shuffled(examples: list[Example], seed: int) -> list[Example]:
     order = list(examples)
     random.Random(seed).shuffle(order)
     return order
+
+
+def rotate_options(ex: Example, shift: int) -> Example:
+    """The example with its options shifted cyclically: option i shows old option (i + shift) mod n.
+
+    The gold moves from index g to (g − shift) mod n. A cyclic shift keeps the options'
+    relative order (an "all of the above" stays after what it refers to, up to wrap-around).
+    """
+    n = len(ex.choices)
+    choices = [ex.choices[(i + shift) % n] for i in range(n)]
+    return ex.model_copy(update={"choices": choices, "answer": LETTERS[(ex.gold_index - shift) % n]})
+
+
+def letter_blocks(key: str, n: int) -> Iterator[int]:
+    """Endless gold indices for n-option items: blocks, each a seeded permutation of range(n).
+
+    Any prefix of k items then holds every letter ⌊k/n⌋ or ⌊k/n⌋ + 1 times.
+    """
+    rng = random.Random(f"{key}/{n}")
+    while True:
+        block = list(range(n))
+        rng.shuffle(block)
+        yield from block
+
+
+def balance_letters(examples: list[Example], key: str) -> list[Example]:
+    """Rotate each MCQ's options so that its gold letter follows `letter_blocks(key, n)`.
+
+    Items are grouped by their number of options n (ARC has 3–5), in split order, so
+    every prefix of the list (eval.limit and train_set.limit take prefixes) is balanced
+    within ±1 per letter in each group: a model that always answers one letter scores
+    chance, not whatever the source's or a shuffle's imbalance gives. Other tasks pass through.
+    """
+    targets: dict[int, Iterator[int]] = {}
+    out = []
+    for ex in examples:
+        if ex.task != "mcq":
+            out.append(ex)
+            continue
+        n = len(ex.choices)
+        target = next(targets.setdefault(n, letter_blocks(key, n)))
+        out.append(rotate_options(ex, ex.gold_index - target))
+    return out
+
+
+def balanced_splits(splits: dict[str, list[Example]], benchmark: str, seed: int) -> dict[str, list[Example]]:
+    """`balance_letters` on every split, with a sequence of its own per benchmark, split and seed."""
+    return {name: balance_letters(examples, f"{benchmark}/{name}/{seed}") for name, examples in splits.items()}

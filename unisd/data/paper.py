@@ -3,7 +3,8 @@
 A `data.sources.<benchmark>` override may name another hub id or a local folder that
 holds `<split>.jsonl` (or `.json`) files in the hub's schema; the tests use such
 fixture folders. Splits without a public source (validation of CoS-E and ToolAlpaca)
-are carved from train with the split seed.
+are carved from train with the split seed. Every split's MCQ gold letters are then
+balanced by rotating options (`balanced_splits`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from unisd.data.convert import Row, clean_code, convert_rows, shuffled, shuffled_mcq, split_off
+from unisd.data.convert import Row, balanced_splits, clean_code, convert_rows, shuffled, shuffled_mcq, split_off
 from unisd.data.schema import DataError, Example, iter_jsonl
 
 TOOLALPACA_RAW = "https://raw.githubusercontent.com/tangqiaoyu/ToolAlpaca/main/data/"
@@ -177,4 +178,4 @@ def load_paper(name: str, seed: int, override: str | None = None) -> dict[str, l
     if "train" in splits and "validation" not in splits:
         n_val = min(VALIDATION_CARVE, len(splits["train"]) // 10 or 1)
         splits.update(split_off(splits["train"], {"validation": n_val}, seed))
-    return {k: shuffled(v, seed) for k, v in splits.items()}
+    return balanced_splits({k: shuffled(v, seed) for k, v in splits.items()}, name, seed)

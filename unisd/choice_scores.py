@@ -1,0 +1,156 @@
+"""MCQ scores that do not depend on where the gold option stands, beside generative accuracy.
+
+A small model's generative MCQ accuracy partly measures a letter habit (SmolLM2-135M
+opens most answers with "A."). Two teacher-forced scores read the model's preference
+between the options' *contents* instead:
+
+* rotation (CircularEval / PriDe-style debiasing): for each of the n cyclic rotations r
+  of an item's options, the student prompt followed by `ANSWER_PREFIX` inside the
+  assistant turn; the next-token distribution restricted to the n letter tokens
+  (" A", " B", …) and renormalised, p_r(letter); mapped back to the options, p_r(option);
+  averaged, p̄(option) = (1/n) Σ_r p_r(option). Over a full cycle every option stands
+  at every letter once, so a prior over letters adds the same to every option and p̄
+  ranks options by content (a model that only ever says "A" gets p̄ = 1/n everywhere).
+  rot_correct: gold is the argmax of p̄ (a credit in [0, 1], see ties below);
+  circular_correct: gold is the top letter in every rotation (CircularEval's strict
+  criterion, a bool).
+* option log-likelihood (lm-eval-harness's zero-shot cloze): log p(" <option text>" |
+  context and question without the listed options, then `ANSWER_PREFIX`), summed over
+  the option's tokens; ll_correct on the sum, ll_norm_correct on the sum divided by the
+  option's characters (acc_norm), which removes the bias toward short options.
+
+Ties share the credit: k options tied for the top, the gold among them, give 1/k (the
+expected score of breaking the tie at random), so a model with no preference at all
+scores exactly chance rather than whatever a tie-break rule favours.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from unisd.data.convert import rotate_options
+from unisd.data.schema import LETTERS, Example
+from unisd.logprobs import completion_logprobs, next_token_logprobs
+from unisd.prompts import ANSWER_PREFIX, McqFormat, PromptBuilder, task_text, user
+
+TIE_TOL = 1e-9  # relative: scores this close to the top are tied (rounding of equal sums in another order)
+
+
+class AnswerEncoder:
+    """Token ids of a one-turn prompt continued inside the assistant turn after ANSWER_PREFIX.
+
+    Texts are tokenized as one string (rendered prompt + prefix + continuation), as the
+    model reads them, and split where the prefix ends. No length budget: an item scored
+    here already fits in its original order, and its rotations differ by a few tokens.
+    """
+
+    def __init__(self, builder: PromptBuilder):
+        self.builder = replace(builder, max_prompt_tokens=sys.maxsize)
+
+    def _ids(self, text: str, answer: str = "") -> list[int]:
+        return self.builder.encode_messages([user(text)], ANSWER_PREFIX + answer)  # type: ignore[return-value]
+
+    def split(self, text: str, tail: str) -> tuple[list[int], list[int]]:
+        """(ids of the prompt ending in ANSWER_PREFIX, ids of `tail`) from one tokenization
+        of the whole, cut where the prompt's own tokenization ends (lm-eval-harness's split)."""
+        whole, n = self._ids(text, tail), len(self._ids(text))
+        return whole[:n], whole[n:]
+
+    def letters(self, text: str, n: int) -> tuple[list[int], list[int]]:
+        """(prompt ids ending in ANSWER_PREFIX, the token of " A", " B", … for n letters).
+
+        Each letter is read off the prompt continued by " X", beyond the prompt's own
+        tokens, and must be exactly one token; otherwise its probability is not a single
+        next-token probability after that prompt, and this raises.
+        """
+        prompt, ids = self._ids(text), []
+        for letter in LETTERS[:n]:
+            whole = self._ids(text, f" {letter}")
+            if len(whole) != len(prompt) + 1 or whole[:-1] != prompt:
+                raise ValueError(f"{ANSWER_PREFIX!r} followed by {' ' + letter!r} is not one token after the prompt "
+                                 f"under this tokenizer (tokens {whole[len(prompt) - 1:]}); the rotation score needs "
+                                 "single-token letters (eval.choice_scores: false skips it)")
+            ids.append(whole[-1])
+        return prompt, ids
+
+
+def tie_credit(scores: torch.Tensor, gold: int) -> float:
+    """1/k when the gold is among the k options tied for the top of `scores` [n], else 0."""
+    scores = scores.double()
+    top = scores.max()
+    tied = (top - scores) <= TIE_TOL * max(1.0, float(top.abs()))
+    return 1.0 / int(tied.sum()) if tied[gold] else 0.0
+
+
+def aggregate_rotations(letter_logprobs: list[torch.Tensor], gold: int) -> dict[str, Any]:
+    """Per-item rotation scores from the letter log-probs [n] of each rotation r = 0..n-1.
+
+    Rotation r shows option (i + r) mod n at letter i (`rotate_options(ex, r)`), so
+    p_r(option) = roll(softmax(letter log-probs), r); p̄ = mean over r. rot_probs: p̄ in
+    the original option order; rot_correct: `tie_credit(p̄, gold)`; rot_gold_prob: p̄(gold);
+    circular_correct: the gold alone on top in every rotation.
+    """
+    per_rotation = torch.stack([torch.roll(torch.softmax(lp.double(), -1), r)
+                                for r, lp in enumerate(letter_logprobs)])  # [n rotations, n options]
+    mean = per_rotation.mean(0)
+    return {"rot_probs": mean.tolist(), "rot_correct": tie_credit(mean, gold), "rot_gold_prob": float(mean[gold]),
+            "circular_correct": all(tie_credit(p, gold) == 1.0 for p in per_rotation)}
+
+
+def aggregate_loglik(sums: list[float], chars: list[int], gold: int) -> dict[str, Any]:
+    """Per-item option log-likelihood scores: ll (the sums, option order), ll_correct on
+    the sums, ll_norm_correct on sum / characters (an empty option counts one)."""
+    sums_t = torch.tensor(sums, dtype=torch.float64)
+    norm = sums_t / torch.tensor([max(c, 1) for c in chars], dtype=torch.float64)
+    return {"ll": sums, "ll_correct": tie_credit(sums_t, gold), "ll_norm_correct": tie_credit(norm, gold)}
+
+
+def cloze_text(ex: Example) -> str:
+    """The problem without its listed options: the context (if any) and the question."""
+    parts = [f"Context: {ex.context.strip()}"] if ex.context.strip() else []
+    return "\n".join([*parts, f"Question: {ex.question.strip()}"])
+
+
+@dataclass
+class Scoring:
+    """What every forward shares: the model, its padding id, batching and autocast."""
+
+    model: Any
+    pad_id: int
+    batch_size: int = 8
+    bf16: bool = False
+    max_tokens: int = 0
+
+
+def rotation_scores(run: Scoring, enc: AnswerEncoder, examples: list[Example], mcq_format: McqFormat,
+                    desc: str) -> list[dict[str, Any]]:
+    """`aggregate_rotations` per example: one forward per rotation (the student's task text
+    in `mcq_format`, rotated), all batched together."""
+    prompts = [enc.letters(task_text(rotate_options(ex, r), mcq_format), len(ex.choices))
+               for ex in examples for r in range(len(ex.choices))]
+    lps = iter(next_token_logprobs(run.model, [p for p, _ in prompts], [c for _, c in prompts], run.pad_id,
+                                   run.batch_size, run.bf16, desc=desc, max_tokens=run.max_tokens))
+    return [aggregate_rotations([next(lps) for _ in ex.choices], ex.gold_index) for ex in examples]
+
+
+def loglik_scores(run: Scoring, enc: AnswerEncoder, examples: list[Example], desc: str) -> list[dict[str, Any]]:
+    """`aggregate_loglik` per example: every option's continuation scored in one batched pass."""
+    pairs = [enc.split(cloze_text(ex), f" {c.strip()}") for ex in examples for c in ex.choices]
+    lps = iter(completion_logprobs(run.model, pairs, run.pad_id, run.batch_size, run.bf16, desc=desc,
+                                   max_tokens=run.max_tokens))
+    return [aggregate_loglik([float(next(lps).sum()) for _ in ex.choices], [len(c.strip()) for c in ex.choices],
+                             ex.gold_index) for ex in examples]
+
+
+def choice_scores(run: Scoring, builder: PromptBuilder, examples: list[Example],
+                  mcq_format: McqFormat = "reason_first", desc: str = "choices") -> list[dict[str, Any]]:
+    """Rotation and option log-likelihood scores of MCQ examples, one record dict each:
+    rot_probs, rot_correct, rot_gold_prob, circular_correct, ll, ll_correct, ll_norm_correct."""
+    enc = AnswerEncoder(builder)
+    rot = rotation_scores(run, enc, examples, mcq_format, f"{desc} rotations")
+    ll = loglik_scores(run, enc, examples, f"{desc} loglik")
+    return [{**a, **b} for a, b in zip(rot, ll)]
