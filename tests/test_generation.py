@@ -1,4 +1,5 @@
-"""Continuous batching gives the same completions as plain `model.generate`."""
+"""Continuous batching gives the same completions as plain `model.generate`; the backends
+are reached by name and split their time into prefill and decode."""
 
 import pytest
 import torch
@@ -68,3 +69,27 @@ def test_sampled_generation_is_deterministic_for_a_seed(lm):
     b = generate(model, tok, ps, Sampling(10, True, 0.7, 1.0, seed=3), 4)
     c = generate(model, tok, ps, Sampling(10, True, 0.7, 1.0, seed=4), 4)
     assert [x.ids for x in a] == [x.ids for x in b] != [x.ids for x in c]
+
+
+def test_backends_by_name():
+    from unisd.fast_decode import fast_generate
+    from unisd.generation import get_backend, hf_generate
+
+    assert get_backend("hf") is hf_generate and get_backend("fast") is fast_generate
+    with pytest.raises(ValueError, match="unknown generation backend"):
+        get_backend("vllm")
+    with pytest.raises(ValueError, match="'hf' backend only"):
+        generate(None, None, [[1]], Sampling(1), continuous=True, backend="fast")
+
+
+@pytest.mark.parametrize("backend", ["hf", "fast"])
+def test_phases_count_prompt_and_decoded_tokens(lm, backend):
+    from unisd.generation import Phases
+
+    model, tok, builder = lm
+    ps = prompts(builder, 7)
+    phases = Phases()
+    done = generate(model, tok, ps, Sampling(9), 3, backend=backend, phases=phases)
+    assert phases.prefill_tokens == sum(map(len, ps))  # every prompt once, no padding
+    assert phases.decode_tokens == sum(len(c.ids) for c in done) - len(ps)  # prefill makes each first token
+    assert phases.prefill_s > 0 and phases.decode_s > 0

@@ -8,11 +8,19 @@ their KV cache is merged into the running one, left-padded to a common length; t
 attention mask and per-row position ids keep the padding invisible. Models whose
 cache is not plain full attention (e.g. sliding-window layers) fall back to
 `model.generate` in length-sorted batches. Results come back in the input order.
+
+Backends. This HF path is the reference ("hf"); `unisd.fast_decode` is a second
+implementation of the same contract for llama-architecture models ("fast"): its own
+forward over the model's weights with a preallocated KV cache. `get_backend(name)` gives
+either as a `Backend`; `generate(..., backend=name)` dispatches to it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
+from typing import Iterator, Protocol
 
 import torch
 
@@ -65,6 +73,43 @@ def _finish(tokens: list[int], tokenizer, stops: list[str], finished: bool) -> C
     return Completion(tokens, text, finished)
 
 
+def _check(tokens: list[int], tokenizer, eos_ids: set[int], stops: list[str], sampling: Sampling) -> Completion | None:
+    """The completion of a running sequence if it is done after its latest token, else None.
+
+    Done: the latest token is an EOS, a stop string appears in the text of the last 8
+    tokens (a stop string completed by the latest token lies there), or the token limit
+    is reached. Every backend uses this rule, so they stop at the same token.
+    """
+    stopped = tokens[-1] in eos_ids or any(s in tokenizer.decode(tokens[-8:]) for s in stops)
+    if stopped or len(tokens) >= sampling.max_new_tokens:
+        return _finish(tokens, tokenizer, stops, stopped)
+    return None
+
+
+@dataclass
+class Phases:
+    """Wall time and tokens of the prefill and the decode calls of a generation, summed.
+
+    prefill_tokens counts prompt tokens run through the model (padding excluded),
+    decode_tokens the tokens that decode steps produced. Benchmarks pass one to a backend
+    to split its time; the stages do not.
+    """
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+
+
+@contextlib.contextmanager
+def timed(phases: Phases | None, phase: str, tokens: int) -> Iterator[None]:
+    """Add the block's wall time and `tokens` to `phases` ("prefill" or "decode"), if given."""
+    start = time.perf_counter()
+    yield
+    if phases is not None:
+        setattr(phases, f"{phase}_s", getattr(phases, f"{phase}_s") + time.perf_counter() - start)
+        setattr(phases, f"{phase}_tokens", getattr(phases, f"{phase}_tokens") + tokens)
+
+
 def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     if n == 0:
         return t
@@ -112,8 +157,19 @@ class _Batch:
             self.mask = self.mask[:, dead:]
 
 
+def _decode_step(model, batch: _Batch, sampling: Sampling, gen: torch.Generator) -> None:
+    """One token for every running row: a forward over their last tokens, appended to their cache."""
+    last = torch.tensor([t[-1] for t in batch.tokens], device=model.device)[:, None]
+    batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+    logits = model(input_ids=last, attention_mask=batch.mask, position_ids=batch.next_pos[:, None],
+                   cache=batch.cache, use_cache=True).logits[:, -1]
+    batch.next_pos = batch.next_pos + 1
+    for row, t in enumerate(_pick(logits, sampling, gen).tolist()):
+        batch.tokens[row].append(t)
+
+
 def _continuous(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int,
-                stops: list[str], progress: Progress) -> list[Completion]:
+                stops: list[str], progress: Progress, phases: Phases | None = None) -> list[Completion]:
     from transformers import DynamicCache
 
     eos_ids, pad_id, device = _eos_ids(model, tokenizer), tokenizer.pad_token_id, model.device
@@ -124,24 +180,19 @@ def _continuous(model, tokenizer, prompts: list[list[int]], sampling: Sampling, 
     while queue or batch.rows:
         if len(batch.rows) < batch_size and queue:  # refill free slots
             admit, queue = queue[: batch_size - len(batch.rows)], queue[batch_size - len(batch.rows):]
-            ids, mask = pad_left([prompts[i] for i in admit], pad_id, device)
-            cache = DynamicCache()
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                           cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            batch.add(cache, mask, admit, _pick(logits, sampling, gen).cpu())
+            with timed(phases, "prefill", sum(len(prompts[i]) for i in admit)):
+                ids, mask = pad_left([prompts[i] for i in admit], pad_id, device)
+                cache = DynamicCache()
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                               cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                batch.add(cache, mask, admit, _pick(logits, sampling, gen).cpu())
         else:  # one decoding step for every running row
-            last = torch.tensor([t[-1] for t in batch.tokens], device=device)[:, None]
-            batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
-            logits = model(input_ids=last, attention_mask=batch.mask, position_ids=batch.next_pos[:, None],
-                           cache=batch.cache, use_cache=True).logits[:, -1]
-            batch.next_pos = batch.next_pos + 1
-            for row, t in enumerate(_pick(logits, sampling, gen).tolist()):
-                batch.tokens[row].append(t)
+            with timed(phases, "decode", len(batch.rows)):
+                _decode_step(model, batch, sampling, gen)
         keep = []
         for row, tokens in enumerate(batch.tokens):
-            stopped = tokens[-1] in eos_ids or any(s in tokenizer.decode(tokens[-8:]) for s in stops)
-            if stopped or len(tokens) >= sampling.max_new_tokens:
-                out[batch.rows[row]] = _finish(tokens, tokenizer, stops, stopped)
+            if (done := _check(tokens, tokenizer, eos_ids, stops, sampling)) is not None:
+                out[batch.rows[row]] = done
                 progress.update(1, tokens=len(tokens))
             else:
                 keep.append(row)
@@ -154,8 +205,9 @@ def _continuous(model, tokenizer, prompts: list[list[int]], sampling: Sampling, 
 
 
 def _plain(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int, stops: list[str],
-           progress: Progress) -> list[Completion]:
-    """`model.generate` in length-sorted batches (the fallback, and the reference path)."""
+           progress: Progress, phases: Phases | None = None) -> list[Completion]:
+    """`model.generate` in length-sorted batches (the fallback, and the reference path).
+    `model.generate` does not split its time: `phases` is left as it is."""
     eos_ids, pad_id = _eos_ids(model, tokenizer), tokenizer.pad_token_id
     knobs = ({"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
              if sampling.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
@@ -184,15 +236,54 @@ def supports_continuous(model) -> bool:
     return not layer_types or all(t == "full_attention" for t in layer_types)
 
 
+class Backend(Protocol):
+    """A generation backend: completions of `prompts` (token ids), in input order.
+
+    `batch_size` is the number of sequences decoded together, `bf16` asks for bf16
+    matmuls, `phases` (optional) collects the prefill/decode split of the wall time.
+    """
+
+    def __call__(self, model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16,
+                 stop_strings: list[str] | None = None, bf16: bool = False, desc: str = "generate",
+                 phases: Phases | None = None) -> list[Completion]: ...
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16,
-             stop_strings: list[str] | None = None, bf16: bool = False, desc: str = "generate",
-             continuous: bool | None = None) -> list[Completion]:
-    """Completions of `prompts` (token ids), in input order."""
+def hf_generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16,
+                stop_strings: list[str] | None = None, bf16: bool = False, desc: str = "generate",
+                phases: Phases | None = None, continuous: bool | None = None) -> list[Completion]:
+    """The "hf" backend: continuous batching over HF forwards (or `model.generate` in
+    sorted batches when `continuous` is False or the model's cache is not plain)."""
     progress = Progress(desc, len(prompts), "sequences")
     use_continuous = supports_continuous(model) if continuous is None else continuous
     run = _continuous if use_continuous else _plain
     with inference_autocast(model, bf16):
-        out = run(model, tokenizer, prompts, sampling, batch_size, list(stop_strings or []), progress) if prompts else []
+        out = (run(model, tokenizer, prompts, sampling, batch_size, list(stop_strings or []), progress, phases)
+               if prompts else [])
     progress.close()
     return out
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called `name`: "hf" (the reference) or "fast" (`unisd.fast_decode`,
+    which itself falls back to "hf" for models it cannot run)."""
+    if name == "hf":
+        return hf_generate
+    if name == "fast":
+        from unisd.fast_decode import fast_generate
+
+        return fast_generate
+    raise ValueError(f"unknown generation backend {name!r}: expected 'hf' or 'fast'")
+
+
+def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16,
+             stop_strings: list[str] | None = None, bf16: bool = False, desc: str = "generate",
+             continuous: bool | None = None, backend: str = "hf", phases: Phases | None = None) -> list[Completion]:
+    """Completions of `prompts` (token ids), in input order, by the named backend.
+    `continuous` (True/False: force the HF path's mode) applies to the "hf" backend only."""
+    if backend == "hf":
+        return hf_generate(model, tokenizer, prompts, sampling, batch_size, stop_strings, bf16, desc, phases,
+                           continuous)
+    if continuous is not None:
+        raise ValueError(f"continuous={continuous} applies to the 'hf' backend only, not {backend!r}")
+    return get_backend(backend)(model, tokenizer, prompts, sampling, batch_size, stop_strings, bf16, desc, phases)

@@ -1,0 +1,175 @@
+"""The fast backend gives the HF path's completions, stops where it must, and decodes in a
+cache allocated once.
+
+The tiny llama's random weights are redrawn at a large scale (`chaotic`): with the
+default initialisation every prompt greedily repeats one token, so equal outputs would
+prove little; here each prompt's continuation differs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import unisd.fast_decode as fd
+from conftest import REPO
+from unisd.generation import Sampling, _Batch, _decode_step, generate
+from unisd.modeling import load_model, load_tokenizer
+from unisd.prompts import PromptBuilder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REAL_MODEL = REPO / "artifacts" / "model"
+
+
+@pytest.fixture(scope="module")
+def chaotic(tiny_model_dir):
+    """(model, tokenizer, prompts): the tiny llama with N(0, 0.3²) matrices, and 23 prompts of 8–80 tokens."""
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    builder = PromptBuilder.for_tokenizer(tok, max_prompt_tokens=4096)
+    return model, tok, [builder.encode(f"question {i}: " + "word " * (3 * i)) for i in range(23)]
+
+
+def ids(completions) -> list[list[int]]:
+    return [c.ids for c in completions]
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+def test_greedy_fp32_tokens_equal_model_generate(chaotic, monkeypatch, batch_size):
+    model, tok, prompts = chaotic
+    monkeypatch.setattr(fd, "PREFILL_TOKENS", 60)  # several prefills per refill, some of one prompt
+    fast = generate(model, tok, prompts, Sampling(40), batch_size, backend="fast")
+    ref = generate(model, tok, prompts, Sampling(40), batch_size, continuous=False)  # `model.generate`
+    assert len({tuple(c) for c in ids(ref)}) == len(prompts)  # the check has teeth
+    assert ids(fast) == ids(ref)
+    assert [c.text for c in fast] == [c.text for c in ref]
+    assert [c.finished for c in fast] == [c.finished for c in ref]
+
+
+def test_sampling_is_reproducible_for_a_seed(chaotic):
+    model, tok, prompts = chaotic
+
+    def sample(seed):
+        return ids(generate(model, tok, prompts, Sampling(20, True, 0.8, 0.9, seed), 5, backend="fast"))
+
+    assert sample(3) == sample(3) != sample(4)
+
+
+def test_stops_at_eos(chaotic, monkeypatch):
+    model, tok, prompts = chaotic
+    free = ids(generate(model, tok, prompts, Sampling(40), 4, continuous=False))
+    eos = max(set(free[0][5:]), key=lambda t: sum(t in seq[1:] for seq in free))  # common, but not first
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, eos])
+    fast = generate(model, tok, prompts, Sampling(40), 4, backend="fast")
+    assert ids(fast) == ids(generate(model, tok, prompts, Sampling(40), 4, continuous=False))
+    stopped = [c for c in fast if c.ids[-1] == eos]
+    assert len(stopped) >= 3 and all(c.finished and len(c.ids) < 40 and eos not in c.ids[:-1] for c in stopped)
+
+
+def test_stops_at_every_stop_string(chaotic):
+    model, tok, prompts = chaotic
+    free = generate(model, tok, prompts, Sampling(40), 4, continuous=False)
+    stops = [free[0].text[8:11], free[1].text[5:8], free[2].text[12:14]]  # text each of three prompts produces
+    fast = generate(model, tok, prompts, Sampling(40), 4, stops, backend="fast")
+    hit = set()
+    for c in fast:
+        assert c.finished == (any(s in tok.decode(c.ids) for s in stops) or tok.eos_token_id in c.ids)
+        if c.finished:  # it stopped at the first token that completes a stop string, text cut before it
+            full = tok.decode(c.ids, skip_special_tokens=True)
+            first = min((full.index(s), s) for s in stops if s in full)
+            assert c.text == full[: first[0]] and not any(s in tok.decode(c.ids[:-1]) for s in stops)
+            hit.add(first[1])
+    assert hit == set(stops)
+    assert fast == generate(model, tok, prompts, Sampling(40), 4, stops, continuous=True)
+
+
+def net_allocated_bytes(fn) -> int:
+    """Bytes that `fn()` allocated and did not free (tensors it left alive)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.self_cpu_memory_usage for e in prof.events())
+
+
+@torch.inference_mode()
+def test_decode_steps_allocate_nothing_that_stays(chaotic):
+    model, tok, prompts = chaotic
+    decoder = fd._Decoder(fd._Llama(model, None), 4, 200, Sampling(200))
+    decoder.prefill([0, 1, 2, 3], prompts[:4])
+    keys, values = decoder.cache.keys.data_ptr(), decoder.cache.values.data_ptr()
+    assert net_allocated_bytes(lambda: [decoder.step() for _ in range(50)]) == 0
+    assert (decoder.cache.keys.data_ptr(), decoder.cache.values.data_ptr()) == (keys, values)
+    assert decoder.cache.lens.tolist() == [len(p) + 50 for p in prompts[:4]]
+    # the same measurement sees the HF path's cache grow
+    ref = _Batch()
+    from transformers import DynamicCache
+
+    from unisd.logprobs import pad_left
+    cache, (ids_, mask) = DynamicCache(), pad_left(prompts[:4], tok.pad_token_id, "cpu")
+    model(input_ids=ids_, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache)
+    ref.add(cache, mask, [0, 1, 2, 3], torch.zeros(4, dtype=torch.long))
+    gen = torch.Generator().manual_seed(0)
+    assert net_allocated_bytes(lambda: [_decode_step(model, ref, Sampling(200), gen) for _ in range(5)]) > 0
+
+
+def test_one_cache_per_call_whatever_the_refills(chaotic, monkeypatch):
+    model, tok, prompts = chaotic
+    made = []
+
+    class Spy(fd.KVCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append((self, self.keys.data_ptr(), self.values.data_ptr(), self.keys.shape))
+
+    monkeypatch.setattr(fd, "KVCache", Spy)
+    generate(model, tok, prompts, Sampling(60), 3, backend="fast")  # 23 prompts through 3 slots
+    assert len(made) == 1
+    cache, keys, values, shape = made[0]
+    assert (cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape) == (keys, values, shape)
+    assert shape[1:4:2] == (3, max(map(len, prompts)) + 60)  # [layers, slots, KV, max_len, D]
+
+
+def test_unsupported_models_fall_back_to_hf(chaotic, monkeypatch, caplog):
+    model, tok, prompts = chaotic
+    assert fd.unsupported(model) is None
+    monkeypatch.setattr(model.config, "rope_parameters", {"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                          "factor": 2.0})
+    assert "dynamic" in fd.unsupported(model)
+    with caplog.at_level(logging.INFO, "unisd.fast_decode"):
+        fast = generate(model, tok, prompts[:5], Sampling(8), 2, backend="fast")
+    assert "using the HF path" in caplog.text
+    monkeypatch.undo()
+    assert ids(fast) == ids(generate(model, tok, prompts[:5], Sampling(8), 2))
+    monkeypatch.setattr(model.config, "model_type", "gpt2")
+    assert "not a llama" in fd.unsupported(model)
+
+
+def test_peft_wrapped_models_are_refused(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert "merge" in fd.unsupported(model)
+    assert fd.unsupported(model.merge_and_unload()) is None
+
+
+@pytest.mark.skipif(not (REAL_MODEL / "model.safetensors").is_file(), reason="no embedded model (unisd model)")
+def test_real_model_prompts():
+    tok = load_tokenizer(REAL_MODEL)
+    model = load_model(REAL_MODEL, device="cpu")
+    builder = PromptBuilder.for_tokenizer(tok, max_prompt_tokens=1024)
+    prompts = [builder.encode(q) for q in ["Which gas do plants absorb from the air?", "What is the capital of France?",
+                                           "Write a Python function that returns the square of a number.",
+                                           "Name a primary colour."]]
+    fast = generate(model, tok, prompts, Sampling(24), 3, builder.stop_strings, backend="fast")
+    assert fast == generate(model, tok, prompts, Sampling(24), 3, builder.stop_strings, continuous=True)
+    assert "Paris" in fast[1].text
+    bf16 = generate(model, tok, prompts, Sampling(24), 3, builder.stop_strings, bf16=True, backend="fast")
+    assert "Paris" in bf16[1].text
