@@ -1,14 +1,17 @@
 """unisd.stats against independent computations: analytic widths, a naive bootstrap,
-hand-counted McNemar tables, scipy's binomial test, hand-worked overall scores."""
+hand-counted McNemar tables, scipy's binomial test, hand-worked overall scores, and a
+brute-force enumeration of every resample and sign flip of a tiny pooled case."""
 
+import itertools
 import math
 import statistics
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from unisd.stats import (bootstrap_ci, interaction, mcnemar_exact, overall_ci, paired_overall_test, paired_test,
-                         seed_summary)
+from unisd.stats import (bootstrap_ci, flip_counts, interaction, mcnemar_exact, overall_ci, paired_overall_test,
+                         paired_test, pooled_ci, pooled_paired_test, seed_summary)
 
 
 def _ids(values) -> dict[str, bool]:
@@ -134,3 +137,82 @@ def test_interaction_of_synergistic_components_is_positive():
     suites = [{"s": _fixes(n, f)} for f in (set(), fa, fb, fa | fb | set(range(20, 40)))]
     result = interaction(*suites)
     assert result["interaction"] == pytest.approx(20.0) and result["lo"] > 0
+
+
+def test_flip_counts_by_hand():
+    before = _ids([1, 1, 0, 0, 1, 0])
+    after = _ids([1, 0, 1, 1, 1, 0])  # q2, q3 gained; q1 lost
+    assert flip_counts(after, before) == {"wrong_to_right": 2, "right_to_wrong": 1}
+    with pytest.raises(ValueError, match="same examples"):
+        flip_counts(_ids([1, 0]), _ids([1, 0, 1]))
+
+
+def test_pooled_estimate_by_hand():
+    """Three seeds of A against one of B: A's seed-mean score minus B's."""
+    a = [_ids([1, 1, 0, 0]), _ids([1, 0, 0, 0]), _ids([1, 1, 1, 0])]  # 50, 25, 75: mean 50
+    b = [_ids([0, 1, 0, 0])]  # 25
+    result = pooled_paired_test(a, b, n_boot=500, n_perm=500)
+    assert result["diff_pct"] == pytest.approx(25.0)
+    assert (result["n"], result["seeds_a"], result["seeds_b"]) == (4, 3, 1)
+    assert pooled_ci(a, n_boot=500)[0] == pytest.approx(50.0)
+
+
+# A (two seeds) against B (two seeds) on five examples; per example ā − b̄ = 1, 1, −½, −½, ½
+POOLED_A = [_ids([1, 1, 0, 0, 1]), _ids([1, 1, 0, 1, 0])]
+POOLED_B = [_ids([0, 0, 0, 1, 0]), _ids([0, 0, 1, 1, 0])]
+
+
+def _exact_quantile(values: list[Fraction], q: float) -> Fraction:
+    """The smallest value whose CDF reaches q, checked to be far from a CDF step so a
+    Monte Carlo percentile lands on it."""
+    atoms = sorted(set(values))
+    cdf = [sum(v <= x for v in values) / len(values) for x in atoms]
+    i = next(i for i, c in enumerate(cdf) if c >= q)
+    assert cdf[i] - q > 0.005 and q - (cdf[i - 1] if i else 0.0) > 0.005
+    return atoms[i]
+
+
+def test_pooled_paired_test_matches_enumeration():
+    """Every one of the 5^5 equally likely resamples of the examples, and every sign flip."""
+    diffs = [Fraction(sum(a[q] for a in POOLED_A), 2) - Fraction(sum(b[q] for b in POOLED_B), 2)
+             for q in sorted(POOLED_A[0])]
+    assert diffs == [1, 1, Fraction(-1, 2), Fraction(-1, 2), Fraction(1, 2)]
+    n = len(diffs)
+    means = [sum(diffs[i] for i in draw) / n for draw in itertools.product(range(n), repeat=n)]
+    observed = sum(diffs) / n
+    flips = [sum(s * d for s, d in zip(signs, diffs)) / n for signs in itertools.product((1, -1), repeat=n)]
+    p_exact = sum(abs(f) >= abs(observed) for f in flips) / len(flips)
+
+    result = pooled_paired_test(POOLED_A, POOLED_B, n_boot=100000, n_perm=100000, seed=7)
+    assert result["diff_pct"] == pytest.approx(100 * float(observed))  # 30: 60 − 30
+    assert result["lo"] == pytest.approx(100 * float(_exact_quantile(means, 0.025)))
+    assert result["hi"] == pytest.approx(100 * float(_exact_quantile(means, 0.975)))
+    assert result["p_value"] == pytest.approx(p_exact, abs=0.01)
+
+
+def test_pooled_with_one_seed_is_the_paired_test():
+    rng = np.random.default_rng(3)
+    a, b = _ids(rng.random(50) < 0.6), _ids(rng.random(50) < 0.4)
+    pooled, paired = pooled_paired_test([a], [b], n_boot=2000, n_perm=2000), paired_test(a, b, n_boot=2000,
+                                                                                          n_perm=2000)
+    assert [pooled[k] for k in ("diff_pct", "lo", "hi", "p_value")] == pytest.approx(
+        [paired[k] for k in ("diff_pct", "lo", "hi", "p_value")])
+    assert pooled_ci([a], n_boot=2000) == pytest.approx(bootstrap_ci(list(a.values()), n_boot=2000))
+
+
+def test_pooling_needs_the_same_examples_and_a_run():
+    with pytest.raises(ValueError, match="same examples"):
+        pooled_paired_test([_ids([1, 0])], [_ids([1, 0, 1])])
+    with pytest.raises(ValueError, match="at least one run"):
+        pooled_paired_test([], [_ids([1])])
+
+
+def test_tie_credits_by_hand():
+    """A metric that splits a two-way tie gives half a credit; McNemar needs 0/1 and says nothing."""
+    a = {"q0": 1.0, "q1": 0.5, "q2": 0.0, "q3": 0.5}
+    b = {"q0": 0.0, "q1": 1.0, "q2": 0.0, "q3": 0.5}
+    result = paired_test(a, b, n_boot=500, n_perm=500)
+    assert result["diff_pct"] == pytest.approx(100 * (1 - 0.5) / 4)
+    assert (result["b10"], result["b01"], result["mcnemar_p"]) == (1, 0.5, None)
+    assert flip_counts(a, b) == {"wrong_to_right": 1, "right_to_wrong": 0.5}
+    assert bootstrap_ci(list(a.values()), n_boot=500)[0] == pytest.approx(50.0)

@@ -1,15 +1,119 @@
-"""Both study flows at the smallest size on the tiny model: the report's tables and
-figures exist and its numbers are the metrics files' numbers."""
+"""The study runner: resumable cell by cell, each cell recorded when it finishes, a
+report for a partly run study (with a stand-in for the pipeline); then both study flows
+at the smallest size on the tiny model: the report's tables and figures exist and its
+numbers are the metrics files' numbers."""
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from project import tiny_params
+from unisd.config import Config
+from unisd.report import ReportError
+from unisd.stages import Layout
+from unisd.study import Cell, run_study
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
+
+def _fake_cell(cfg: Config, cell: Cell) -> None:
+    """What the pipeline leaves of a cell: its evaluation (everything right on sciq, wrong
+    on mbpp) and, for a trained recipe, each round's curves and filter stats."""
+    layout = Layout(cfg)
+    (layout.recipe_eval / "predictions").mkdir(parents=True, exist_ok=True)
+    benchmarks = {}
+    for bench, right in (("sciq", True), ("mbpp", False)):
+        rows = [{"id": f"{bench}-{i}", "correct": right} for i in range(2)]
+        (layout.recipe_eval / "predictions" / f"{bench}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        benchmarks[bench] = {"n": 2, "score": 100.0 * right}
+    metrics = {"split": cfg.eval.split, "benchmarks": benchmarks, "overall": 50.0}
+    (layout.recipe_eval / "metrics.json").write_text(json.dumps(metrics))
+    if cfg.method.loss != "none":
+        for r in range(1, cfg.train_set.rounds + 1):
+            layout.round(r, "train").mkdir(parents=True, exist_ok=True)
+            layout.round(r, "filter").mkdir(parents=True, exist_ok=True)
+            (layout.round(r, "train") / "curves.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+            (layout.round(r, "filter") / "stats.json").write_text(json.dumps({"filtered_fraction": 0.0}))
+
+
+class Launcher:
+    """Runs cells with `_fake_cell`, remembering which; fails on the cell named `crash_on`."""
+
+    def __init__(self, crash_on: str | None = None):
+        self.ran: list[str] = []
+        self.crash_on = crash_on
+
+    def __call__(self, cfg: Config, cell: Cell) -> None:
+        if cell.name == self.crash_on:
+            raise KeyboardInterrupt
+        self.ran.append(cell.name)
+        _fake_cell(cfg, cell)
+
+
+@pytest.fixture
+def small_study(tmp_path):
+    params = tiny_params(tmp_path / "no-model-needed")
+    params["study"] = {"recipes": ["base", "sft", "unisd-full"], "seeds": [42]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path / "params.yaml"
+
+
+def _cells(params_file: Path) -> dict:
+    return json.loads((params_file.parent / "reports" / "compare" / "report.json").read_text())["study"]["cells"]
+
+
+def test_study_resumes_cell_by_cell(small_study):
+    with pytest.raises(KeyboardInterrupt):
+        run_study(small_study, {}, "compare", Launcher(crash_on="sft-s42"))
+    record = small_study.parent / "metrics" / "study" / "compare" / "base-s42" / "cell.json"
+    assert json.loads(record.read_text())["computed"] is True  # written before the next cell started
+    assert not (small_study.parent / "metrics" / "study" / "compare" / "sft-s42" / "cell.json").exists()
+
+    again = Launcher()
+    run_study(small_study, {}, "compare", again)
+    assert again.ran == ["sft-s42", "unisd-full-s42"]  # the finished cell is not run again
+    cells = _cells(small_study)
+    assert [c["status"] for c in cells.values()] == ["done"] * 3
+    assert all(c["wall_time_s"] >= 0 and set(c["code"]) == {"evaluate", "train"} for c in cells.values())
+
+    more_seeds = Launcher()
+    run_study(small_study, {"study.seeds": [42, 7]}, "compare", more_seeds)
+    assert more_seeds.ran == ["base-s7", "sft-s7", "unisd-full-s7"]  # a new seed leaves the others done
+
+    other_params = Launcher()
+    run_study(small_study, {"eval.limit": 1}, "compare", other_params)
+    assert other_params.ran == ["base-s42", "sft-s42", "unisd-full-s42"]  # stale under other params
+
+
+def test_cells_evaluated_before_records_are_timed_as_cache(small_study):
+    run_study(small_study, {}, "compare", Launcher())
+    for name in ("base-s42", "sft-s42", "unisd-full-s42"):
+        (small_study.parent / "metrics" / "study" / "compare" / name / "cell.json").unlink()
+    an_hour_ago = time.time() - 3600
+    for metrics in (small_study.parent / "artifacts" / "study" / "compare").glob("*/eval/recipes/*/metrics.json"):
+        os.utime(metrics, (an_hour_ago, an_hour_ago))  # evaluated in an earlier sitting
+    replayed = []
+    run_study(small_study, {}, "compare", lambda cfg, cell: replayed.append(cell.name))  # the cache: no new files
+    assert replayed == ["base-s42", "sft-s42", "unisd-full-s42"]
+    assert [c["computed"] for c in _cells(small_study).values()] == [False] * 3
+
+
+def test_report_of_a_partly_run_study(small_study):
+    with pytest.raises(ReportError, match="no cell of the compare study"):
+        run_study(small_study, {}, "compare")
+    with pytest.raises(KeyboardInterrupt):
+        run_study(small_study, {}, "compare", Launcher(crash_on="unisd-full-s42"))
+    report = run_study(small_study, {}, "compare")  # `unisd report compare`: runs nothing
+    data = json.loads((report.parent / "report.json").read_text())
+    assert list(data["runs"]) == ["base-s42", "sft-s42"]
+    assert [c["status"] for c in data["study"]["cells"].values()] == ["done", "done", "missing"]
+    assert data["study"]["wall_time_s"] == pytest.approx(sum(c["wall_time_s"] for c in
+                                                             list(data["study"]["cells"].values())[:2]))
+    text = report.read_text()
+    assert "- cells: 2 of 3 evaluated; not in this report: unisd-full-s42 (missing)" in text
+    assert "## Wall time per cell" in text
 
 
 @pytest.fixture
@@ -44,12 +148,15 @@ def check_report(report: Path, expected_labels: set[str]) -> dict:
     return data
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("one_thread")
 def test_compare_and_ablation_flows(project):
     from flows.study import ablation, compare
 
     report = Path(compare(str(project / "params.yaml")))
     data = check_report(report, {"base", "sft", "unisd-full"})
-    assert data["best_baseline"] == "sft-s42"
+    assert data["best_baseline"] == "sft"
+    assert [c["status"] for c in data["study"]["cells"].values()] == ["done"] * 3
     assert set(data["vs_base"]) >= {"sft-s42", "unisd-full-s42"}
     assert data["study"]["split_sizes"]["train_examples_per_benchmark"] == 4  # study.size
     assert data["study"]["budget"]["lr"] != 5.0e-5

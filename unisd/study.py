@@ -4,9 +4,10 @@ A study is a list of cells. Each cell is one recipe (plus component overrides) a
 seed, run with the study's size overrides in its own artifacts root
 (`<artifacts>/study/<study>/<cell>`), so cells never overwrite each other; what cells
 share (model, splits, base evaluation, round-1 trajectories, contexts, negatives) is
-computed once and linked in by the cache. `run_study` runs the cells through a
-launcher's `run_cell` (the Prefect flow, or the CLI that dvc.yaml calls) and writes the
-report of `unisd.report`.
+computed once and linked in by the cache. `run_study` runs the cells that are not done
+through a launcher's `run_cell` (the Prefect flow), records each cell's wall time as it
+finishes (`<metrics>/study/<study>/<cell>/cell.json`), and writes the report of
+`unisd.report`, which also covers a study still under way.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable
 
-from unisd.config import Config, load_config
+from unisd.artifacts import write_json_atomic
+from unisd.config import Config, digest_json, load_config
 from unisd.recipes import RECIPES, deep_merge
 from unisd.report import ReportError, infer_kind, write_report
-from unisd.stages import Layout
+from unisd.stages import Layout, stage_code
 
 log = logging.getLogger(__name__)
 
@@ -107,29 +109,91 @@ def cell_entry(cfg: Config, cell: Cell) -> dict[str, Any]:
     }
 
 
-def require_done(cfg: Config, cell: Cell) -> None:
-    """A `run_cell` for rebuilding a report: the cell must have been run already."""
+def result_digest(cfg: Config) -> str:
+    """Digest of the params a cell's result depends on: not the study section (adding a
+    seed or a recipe must not invalidate the cells already run), the folders or the name
+    of the MLflow run."""
+    params = cfg.model_dump(mode="json")
+    params["run"].pop("name")
+    return digest_json({k: v for k, v in params.items() if k not in ("study", "paths")})
+
+
+def record_path(cfg: Config) -> Path:
+    """The cell's record, beside its published metrics (so it is committed with them)."""
+    return cfg.metrics_dir / "cell.json"
+
+
+def cell_status(cfg: Config) -> dict[str, Any]:
+    """The cell's record (if any) and its status: done (evaluated under these params),
+    unrecorded (evaluated before cells kept records), stale (evaluated under other params)
+    or missing (no evaluation)."""
+    path = record_path(cfg)
+    record = json.loads(path.read_text()) if path.is_file() else None
     if not (Layout(cfg).recipe_eval / "metrics.json").is_file():
-        raise ReportError(f"study cell {cell.name} has not been run (no {Layout(cfg).recipe_eval}/metrics.json): "
-                          f"run `unisd study` first")
+        status = "missing"
+    elif record is None:
+        status = "unrecorded"
+    else:
+        status = "done" if record["params"] == result_digest(cfg) else "stale"
+    return {**(record or {}), "status": status}
+
+
+def _evaluated_since(cfg: Config, since: float) -> bool:
+    """Whether the cell's metrics.json was written after `since` (a wall-clock time; less a
+    second, since file times come from a coarser clock). An evaluation served by the
+    cache, here or linked in from another place, keeps its original modification time
+    (links and copies preserve it)."""
+    return (Layout(cfg).recipe_eval / "metrics.json").stat().st_mtime >= since - 1.0
+
+
+def run_cell_recorded(cfg: Config, cell: Cell, run_cell: Callable[[Config, Cell], Any]) -> dict[str, Any]:
+    """Run one cell and record it the moment it finishes (its metrics are published by then):
+    its wall time, whether it computed its evaluation or found it cached, and the code it ran."""
+    since, started = time.time(), time.monotonic()
+    run_cell(cfg, cell)
+    record = {"params": result_digest(cfg), "wall_time_s": round(time.monotonic() - started, 1),
+              "computed": _evaluated_since(cfg, since), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "code": {"evaluate": stage_code("evaluate")[:12], "train": stage_code("train")[:12]}}
+    write_json_atomic(record_path(cfg), record)
+    return {**record, "status": "done"}
+
+
+def _wall_time(cells: dict[str, dict[str, Any]], previous: Path) -> float | None:
+    """The study's wall time: the sum of the recorded times of its done cells; for a study
+    whose cells kept no records, what its previous report said."""
+    times = [c["wall_time_s"] for c in cells.values() if c["status"] == "done"]
+    if times:
+        return round(sum(times), 1)
+    return json.loads(previous.read_text())["study"].get("wall_time_s") if previous.is_file() else None
 
 
 def run_study(params_file: Path, overrides: dict[str, Any], study: str,
-              run_cell: Callable[[Config, Cell], Any] = require_done) -> Path:
-    """Run every cell of `study` ("compare" or "ablation") and write its report.
+              run_cell: Callable[[Config, Cell], Any] | None = None) -> Path:
+    """Run the cells of `study` ("compare" or "ablation") that are not done, then write its report.
 
-    With the default `run_cell` nothing runs: the report is rebuilt from the cells'
-    outputs, keeping the wall time the last full run recorded.
+    Resumable cell by cell: a cell evaluated under the same params is skipped, whatever
+    code changed since (its record names the code it ran), and each cell is recorded as
+    soon as it finishes, so an interrupted study loses only the cell in progress (whose
+    stages resume from the cache and its last checkpoint). Without `run_cell` nothing
+    runs: the report covers the cells evaluated so far and names the others.
     """
     cfg = load_config(params_file, overrides)
     cells = CELLS[study](cfg)
     configs = [cell_config(cfg, params_file, overrides, study, cell) for cell in cells]  # all validated first
-    started = time.monotonic()
-    models = {}
+    states = {}
     for i, (cell, cell_cfg) in enumerate(zip(cells, configs), start=1):
-        log.info("study %s: cell %d/%d %s", study, i, len(cells), cell.name)
-        run_cell(cell_cfg, cell)
-        models[cell.name] = cell_entry(cell_cfg, cell)
+        state = cell_status(cell_cfg)
+        if run_cell is not None and state["status"] == "done":
+            log.info("study %s: cell %d/%d %s finished %s; skipped (delete %s to rerun it)", study, i, len(cells),
+                     cell.name, state["finished"], record_path(cell_cfg))
+        elif run_cell is not None:
+            log.info("study %s: cell %d/%d %s", study, i, len(cells), cell.name)
+            state = run_cell_recorded(cell_cfg, cell, run_cell)
+        states[cell.name] = state
+    present = [(c, k) for c, k in zip(cells, configs) if states[c.name]["status"] in ("done", "unrecorded")]
+    if not present:
+        raise ReportError(f"no cell of the {study} study has been evaluated yet: run `unisd study {study}` first")
+    models = {cell.name: cell_entry(cell_cfg, cell) for cell, cell_cfg in present}
     sized = configs[0]
     info = {
         "title": f"UniSD {study} study", "model": sized.model.name, "split": sized.eval.split,
@@ -139,9 +203,7 @@ def run_study(params_file: Path, overrides: dict[str, Any], study: str,
         "seeds": list(cfg.study.seeds),
         "budget": {"rounds": sized.train_set.rounds, "lr": sized.train.lr, "epochs": sized.train.epochs,
                    "batch": sized.train.batch_size * sized.train.grad_accum, "lora_r": sized.train.lora.r},
-        "wall_time_s": round(time.monotonic() - started, 1), "models": models,
+        "wall_time_s": _wall_time(states, report_dir(cfg, study) / "report.json"), "cells": states,
+        "models": models,
     }
-    previous = report_dir(cfg, study) / "report.json"
-    if run_cell is require_done and previous.is_file():
-        info["wall_time_s"] = json.loads(previous.read_text())["study"].get("wall_time_s")
     return write_report(info, report_dir(cfg, study))
