@@ -1,7 +1,7 @@
 """Teacher scoring throughput: K+2 teacher contexts per trajectory, batched or one by one.
 
 Each trajectory (a completion y of an example's prompt) is scored by the teacher under
-K=3 auxiliary contexts (reference material from other examples, SPEC §2.1), the gold
+K=3 auxiliary contexts (reference material from other examples, docs/method.md §2.1), the gold
 demonstration and a wrong one (the contrastive negative, §2.3): K+2 teacher-forced
 passes over the same tokens y. The completions are the examples' gold responses, the
 prompts are built by `unisd.prompts` from the embedded test splits (short MCQ and long
@@ -34,15 +34,15 @@ QUICK = {"mcq": 2, "code": 2, "k": 3, "batch_size": 8, "score_tokens": 256, "rep
 def contexts(examples, builder, k: int) -> list[tuple[list[int], list[int]]]:
     """For each example, its K auxiliary prompts (other examples of the same task), its
     gold-teacher and its negative-teacher prompt, each paired with its gold completion."""
-    from unisd.prompts import gold_response, reference_text, teacher_text
+    from unisd.prompts import gold_response, reference_text, teacher_messages, user
 
     pairs = []
     for i, ex in enumerate(examples):
         same = [o for o in examples if o.task == ex.task and o.id != ex.id]
-        texts = [reference_text(ex, [same[(i + j) % len(same)]]) for j in range(k)]
-        texts += [teacher_text(ex, gold_response(ex)), teacher_text(ex, gold_response(same[i % len(same)]))]
+        chats = [[user(reference_text(ex, [same[(i + j) % len(same)]]))] for j in range(k)]
+        chats += [teacher_messages(ex, gold_response(ex)), teacher_messages(ex, gold_response(same[i % len(same)]))]
         completion = builder.encode_response(gold_response(ex))
-        pairs += [(builder.encode(text), completion) for text in texts]
+        pairs += [(builder.encode_messages(chat), completion) for chat in chats]
     return pairs
 
 

@@ -1,4 +1,4 @@
-"""Agreement weights against brute-force loops and hand-worked examples (SPEC §2.1)."""
+"""Agreement weights against brute-force loops and hand-worked examples (docs/method.md §2.1)."""
 
 import math
 

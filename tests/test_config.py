@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from unisd.config import ConfigError, apply_overrides, build_config, load_config, parse_override
+from unisd.config import ConfigError, apply_overrides, build_config, load_config, parse_override, profile_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,3 +206,26 @@ def test_cli_rejects_a_bad_override(tmp_path):
                            "--set", "eval.batch_size=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "eval.batch_size" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_the_paper_profile_sets_the_papers_hyperparameters():
+    cfg = load_config(REPO / "params.yaml", profile_overrides(REPO / "profiles" / "paper.yaml"))
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs) == (2e-5, 8, 4, 1)
+    assert cfg.prompts.teacher_template == "spec" and cfg.eval.limit == 0 and cfg.generation.max_new_tokens.mcq == 1024
+
+
+def test_a_profile_comes_before_the_command_line(tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text("eval.limit: 7\ntrain.lr: 3.0e-4\ncomponents: {clip: {mode: static}}\n")
+    cfg = load_config(REPO / "params.yaml", profile_overrides(profile) + ["eval.limit=9"])
+    assert (cfg.eval.limit, cfg.train.lr, cfg.components) == (9, 3e-4, {"clip": {"mode": "static"}})
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just text\n", "1: 2\n"])
+def test_a_profile_must_map_keys_to_values(tmp_path, text):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(text)
+    with pytest.raises(ConfigError, match=f"{profile}: a profile must be a mapping"):
+        profile_overrides(profile)
+    with pytest.raises(ConfigError, match="profile not found"):
+        profile_overrides(tmp_path / "missing.yaml")

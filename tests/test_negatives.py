@@ -1,4 +1,4 @@
-"""Negatives for the contrastive loss are in the gold format and really wrong (SPEC §2.3)."""
+"""Negatives for the contrastive loss are in the gold format and really wrong (docs/method.md §2.3)."""
 
 import ast
 import difflib

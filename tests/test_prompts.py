@@ -4,7 +4,8 @@ import pytest
 
 from unisd.data import Example
 from unisd.modeling import load_tokenizer
-from unisd.prompts import PromptBuilder, gold_response, reference_text, task_text, teacher_text
+from unisd.prompts import (PromptBuilder, assistant, gold_response, reference_text, task_text, teacher_messages,
+                           user)
 from unisd.scoring import extract_code, parse_mcq, tool_scores
 
 MCQ = Example(id="sciq-0001", benchmark="sciq", task="mcq", question="Which gas do plants absorb?",
@@ -35,7 +36,7 @@ def tok(tiny_model_dir):
 def test_chat_template_is_used_when_present(tok):
     pb = PromptBuilder.for_tokenizer(tok)
     assert pb.template == "chat" and pb.stop_strings == []
-    assert pb.render("Hi there") == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    assert pb.render([user("Hi there")]) == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
     ids = pb.encode("Hi there")
     assert tok.decode(ids) == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
@@ -45,13 +46,13 @@ def test_plain_fallback_without_chat_template(tok):
     tok.chat_template = None
     pb = PromptBuilder.for_tokenizer(tok, "auto")
     assert pb.template == "plain"
-    assert pb.render("Hi there") == "### Instruction\nHi there\n\n### Response\n"
+    assert pb.render([user("Hi there")]) == "### Instruction\nHi there\n\n### Response\n"
     assert tok.decode(pb.encode("Hi there")) == "### Instruction\nHi there\n\n### Response\n"
     assert pb.stop_strings == ["\n### "]
 
 
 def test_plain_can_be_forced_and_chat_needs_a_template(tok):
-    assert PromptBuilder.for_tokenizer(tok, "plain").render("x") == "### Instruction\nx\n\n### Response\n"
+    assert PromptBuilder.for_tokenizer(tok, "plain").render([user("x")]) == "### Instruction\nx\n\n### Response\n"
     tok.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         PromptBuilder.for_tokenizer(tok, "chat")
@@ -118,25 +119,130 @@ def test_gold_responses():
     assert tool_scores(TOOL, gold_response(TOOL))["full"]
 
 
-def test_teacher_text_holds_the_demonstration_after_the_task():
+def only_turn(messages):
+    (message,) = messages
+    assert message["role"] == "user"
+    return message["content"]
+
+
+def test_spec_teacher_prompt_holds_the_demonstration_after_the_task():
     demo = gold_response(MCQ)
-    text = teacher_text(MCQ, demo)
+    text = only_turn(teacher_messages(MCQ, demo))
     assert text.startswith(task_text(MCQ))
     intro = text.index("This is an example for a response to the question:")
     assert intro > len(task_text(MCQ)) - 1
     assert text.index(demo) > intro
     assert text.index("solve the problem in your own way") > text.index(demo)
     # A wrong demonstration (contrastive negative) is placed the same way.
-    assert "Answer: D" in teacher_text(MCQ, "Reasoning: helium floats.\nAnswer: D")
+    assert "Answer: D" in only_turn(teacher_messages(MCQ, "Reasoning: helium floats.\nAnswer: D"))
 
 
-def test_worked_example_teacher_text_puts_the_demonstration_before_the_task():
+def test_worked_example_teacher_prompt_puts_the_demonstration_before_the_task():
     demo = gold_response(MCQ)
-    text = teacher_text(MCQ, demo, "worked_example")
+    text = only_turn(teacher_messages(MCQ, demo, "worked_example"))
     assert text.startswith("Here is a solved example with a good response:")
     assert text.index(demo) < text.index("Now solve this problem in your own way.")
     assert text.endswith(task_text(MCQ))  # the task and its answer format come last
     assert "This is an example for a response" not in text
+
+
+MCQ_TASK = ("Context: Plants make sugar from light.\nQuestion: Which gas do plants absorb?\n"
+            "Options:\nA. oxygen\nB. carbon dioxide\nC. nitrogen\nD. helium\n"
+            "Reason briefly, then give only the option letter on the last line, in this format:\n"
+            "Reasoning: <one or two sentences>\nAnswer: <letter>")
+MCQ_GOLD = "Reasoning: The correct option is B: carbon dioxide.\nAnswer: B"
+AGAIN = "Solve the same problem again and reply in exactly the same format."
+
+
+def test_assistant_turn_teacher_prompt_is_a_conversation_with_the_demonstration_as_its_answer():
+    assert teacher_messages(MCQ, "  " + MCQ_GOLD + "\n", "assistant_turn") == [
+        {"role": "user", "content": MCQ_TASK},
+        {"role": "assistant", "content": MCQ_GOLD},
+        {"role": "user", "content": AGAIN},
+    ]
+
+
+def test_assistant_turn_chat_rendering(tok):
+    """Written out by hand from the tiny tokenizer's ChatML template."""
+    pb = PromptBuilder.for_tokenizer(tok)
+    assert pb.render(teacher_messages(MCQ, MCQ_GOLD, "assistant_turn")) == (
+        f"<|im_start|>user\n{MCQ_TASK}<|im_end|>\n"
+        f"<|im_start|>assistant\n{MCQ_GOLD}<|im_end|>\n"
+        f"<|im_start|>user\n{AGAIN}<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    assert pb.render([user("Q")], "Answer:") == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nAnswer:"
+
+
+def test_assistant_turn_token_layout(tok):
+    """Turn by turn: the special tokens where the template puts them, and between them
+    exactly the tokens of each piece of text (the demonstration as the student's own
+    answer would be tokenized)."""
+    pb = PromptBuilder.for_tokenizer(tok)
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+
+    def text(piece):
+        return tok(piece, add_special_tokens=False)["input_ids"]
+
+    want = ([start] + text("user\n") + text(MCQ_TASK) + [end] + text("\n")
+            + [start] + text("assistant\n") + pb.encode_response(MCQ_GOLD) + text("\n")
+            + [start] + text("user\n") + text(AGAIN) + [end] + text("\n")
+            + [start] + text("assistant\n"))
+    assert pb.encode_messages(teacher_messages(MCQ, MCQ_GOLD, "assistant_turn")) == want
+    assert pb.encode_messages([user(MCQ_TASK)], "Answer:") == (
+        [start] + text("user\n") + text(MCQ_TASK) + [end] + text("\n") + [start] + text("assistant\n")
+        + text("Answer:"))
+
+
+def test_plain_template_renders_a_conversation_as_turns(tok):
+    tok.chat_template = None
+    pb = PromptBuilder.for_tokenizer(tok)
+    assert pb.render([user("Q?"), assistant("Answer: B"), user("Again.")], "Answer:") == (
+        "### Instruction\nQ?\n\n### Response\nAnswer: B\n\n### Instruction\nAgain.\n\n### Response\nAnswer:")
+    assert tok.decode(pb.encode_messages([user("Q?"), assistant("A"), user("Again.")])) == (
+        "### Instruction\nQ?\n\n### Response\nA\n\n### Instruction\nAgain.\n\n### Response\n")
+
+
+def test_conversation_budget(tok):
+    messages = teacher_messages(MCQ, MCQ_GOLD, "assistant_turn")
+    n = len(PromptBuilder.for_tokenizer(tok, max_prompt_tokens=100_000).encode_messages(messages))
+    assert PromptBuilder.for_tokenizer(tok, max_prompt_tokens=n).encode_messages(messages) is not None
+    assert PromptBuilder.for_tokenizer(tok, max_prompt_tokens=n - 1).encode_messages(messages) is None
+
+
+# ------------------------------------------------------------------ MCQ answer formats
+
+def test_answer_first_task_text_and_gold_response():
+    text = task_text(MCQ, "answer_first")
+    assert text.startswith("Context: Plants make sugar from light.\nQuestion: Which gas do plants absorb?\n")
+    assert text.endswith("Give the option letter first, then one short reason, in this format:\n"
+                         "Answer: <letter>\nReason: <one sentence>")
+    assert gold_response(MCQ, "answer_first") == "Answer: B\nReason: The correct option is B: carbon dioxide."
+    assert gold_response(MCQ_RATIONALE, "answer_first") == "Answer: B\nReason: Dirty plates are washed in the sink."
+    assert parse_mcq(gold_response(MCQ_RATIONALE, "answer_first"), MCQ_RATIONALE.choices) == "B"
+    # other tasks do not depend on the MCQ format
+    assert task_text(MBPP, "answer_first") == task_text(MBPP)
+    assert gold_response(TOOL, "answer_first") == gold_response(TOOL)
+
+
+def test_the_mcq_format_reaches_every_demonstration():
+    """The teacher's task, its demonstration, auxiliary contexts and negatives share one layout."""
+    from unisd.negatives import clean_self_generated, negative_request, programmatic_negatives
+
+    (message, demo, _) = teacher_messages(MCQ, gold_response(MCQ, "answer_first"), "assistant_turn", "answer_first")
+    assert message["content"].endswith("Answer: <letter>\nReason: <one sentence>")
+    assert demo["content"] == "Answer: B\nReason: The correct option is B: carbon dioxide."
+    other = MCQ.model_copy(update={"id": "sciq-0002", "answer": "A"})
+    context = reference_text(MCQ_RATIONALE, [other], "answer_first")
+    assert "Response:\nAnswer: A\nReason: The correct option is A: oxygen." in context
+    assert context.endswith(task_text(MCQ_RATIONALE, "answer_first"))
+    negatives = programmatic_negatives([MCQ_RATIONALE], per_example=2, mcq_format="answer_first")["cos_e-1"]
+    by_kind = {n.kind: n.text for n in negatives}  # both wrong options of three
+    assert by_kind["wrong_option:A"] == "Answer: A\nReason: Dirty plates are washed in the bed."
+    assert "start with the line 'Answer: A'" in negative_request(MCQ_RATIONALE, 0, "answer_first")
+    reply = "Answer: A\nReason: Plates are kept\n in bed."
+    cleaned = clean_self_generated(MCQ_RATIONALE, 0, reply, "answer_first")
+    assert cleaned.text == "Answer: A\nReason: Plates are kept in bed."
+    assert clean_self_generated(MCQ_RATIONALE, 0, reply).text == "Reasoning: Plates are kept in bed.\nAnswer: A"
 
 
 def test_reference_text_uses_other_examples_only():

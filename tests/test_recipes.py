@@ -1,6 +1,6 @@
-"""Recipes resolve to the component sets SPEC §1–§3 state.
+"""Recipes resolve to the component sets docs/method.md §1–§3 state.
 
-The expected values below are written from the SPEC text, not copied from
+The expected values below are written from docs/method.md, not copied from
 unisd/recipes.py: a recipe is checked through `build_config(recipe=...)`, the same path
 params.yaml takes.
 """
@@ -12,7 +12,7 @@ from project import tiny_params
 from unisd.config import ConfigError, build_config, load_config
 from unisd.recipes import BASELINES, COMPONENTS, RECIPES
 
-# SPEC §1: plain on-policy self-distillation, the base every component ablation adds to:
+# docs/method.md §1: plain on-policy self-distillation, the base every component ablation adds to:
 # student samples at T=0.7, frozen initial teacher with the gold demonstration, forward KL
 # at T=0.7, no agreement weights, no contrastive term, no feature matching, no clipping.
 PLAIN = {"loss": "distill", "data": "on_policy", "divergence": "forward_kl", "temperature": 0.7,
@@ -53,7 +53,7 @@ def config(tmp_path, model_dir, recipe, components=None, **sections):
 
 
 def summary(m) -> dict:
-    """The settings that distinguish recipes, in the SPEC's terms."""
+    """The settings that distinguish recipes, in docs/method.md's terms."""
     a, c, f, cl, t = m.agreement, m.contrastive, m.feature, m.clip, m.teacher
     return {
         "loss": m.loss,
@@ -154,6 +154,19 @@ def test_recipes_are_not_mutated_by_overrides(tmp_path, tiny_model_dir):
     assert summary(config(tmp_path, tiny_model_dir, "unisd-full").method) == EXPECTED["unisd-full"]
 
 
+@pytest.mark.parametrize("recipe", sorted(set(RECIPES) - {"base"}))
+def test_gold_mix_is_offered_to_every_training_recipe(tmp_path, tiny_model_dir, recipe):
+    m = config(tmp_path, tiny_model_dir, recipe, {"gold_mix": 0.25}).method
+    assert m.gold_mix == 0.25
+    assert summary(m) == summary(config(tmp_path, tiny_model_dir, recipe).method)  # nothing else changes
+
+
+def test_format_components_are_off_by_default(tmp_path, tiny_model_dir):
+    for recipe in RECIPES:
+        m = config(tmp_path, tiny_model_dir, recipe).method
+        assert (m.gold_mix, m.skip_first_tokens) == (0.0, 0)
+
+
 # --- bad input fails before any work, naming the key ----------------------------------------
 
 
@@ -172,6 +185,11 @@ def test_recipes_are_not_mutated_by_overrides(tmp_path, tiny_model_dir):
     ("sft", {"agreement": {"enabled": True}}, ["components", "agreement", "needs a teacher"]),
     ("ssd", {"clip": {"mode": "static"}}, ["components", "clip", "needs a teacher"]),
     ("base", {"agreement": {"enabled": True}}, ["components", "agreement", "needs a teacher"]),
+    ("sft", {"skip_first_tokens": 2}, ["components", "skip_first_tokens", "needs a teacher"]),
+    ("sd", {"skip_first_tokens": -1}, ["components.skip_first_tokens"]),
+    ("base", {"gold_mix": 0.5}, ["components", "gold_mix", "trains nothing"]),
+    ("gkd", {"gold_mix": 1.0}, ["components.gold_mix", "less than 1"]),
+    ("sd", {"gold_mix": -0.1}, ["components.gold_mix"]),
 ])
 def test_bad_components_fail_with_config_error(tmp_path, tiny_model_dir, recipe, components, words):
     with pytest.raises(ConfigError) as err:

@@ -35,6 +35,12 @@ LIMITS = Limits(timeout_s=10, memory_mb=512)
     ("B: carbon dioxide\nPlants take it in to make sugar.", "B"),  # a first line that names the option
     ("C\nbecause nitrogen is inert", "C"),  # a first line that is only a letter
     ("A\nsome text\nD", "D"),  # the last line beats the first
+    # answer_first: the answer line first, then a reason
+    ("Answer: B\nReason: plants take in CO2.", "B"),
+    ("Answer: B\nReason: carbon dioxide, so the answer is not (C).", "B"),
+    ("Answer: B\nReason: it is carbon dioxide, not answer C", "B"),  # an answer line beats a mention
+    ("**Answer:** D\nReason: the answer is A only for animals", "D"),
+    ("Reasoning: the answer is A for animals.\nAnswer: B", "B"),  # reason_first, the same rule
 ])
 def test_parse_mcq_reads_the_letter(text, letter):
     assert parse_mcq(text, CHOICES) == letter

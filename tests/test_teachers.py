@@ -1,8 +1,8 @@
-"""The teacher π_φ (SPEC §1, §2.2): frozen initial weights or an EMA of the student.
+"""The teacher π_φ (docs/method.md §1, §2.2): frozen initial weights or an EMA of the student.
 
 Every check compares against an independently loaded base model or against the closed
-form of the EMA recursion, never against the Teacher's own bookkeeping. The SPEC §2.2
-defect of the public reference (averaging only the frozen base weights under LoRA) is
+form of the EMA recursion, never against the Teacher's own bookkeeping. The public
+reference's defect (docs/method.md §9.2: averaging only the frozen base weights under LoRA) is
 simulated next to ours to show that its teacher would never move.
 """
 
@@ -175,7 +175,7 @@ def test_a_model_without_trainable_parameters_is_refused(tiny_model_dir):
         Teacher(model)
 
 
-# --- EMA teacher: the SPEC §2.2 fix -------------------------------------------------------
+# --- EMA teacher: the fix of docs/method.md §9.2 -------------------------------------------------------
 
 
 @pytest.mark.parametrize("beta", [0.9, 0.5])

@@ -18,8 +18,10 @@ import unisd.train as train_mod
 from unisd.config import build_config
 from unisd.logprobs import completion_hidden, completion_logprobs, head_fn
 from unisd.modeling import load_model, load_tokenizer
+from unisd.recipes import Method, method_dict
 from unisd.teachers import Teacher
-from unisd.train import TeacherCache, TrainingError, TrainItem, batch_loss, check_lineage, collate, train_round
+from unisd.train import (TeacherCache, TrainingError, TrainItem, batch_loss, check_lineage, collate, loss_mask,
+                         micro_batches, train_round)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTIONS = [
@@ -237,6 +239,103 @@ def test_sft_loss_is_mean_token_cross_entropy(tmp_path, tiny_model_dir, items, t
     ref = F.cross_entropy(logits, targets)
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
     assert terms["sft"] == pytest.approx(ref.item(), rel=1e-5)
+
+
+def resolved(recipe, **components):
+    return Method.model_validate(method_dict(recipe, components))
+
+
+def test_loss_mask_by_hand():
+    # right-aligned completions of lengths 2, 4 and 1 in width 4
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    assert loss_mask(mask, 0).tolist() == mask.tolist()
+    assert loss_mask(mask, 1).tolist() == [[0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 0, 0]]
+    assert loss_mask(mask, 3).tolist() == [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+
+
+def kl_per_token(student, teacher, it):
+    """KL(p_T ‖ p_S) at T=0.7 at each completion position of one item, from plain forwards."""
+    with torch.no_grad():
+        t = completion_logits_unpadded(teacher, it.teacher_prompt, it.completion).double()
+    s = completion_logits_unpadded(student, it.prompt, it.completion).double()
+    return kl_divergence(Categorical(logits=t / 0.7), Categorical(logits=s / 0.7))
+
+
+@pytest.mark.parametrize("skip", [1, 3])
+def test_skip_first_tokens_leaves_them_out_of_the_divergence(tmp_path, tiny_model_dir, items, tok, skip):
+    lm = lora_model(tiny_model_dir)
+    lm.train()
+    teacher = Teacher(lm, "frozen")
+    perturb(lm, 0.05)
+    batch_items = items[:4]
+    loss, _ = batch_loss(resolved("sd", skip_first_tokens=skip), lm, teacher, head_name_of(lm),
+                         collate(batch_items, tok.pad_token_id, "cpu"), chunk=3)
+    base = base_model(tiny_model_dir)
+    # by hand: the mean over every item's tokens from index `skip` on
+    ref = torch.cat([kl_per_token(lm, base, it)[skip:] for it in batch_items]).mean()
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-4)
+    whole = torch.cat([kl_per_token(lm, base, it) for it in batch_items]).mean()
+    assert abs(whole.item() - ref.item()) > 1e-4  # the skipped tokens would have counted
+
+
+def test_the_final_eos_counts_in_the_loss_and_its_gradient(tmp_path, tiny_model_dir, items, tok):
+    """Regression: with pad == EOS (SmolLM2), a mask built from `ids != pad` would drop the
+    final EOS, and the student would never be taught to stop. A completion that is only
+    EOS isolates that position: its loss is the divergence there, and it has a gradient."""
+    lm = lora_model(tiny_model_dir)
+    lm.train()
+    teacher = Teacher(lm, "frozen")
+    perturb(lm, 0.05)
+    eos, method_sd = tok.eos_token_id, resolved("sd")
+    stop_now = TrainItem(items[0].prompt, [eos], teacher_prompt=items[0].teacher_prompt)
+    batch_items = [items[1], stop_now]
+    assert items[1].completion[-1] == eos
+    batch = collate(batch_items, pad_id=eos, device="cpu")
+    assert batch["mask"].sum(1).tolist() == [len(items[1].completion), 1]
+    assert (batch["student"]["input_ids"][1, 0] == eos) and not batch["student"]["attention_mask"][1, 0]  # EOS pads
+    params = [p for p in lm.parameters() if p.requires_grad]
+    base = base_model(tiny_model_dir)
+
+    loss, _ = batch_loss(method_sd, lm, teacher, head_name_of(lm), batch, chunk=3)
+    ref = torch.cat([kl_per_token(lm, base, it) for it in batch_items]).mean()
+    torch.testing.assert_close(loss.double(), ref, atol=1e-6, rtol=1e-5)
+    for g, w in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-6, rtol=1e-3)
+
+    alone, _ = batch_loss(method_sd, lm, teacher, head_name_of(lm), collate([stop_now], eos, "cpu"), chunk=3)
+    at_eos = kl_per_token(lm, base, stop_now)
+    assert at_eos.shape == (1,) and at_eos.item() > 1e-4
+    torch.testing.assert_close(alone.double(), at_eos[0], atol=1e-6, rtol=1e-5)
+    assert max(float(g.abs().max()) for g in torch.autograd.grad(alone, params)) > 1e-6
+
+
+def test_gold_items_get_cross_entropy_under_a_distillation_recipe(tmp_path, tiny_model_dir, items, tok):
+    lm = lora_model(tiny_model_dir)
+    perturb(lm, 0.05)
+    gold = [TrainItem(it.prompt, it.completion, sft=True) for it in items[:3]]  # no teacher prompt needed
+    batch = collate(gold, tok.pad_token_id, "cpu")
+    loss, terms = batch_loss(resolved("sd", gold_mix=0.5, skip_first_tokens=2), lm, Teacher(lm), "lm_head.weight",
+                             batch, chunk=4)
+    # by hand: −mean log p(y_t) over every token of the three gold completions (none skipped)
+    logits = torch.cat([completion_logits_unpadded(lm, it.prompt, it.completion) for it in gold])
+    ref = F.cross_entropy(logits, torch.tensor([t for it in gold for t in it.completion]))
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    assert terms == {"sft": pytest.approx(ref.item(), rel=1e-5)}
+    with pytest.raises(ValueError, match="mixes SFT and distillation items"):
+        collate([gold[0], items[1]], tok.pad_token_id, "cpu")
+
+
+def test_micro_batches_hold_one_kind_and_cover_every_item_each_epoch(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, batch_size=3, epochs=2)
+    kinds = [False, True, False, False, True, False, False, True, False, False]  # 7 distill, 3 SFT
+    batches = micro_batches(kinds, cfg, seed=5)
+    assert len(batches) == 2 * (3 + 1)  # per epoch ceil(7/3) + ceil(3/3)
+    for epoch in (batches[:4], batches[4:]):
+        assert sorted(i for b in epoch for i in b) == list(range(10))
+        assert all(len({kinds[i] for i in b}) == 1 and len(b) <= 3 for b in epoch)
+    assert batches == micro_batches(kinds, cfg, seed=5) and batches != micro_batches(kinds, cfg, seed=6)
+    plain = micro_batches([False] * 10, cfg, seed=5)  # one kind: batches of 3, 3, 3, 1 per epoch
+    assert [len(b) for b in plain] == [3, 3, 3, 1] * 2
 
 
 # --- train_round: resume, failures, lineage, rounds ----------------------------------------------

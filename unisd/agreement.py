@@ -1,4 +1,4 @@
-"""Multi-teacher agreement weights (SPEC §2.1), on plain tensors.
+"""Multi-teacher agreement weights (docs/method.md §2.1), on plain tensors.
 
 `scores` [K, B, T] holds s_{k,t} = log π_φ(y_t | a_k(x), y_<t): the teacher's log-prob of
 each sampled token under K auxiliary contexts. Where the K contexts disagree about a

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from unisd.assets import AssetError
-from unisd.config import Config, ConfigError, load_config, parse_override
+from unisd.config import Config, ConfigError, load_config, parse_override, profile_overrides
 from unisd.data.schema import DataError
 from unisd.report import ReportError
 from unisd.train import TrainingError
@@ -144,6 +144,8 @@ def _main(argv: list[str] | None) -> int:
                            ("serve", "serve Prefect deployments"), ("table", "print a metrics file")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("--profile", metavar="FILE",
+                       help="a profile of param overrides applied before --set, e.g. profiles/paper.yaml")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param, e.g. --set eval.limit=10 (repeatable)")
         if name == "evaluate":
@@ -163,6 +165,8 @@ def _main(argv: list[str] | None) -> int:
 
             print(format_table(json.loads(Path(args.file).read_text())))
             return 0
+        if getattr(args, "profile", None):
+            args.overrides = profile_overrides(args.profile) + args.overrides
         cfg = load_config(args.params, args.overrides)  # validated before any work starts
         if args.command == "run":
             from flows.pipeline import run_pipeline

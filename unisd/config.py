@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from unisd.data.suites import SUITES
-from unisd.prompts import TeacherTemplate
+from unisd.prompts import McqFormat, TeacherTemplate
 from unisd.recipes import COMPONENTS, RECIPES, Method, method_dict
 
 
@@ -79,8 +79,10 @@ class DataCfg(Section):
 
 class PromptCfg(Section):
     max_prompt_tokens: int = Field(1024, ge=32)
-    # how the privileged teacher sees the gold demonstration (unisd.prompts.teacher_text)
+    # how the privileged teacher sees the gold demonstration (unisd.prompts.teacher_messages)
     teacher_template: TeacherTemplate = "spec"
+    # the MCQ answer layout of task texts and gold responses (unisd.prompts.MCQ_FORMATS)
+    mcq_format: McqFormat = "reason_first"
 
 
 class NewTokens(Section):
@@ -103,6 +105,9 @@ class EvalCfg(Section):
     code_memory_mb: int = Field(1024, ge=64)
     code_workers: int = Field(2, ge=1)
     ppl: bool = True
+    # MCQ: rotation-averaged letter probabilities and option log-likelihoods (unisd.choice_scores)
+    choice_scores: bool = True
+    headline: str = Field("sciq", description="benchmark whose rot_acc is metrics.json's headline, when evaluated")
 
 
 class TrainSetCfg(Section):
@@ -111,6 +116,8 @@ class TrainSetCfg(Section):
     limit: int = Field(200, ge=0, description="train examples per benchmark; 0 = the whole split")
     rounds: int = Field(1, ge=1, description="generate -> filter -> train repeats, each from the latest student")
     prompts_per_round: int = Field(0, ge=0, description="prompts sampled per round; 0 = all")
+    keep_truncated: bool = Field(False, description="train on samples cut at generation.max_new_tokens too "
+                                                    "(dropped by default: their teacher signal never ends the turn)")
 
 
 class GenerationCfg(Section):
@@ -306,3 +313,18 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | dict[st
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])
     return build_config(data, path.parent, source=str(path))
+
+
+def profile_overrides(path: str | Path) -> list[str]:
+    """A profile file (a flat mapping of `a.b: value`, e.g. profiles/paper.yaml) as
+    `a.b=value` overrides, applied before the command line's own `--set`s."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: profile not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"{path}: a profile must be a mapping of dotted param keys to values")
+    return [f"{key}={json.dumps(value)}" for key, value in data.items()]

@@ -1,4 +1,4 @@
-"""Auxiliary contexts a_k(x) for multi-teacher agreement (SPEC §2.1).
+"""Auxiliary contexts a_k(x) for multi-teacher agreement (docs/method.md §2.1).
 
 Each of an example's K contexts holds reference material from *other* training
 examples of the same benchmark, never its own answer:
@@ -19,7 +19,7 @@ import random
 from typing import Any, Callable
 
 from unisd.data.schema import Example
-from unisd.prompts import gold_response, problem_text, reference_text
+from unisd.prompts import McqFormat, reference_text, solved_example
 
 INDUCTION_DEMOS = 3
 INDUCTION_REQUEST = (
@@ -62,11 +62,9 @@ def induction_demo_sets(examples: list[Example], k: int, seed: int) -> list[list
     return [picked[j * INDUCTION_DEMOS : (j + 1) * INDUCTION_DEMOS] for j in range(k + 1)]
 
 
-def induction_request(demos: list[Example]) -> str:
+def induction_request(demos: list[Example], mcq_format: McqFormat = "reason_first") -> str:
     """What the model is asked to induce an instruction from."""
-    text = "\n\n".join(f"Problem:\n{problem_text(d, with_context=False)}\nResponse:\n{gold_response(d)}"
-                         for d in demos)
-    return INDUCTION_REQUEST.format(demos=text)
+    return INDUCTION_REQUEST.format(demos="\n\n".join(solved_example(d, mcq_format) for d in demos))
 
 
 def induction_records(examples: list[Example], k: int, demo_ids: list[list[str]],
@@ -79,9 +77,10 @@ def induction_records(examples: list[Example], k: int, demo_ids: list[list[str]]
     return records
 
 
-def context_texts(ex: Example, record: dict[str, Any], by_id: dict[str, Example]) -> list[str]:
+def context_texts(ex: Example, record: dict[str, Any], by_id: dict[str, Example],
+                  mcq_format: McqFormat = "reason_first") -> list[str]:
     """The K auxiliary-context prompts (task text, before the chat template) of one example."""
     if "instructions" in record:
-        return [reference_text(ex, f"A general instruction for this kind of problem: {ins}")
+        return [reference_text(ex, f"A general instruction for this kind of problem: {ins}", mcq_format)
                 for ins in record["instructions"]]
-    return [reference_text(ex, [by_id[ref]]) for ref in record["refs"]]
+    return [reference_text(ex, [by_id[ref]], mcq_format) for ref in record["refs"]]

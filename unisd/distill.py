@@ -99,7 +99,7 @@ def _induced(cfg: Config, model_dir: Path, groups: dict[str, list[Example]]) -> 
     k, records = cfg.method.agreement.k, []
     for bench, exs in groups.items():
         demo_sets = contexts.induction_demo_sets(exs, k, cfg.run.seed)
-        prompts = [_fitting_request(builder, demos) for demos in demo_sets]
+        prompts = [_fitting_request(builder, demos, cfg.prompts.mcq_format) for demos in demo_sets]
         outs = generate(model, tok, prompts, Sampling(96, do_sample=True, temperature=0.7, seed=cfg.run.seed),
                         cfg.generation.batch_size, builder.stop_strings, desc=f"induce {bench}")
         instructions = [" ".join(c.text.split()) or "Solve the problem step by step." for c in outs]
@@ -107,12 +107,12 @@ def _induced(cfg: Config, model_dir: Path, groups: dict[str, list[Example]]) -> 
     return records
 
 
-def _fitting_request(builder, demos: list[Example]) -> list[int]:
+def _fitting_request(builder, demos: list[Example], mcq_format: str) -> list[int]:
     """The induction request with as many of its demonstrations as fit the prompt budget."""
     from unisd.contexts import induction_request
 
     for n in range(len(demos), 0, -1):
-        if (ids := builder.encode(induction_request(demos[:n]))) is not None:
+        if (ids := builder.encode(induction_request(demos[:n], mcq_format))) is not None:
             return ids
     raise ValueError(f"an induction request with one demonstration ({demos[0].id}) exceeds "
                      f"prompts.max_prompt_tokens={builder.max_prompt_tokens}")
@@ -134,7 +134,7 @@ def negatives_stage(cfg: Config, model: Path, data: Path, out: Path, ctx: StageC
         examples = train_examples(cfg, data)
         if source == "programmatic":
             found = negatives.programmatic_negatives(examples, NEGATIVES_PER_EXAMPLE, cfg.run.seed, limits,
-                                                     cfg.eval.code_workers)
+                                                     cfg.eval.code_workers, cfg.prompts.mcq_format)
         else:
             found = _self_generated(cfg, model, examples, limits)
         rows = [{"id": ex.id, "negatives": [vars(n) for n in found[ex.id]]} for ex in examples if ex.id in found]
@@ -152,7 +152,8 @@ def _self_generated(cfg: Config, model_dir: Path, examples: list[Example], limit
 
     tok, builder = _builder(cfg, model_dir)
     model = load_model(model_dir, cfg.model.dtype, cfg.model.device)
-    asks = [(ex, i, builder.encode(negatives.negative_request(ex, i)))
+    fmt = cfg.prompts.mcq_format
+    asks = [(ex, i, builder.encode(negatives.negative_request(ex, i, fmt)))
             for ex in examples for i in range(NEGATIVES_PER_EXAMPLE)]
     asks = [a for a in asks if a[2] is not None]
     found: dict[str, list] = {}
@@ -163,7 +164,7 @@ def _self_generated(cfg: Config, model_dir: Path, examples: list[Example], limit
         outs = generate(model, tok, [ids for _, _, ids in group], sampling, cfg.generation.batch_size,
                         builder.stop_strings, desc=f"negatives {task}")
         for (ex, i, _), c in zip(group, outs):
-            if (neg := negatives.clean_self_generated(ex, i, c.text)) is not None:
+            if (neg := negatives.clean_self_generated(ex, i, c.text, fmt)) is not None:
                 found.setdefault(ex.id, []).append(neg)
     by_id = {ex.id: ex for ex in examples}
     return negatives.verify_negatives([by_id[i] for i in found], found, limits)
@@ -197,55 +198,71 @@ def generate_stage(cfg: Config, student: Path, data: Path, out: Path, ctx: Stage
 
 def filter_stage(cfg: Config, trajectories: Path, base: Path, data: Path, out: Path, ctx: StageContext,
                  round_idx: int, contexts: Path | None = None, previous: Path | None = None) -> Path:
-    """Agreement scores under K auxiliary contexts, and dropping of disagreeing trajectories.
+    """What the round trains on, and how well its teacher fits the student's samples.
 
-    The teacher is the round's starting teacher: the base model (frozen) or the EMA
-    teacher carried from the previous round. Without agreement this passes all through.
+    Truncated samples (cut at the token limit) are dropped unless `train_set.keep_truncated`;
+    with agreement, the rest are scored under K auxiliary contexts and disagreeing ones
+    dropped (gold_mix SFT items pass through: they are not distilled). Every run also
+    records the teacher diagnostics (`trajectories.teacher_diagnostics`) over all the
+    round's trajectories. The teacher is the round's starting teacher: the base model
+    (frozen) or the EMA teacher carried from the previous round.
     """
-    from unisd.trajectories import Trajectory
+    from unisd.trajectories import Trajectory, score_agreement, teacher_diagnostics
 
     agreement = cfg.method.agreement
     inputs = {"trajectories": trajectories, "base": base, "data": data, "contexts": contexts, "previous": previous}
     extra = {"round_idx": round_idx}
     with stage_output(ctx, f"filter-r{round_idx}", "filter", cfg, inputs, out, extra, extra) as (run, tmp):
         trajs = [Trajectory.model_validate(r) for r in _read_jsonl(trajectories / "trajectories.jsonl")]
-        if not agreement.enabled:
-            kept, stats = trajs, {"kept": len(trajs), "filtered_out": 0, "filtered_fraction": 0.0}
-        else:
-            kept, stats = _score(cfg, trajs, base, data, contexts, previous)
+        complete = [t for t in trajs if cfg.train_set.keep_truncated or t.finished]
+        sft, distilled = [t for t in complete if t.sft], [t for t in complete if not t.sft]
+        if agreement.enabled and contexts is None:
+            raise ValueError("agreement is enabled but no contexts stage output was given")
+        tok, builder = _builder(cfg, base)
+        by_id = {ex.id: ex for ex in train_examples(cfg, data)}
+        model, scope = _round_teacher(cfg, base, previous)
+        with scope:
+            diagnostics = teacher_diagnostics(cfg, model, tok, builder, trajs, by_id)
+            if agreement.enabled:
+                records = {r["id"]: r for r in _read_jsonl(contexts / "contexts.jsonl")}
+                distilled, scoring = score_agreement(cfg, model, tok, builder, distilled, records, by_id)
+            else:
+                scoring = {"filtered_out": 0, "filtered_fraction": 0.0}
+        kept = distilled + sft
+        stats = {"trajectories": len(trajs), "dropped_truncated": len(trajs) - len(complete), **scoring,
+                 "kept": len(kept), **diagnostics}
         write_jsonl(tmp / "filtered.jsonl", kept)
         write_json_atomic(tmp / "stats.json", stats)
         run.log_metrics(stats)
-        log.info("filter round %d: kept %d of %d trajectories", round_idx, len(kept), len(trajs))
+        log.info("filter round %d: kept %d of %d trajectories (%d truncated dropped); teacher EOS log-p %s vs "
+                 "student %s", round_idx, len(kept), len(trajs), stats["dropped_truncated"],
+                 _fmt(stats["teacher_eos_logp"]), _fmt(stats["student_eos_logp"]))
     return out
 
 
-def _score(cfg: Config, trajs: list, base: Path, data: Path, contexts: Path | None, previous: Path | None):
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _round_teacher(cfg: Config, base: Path, previous: Path | None):
+    """The round's starting teacher and the scope its passes run in: the EMA teacher of
+    the previous round swapped into the student, or the base model."""
     import contextlib
 
     import torch
 
     from unisd.teachers import Teacher
     from unisd.train import build_student
-    from unisd.trajectories import score_agreement
 
-    if contexts is None:
-        raise ValueError("agreement is enabled but no contexts stage output was given")
-    tok, builder = _builder(cfg, base)
-    records = {r["id"]: r for r in _read_jsonl(contexts / "contexts.jsonl")}
-    by_id = {ex.id: ex for ex in train_examples(cfg, data)}
     teacher_file = previous / "teacher.pt" if previous is not None else None
     if teacher_file is not None and teacher_file.is_file() and cfg.method.teacher.kind == "ema":
         model = build_student(cfg, base, previous)
         teacher = Teacher(model)
         teacher.load_state_dict(torch.load(teacher_file, map_location=model.device))
-        scope = teacher.active()
-    else:
-        from unisd.modeling import load_model
+        return model, teacher.active()
+    from unisd.modeling import load_model
 
-        model, scope = load_model(base, cfg.model.dtype, cfg.model.device), contextlib.nullcontext()
-    with scope:
-        return score_agreement(cfg, model, tok, builder, trajs, records, by_id)
+    return load_model(base, cfg.model.dtype, cfg.model.device), contextlib.nullcontext()
 
 
 def train_stage(cfg: Config, filtered: Path, base: Path, data: Path, out: Path, ctx: StageContext, round_idx: int,
@@ -262,7 +279,8 @@ def train_stage(cfg: Config, filtered: Path, base: Path, data: Path, out: Path, 
         trajs = [Trajectory.model_validate(r) for r in _read_jsonl(filtered / "filtered.jsonl")]
         items, stats = _train_items(cfg, trajs, base, data, negatives)
         if not items:
-            raise ValueError(f"round {round_idx}: no trajectories left to train on ({stats})")
+            raise ValueError(f"round {round_idx}: no trajectories left to train on ({stats}; the filter stage "
+                             f"drops samples cut at the token limit unless train_set.keep_truncated)")
         run.log_metrics({f"items/{k}": v for k, v in stats.items()})
         info = train_round(cfg, items, base, dir_digest(base), tmp, work, run, previous, on_step)
         write_json_atomic(tmp / "metrics.json", {**info, **stats})
@@ -274,31 +292,31 @@ def train_stage(cfg: Config, filtered: Path, base: Path, data: Path, out: Path, 
 
 
 def _train_items(cfg: Config, trajs: list, base: Path, data: Path, negatives: Path | None):
-    """TrainItems with the teacher's privileged prompt, a negative and agreement scores."""
-    from unisd.prompts import gold_response, teacher_text
+    """TrainItems with the teacher's privileged prompt, a negative and agreement scores
+    (gold_mix items: only prompt and completion, for the cross-entropy)."""
     from unisd.train import TrainItem
+    from unisd.trajectories import privileged_messages
 
     method = cfg.method
     _, builder = _builder(cfg, base)
     by_id = {ex.id: ex for ex in train_examples(cfg, data)}
     negs = {r["id"]: r["negatives"] for r in _read_jsonl(negatives / "negatives.jsonl")} if negatives else {}
-    template = cfg.prompts.teacher_template
     items, no_negative, over_budget = [], 0, 0
     for t in trajs:
         ex = by_id[t.example_id]
-        item = TrainItem(t.prompt_ids, t.completion_ids,
-                         scores=t.agreement_scores if method.agreement.enabled else None)
-        if method.loss == "distill":
-            item.teacher_prompt = builder.encode(teacher_text(ex, gold_response(ex), template))
+        item = TrainItem(t.prompt_ids, t.completion_ids, sft=t.sft,
+                         scores=t.agreement_scores if method.agreement.enabled and not t.sft else None)
+        if method.loss == "distill" and not t.sft:
+            item.teacher_prompt = builder.encode_messages(privileged_messages(cfg, ex))
             if method.contrastive.enabled:
                 if ex.id not in negs:
                     no_negative += 1
                     continue
                 chosen = random.Random(f"{cfg.run.seed}:{ex.id}").choice(negs[ex.id])
-                item.negative_prompt = builder.encode(teacher_text(ex, chosen["text"], template))
+                item.negative_prompt = builder.encode_messages(privileged_messages(cfg, ex, chosen["text"]))
             if item.teacher_prompt is None or (method.contrastive.enabled and item.negative_prompt is None):
                 over_budget += 1
                 continue
         items.append(item)
-    return items, {"trajectories": len(trajs), "items": len(items), "dropped_no_negative": no_negative,
-                   "dropped_over_budget": over_budget}
+    return items, {"trajectories": len(trajs), "items": len(items), "sft_items": sum(it.sft for it in items),
+                   "dropped_no_negative": no_negative, "dropped_over_budget": over_budget}

@@ -1,4 +1,4 @@
-"""Distillation losses on plain tensors (SPEC §1, §2.1, §2.3–§2.5).
+"""Distillation losses on plain tensors (docs/method.md §1, §2.1, §2.3–§2.5).
 
 Shapes: B sequences, T completion positions (aligned by completion index between student
 and teacher), V vocabulary, H hidden size. `mask` [B, T] is True at real completion
@@ -58,7 +58,7 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: Diver
 
     Both sides use p = softmax(logits / T). forward_kl = KL(p_T ‖ p_S), reverse_kl =
     KL(p_S ‖ p_T), jsd = α KL(p_T ‖ m) + (1−α) KL(p_S ‖ m) with m = α p_T + (1−α) p_S.
-    No T² rescaling (SPEC does not ask for it). Holds several [..., V] tensors at once:
+    No T² rescaling (the method has none, docs/method.md §1.2). Holds several [..., V] tensors at once:
     for long sequences over a large vocabulary use `chunked_divergence`.
     """
     if temperature <= 0:
@@ -184,7 +184,7 @@ def weighted_token_loss(ell: Tensor, mask: Tensor, token_weights: Tensor | None 
     weight: / Σ s w m, the batch's total weight.
     sequence: per sequence Σ_t w ℓ / Σ_t w, then the mean over sequences with tokens. This
       is the public reference's reduction, under which a per-sequence weight s_b cancels
-      (the SPEC §2.1 defect); it is kept only so the defect can be shown. The default
+      (the defect of docs/method.md §9.1); it is kept only so the defect can be shown. The default
       "tokens" fixes it: a sequence's weight scales its share of the loss.
     Missing weights are 1. Padding never contributes, even if ℓ there is not finite.
     """
@@ -222,7 +222,7 @@ def _sequence_mean(per_token: Tensor, mask: Tensor) -> Tensor:
 
 
 def contrastive_loss(lp_student: Tensor, lp_pos: Tensor, lp_neg: Tensor, mask: Tensor, margin: float) -> Tensor:
-    """Token-level margin loss on sampled-token log-probs (SPEC §2.3).
+    """Token-level margin loss on sampled-token log-probs (docs/method.md §2.3).
 
     pos_t = |lp_S − lp_T⁺|, neg_t = |lp_S − lp_T⁻|; the student should sit closer to the
     gold-context teacher than to the wrong-context one by `margin`:
@@ -234,7 +234,7 @@ def contrastive_loss(lp_student: Tensor, lp_pos: Tensor, lp_neg: Tensor, mask: T
 
 
 def feature_matching_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor) -> Tensor:
-    """MSE of final-layer hidden states [B, T, H] (SPEC §2.4), teacher stop-gradient.
+    """MSE of final-layer hidden states [B, T, H] (docs/method.md §2.4), teacher stop-gradient.
 
     Mean over the hidden size, token mean per sequence, then batch mean.
     """

@@ -1,7 +1,7 @@
-"""Wrong demonstrations c⁻ for the token-level contrastive loss (SPEC §2.3).
+"""Wrong demonstrations c⁻ for the token-level contrastive loss (docs/method.md §2.3).
 
 A negative takes the gold demonstration's place in the privileged template
-(`prompts.teacher_text`), so it is written in exactly the gold response's format: the
+(`prompts.teacher_messages`), so it is written in exactly the gold response's format: the
 two teacher contexts should differ only in what is wrong.
 
 * Programmatic negatives, verified wrong (our addition: small models write poor
@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from unisd.data.schema import LETTERS, Example
-from unisd.prompts import gold_response, task_text
+from unisd.prompts import McqFormat, gold_response, mcq_response, task_text
 from unisd.sandbox import Limits, run_many
 from unisd.scoring import code_program, extract_code, parse_mcq, parse_react, tool_scores
 
@@ -60,14 +60,15 @@ class Negative:
 
 
 def programmatic_negatives(examples: list[Example], per_example: int = 4, seed: int = 0,
-                           limits: Limits = Limits(), workers: int = 2) -> dict[str, list[Negative]]:
-    """Up to `per_example` verified-wrong negatives per example id.
+                           limits: Limits = Limits(), workers: int = 2,
+                           mcq_format: McqFormat = "reason_first") -> dict[str, list[Negative]]:
+    """Up to `per_example` verified-wrong negatives per example id (MCQ ones in `mcq_format`).
 
     Candidates are drawn in a seeded order, spread over wrong letters, bug types or kinds
     of tool mistake; code candidates are checked in sandbox batches across all examples,
     only as many per round as each example still needs.
     """
-    pools = {ex.id: _Pool(_candidates(ex, seed)) for ex in examples}
+    pools = {ex.id: _Pool(_candidates(ex, seed, mcq_format)) for ex in examples}
     for ex_id in _failing_references([ex for ex in examples if ex.task == "code"], limits, workers):
         pools[ex_id] = _Pool([])
     while batch := [(ex, group, neg) for ex in examples
@@ -101,12 +102,12 @@ class _Pool:
         self.kept.append(negative)
 
 
-def _candidates(ex: Example, seed: int) -> list[list[Negative]]:
+def _candidates(ex: Example, seed: int, mcq_format: McqFormat) -> list[list[Negative]]:
     """Unverified negatives of one example, grouped by kind of mistake, in seeded order."""
     _require_task(ex)
     rng = random.Random(f"{seed}:{ex.id}")
     if ex.task == "mcq":
-        return _mcq_candidates(ex, rng)
+        return _mcq_candidates(ex, rng, mcq_format)
     if ex.task == "code":
         return _code_candidates(ex, rng)
     return _tool_candidates(ex, rng)
@@ -121,12 +122,12 @@ def _require_task(ex: Example) -> None:
 # MCQ
 
 
-def _mcq_candidates(ex: Example, rng: random.Random) -> list[list[Negative]]:
+def _mcq_candidates(ex: Example, rng: random.Random, mcq_format: McqFormat) -> list[list[Negative]]:
     """Every wrong option once, round-robin from a seeded start (so one negative per example
     is not always the first wrong letter)."""
     wrong = _wrong_letters(ex)
     start = rng.randrange(len(wrong))
-    return [[_mcq_negative(ex, wrong[(start + i) % len(wrong)])] for i in range(len(wrong))]
+    return [[_mcq_negative(ex, wrong[(start + i) % len(wrong)], mcq_format)] for i in range(len(wrong))]
 
 
 def _wrong_letters(ex: Example) -> list[str]:
@@ -138,13 +139,13 @@ def _wrong_letter(ex: Example, index: int) -> str:
     return wrong[index % len(wrong)]
 
 
-def _mcq_negative(ex: Example, letter: str) -> Negative:
+def _mcq_negative(ex: Example, letter: str, mcq_format: McqFormat) -> Negative:
     option = ex.choices[LETTERS.index(letter)]
     if ex.rationale.strip():
         reasoning = _redirect(ex.rationale, ex.choices[ex.gold_index], option)
     else:
         reasoning = f"The correct option is {letter}: {option}."
-    return Negative(_mcq_text(reasoning, letter), f"wrong_option:{letter}", verified=False)
+    return Negative(mcq_response(reasoning, letter, mcq_format), f"wrong_option:{letter}", verified=False)
 
 
 def _redirect(rationale: str, gold: str, wrong: str) -> str:
@@ -157,11 +158,6 @@ def _redirect(rationale: str, gold: str, wrong: str) -> str:
         if n:
             return redirected
     return f"{rationale.strip()} So the answer is {wrong}."
-
-
-def _mcq_text(reasoning: str, letter: str) -> str:
-    """Same layout as `gold_response` for MCQ."""
-    return f"Reasoning: {' '.join(reasoning.split())}\nAnswer: {letter}"
 
 
 # Code
@@ -597,15 +593,16 @@ _BUG_HINTS = {
 }
 
 
-def negative_request(ex: Example, index: int) -> str:
-    """The text asking the model for its `index`-th wrong demonstration (SPEC §2.3):
+def negative_request(ex: Example, index: int, mcq_format: McqFormat = "reason_first") -> str:
+    """The text asking the model for its `index`-th wrong demonstration (docs/method.md §2.3):
     round-robin over wrong letters (MCQ), bug types (code) or kinds of mistake (tool)."""
     _require_task(ex)
     if ex.task == "mcq":
         letter = _wrong_letter(ex, index)
+        where = "start" if mcq_format == "answer_first" else "end"
         ask = (f"Write a short, convincing response that argues that the answer is option {letter} "
                f"({ex.choices[LETTERS.index(letter)]}), without hedging. "
-               f"Use the format above and end with the line 'Answer: {letter}'.")
+               f"Use the format above and {where} with the line 'Answer: {letter}'.")
     elif ex.task == "code":
         bug = BUG_TYPES[index % len(BUG_TYPES)]
         ask = (f"Here is a correct solution:\n{gold_response(ex)}\n\n"
@@ -619,38 +616,40 @@ def negative_request(ex: Example, index: int) -> str:
         ask = (f"Here is the correct next call:\n{gold_response(ex)}\n\n"
                f"Write a plausible but wrong call instead: {mistake}. Do not say that it is wrong. "
                "Reply in the format above (Thought, Action, Action Input).")
-    return f"{task_text(ex)}\n\n{ask}"
+    return f"{task_text(ex, mcq_format)}\n\n{ask}"
 
 
-def clean_self_generated(ex: Example, request_index: int, text: str) -> Negative | None:
-    """The model's reply to `negative_request(ex, request_index)` in the student's output
-    format, or None when it is malformed or not wrong in the requested way.
+def clean_self_generated(ex: Example, request_index: int, text: str,
+                         mcq_format: McqFormat = "reason_first") -> Negative | None:
+    """The model's reply to `negative_request(ex, request_index, mcq_format)` in the
+    student's output format, or None when it is malformed or not wrong in the requested way.
 
     MCQ and tool replies come back verified; code comes back unverified (it must fail a
     test in the sandbox): pass it through `verify_negatives`, which batches the runs.
     """
     _require_task(ex)
     if ex.task == "mcq":
-        return _clean_mcq(ex, _wrong_letter(ex, request_index), text)
+        return _clean_mcq(ex, _wrong_letter(ex, request_index), text, mcq_format)
     if ex.task == "code":
         return _clean_code(ex, BUG_TYPES[request_index % len(BUG_TYPES)], text)
     return _clean_tool(ex, text)
 
 
 _ANSWER_ONLY = re.compile(r"^\W*answer\W*(?:is\W*)?\(?[A-J]\)?\W*$", re.IGNORECASE)
-_REASONING_LABEL = re.compile(r"^[*\s]*reasoning[*\s]*:[*\s]*", re.IGNORECASE)
+_REASONING_LABEL = re.compile(r"^[*\s]*reason(?:ing)?[*\s]*:[*\s]*", re.IGNORECASE)
 
 
-def _clean_mcq(ex: Example, letter: str, text: str) -> Negative | None:
+def _clean_mcq(ex: Example, letter: str, text: str, mcq_format: McqFormat) -> Negative | None:
+    """The reply's reasoning (answer-only lines and the Reasoning/Reason label removed),
+    rewritten in `mcq_format` with the requested letter."""
     if parse_mcq(text, ex.choices) != letter:
         return None
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if _ANSWER_ONLY.match(lines[-1]):
-        lines.pop()
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip() and not _ANSWER_ONLY.match(line)]
     reasoning = _REASONING_LABEL.sub("", " ".join(lines)).strip()
     if not reasoning:
         return None
-    return Negative(_mcq_text(reasoning, letter), f"wrong_option:{letter}", verified=True, source="self")
+    return Negative(mcq_response(reasoning, letter, mcq_format), f"wrong_option:{letter}", verified=True,
+                    source="self")
 
 
 def _clean_code(ex: Example, bug: str, text: str) -> Negative | None:

@@ -1,13 +1,19 @@
 """Every prompt the method uses, built from one `Example`.
 
 * student: the task alone (what the model sees at evaluation and when sampling);
-* privileged teacher: the task, then a demonstration in context (the gold one, or a
-  wrong one for contrastive negatives), then an instruction to solve it its own way;
+* privileged teacher: the task with a demonstration in context (the gold one, or a
+  wrong one for contrastive negatives), in one of three layouts (`TeacherTemplate`);
 * auxiliary context: reference material from *other* examples, then the task.
 
-Texts become token ids through the tokenizer's chat template, or through a plain
-fallback template for base models without one. `PromptBuilder.encode` applies the
+A prompt is a conversation (a list of chat messages); most are one user turn. They
+become token ids through the tokenizer's chat template, or through a plain fallback
+template for base models without one. `PromptBuilder.encode_messages` applies the
 prompt-length budget; over-long prompts are dropped and counted by the caller.
+
+MCQ answers come in one of two layouts (`McqFormat`): reason_first ("Reasoning: …"
+then "Answer: X" on the last line) or answer_first ("Answer: X" first, then one
+"Reason: …" line). The format instruction of the task and the gold response follow the
+same choice (`prompts.mcq_format`), which every caller passes on.
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ from typing import Literal
 
 from unisd.data.schema import LETTERS, Example
 
-MCQ_FORMAT = (
-    "Reason briefly, then give only the option letter on the last line, in this format:\n"
-    "Reasoning: <one or two sentences>\nAnswer: <letter>"
-)
+McqFormat = Literal["reason_first", "answer_first"]
+MCQ_FORMATS: dict[str, str] = {
+    "reason_first": ("Reason briefly, then give only the option letter on the last line, in this format:\n"
+                     "Reasoning: <one or two sentences>\nAnswer: <letter>"),
+    "answer_first": ("Give the option letter first, then one short reason, in this format:\n"
+                     "Answer: <letter>\nReason: <one sentence>"),
+}
 CODE_FORMAT = "Write the complete Python function in a single ```python code block."
 TOOL_FORMAT = (
     "Decide the next API call. Reply in this format:\n"
@@ -33,13 +42,24 @@ DEMO_OUTRO = (
 )
 EXAMPLE_INTRO = "Here is a solved example with a good response:"
 EXAMPLE_OUTRO = "Now solve this problem in your own way."
+REPEAT_REQUEST = "Solve the same problem again and reply in exactly the same format."
 REFERENCE_INTRO = "Here is reference material from related problems:"
 TASK_INTRO = "Now solve this problem."
-PLAIN_TEMPLATE = "### Instruction\n{text}\n\n### Response\n"
+ANSWER_PREFIX = "Answer:"
+# The plain template: one block per turn, then the opened response the model continues.
+PLAIN_TURNS = {"user": "### Instruction\n{text}\n\n", "assistant": "### Response\n{text}\n\n"}
+PLAIN_GENERATION = "### Response\n"
 PLAIN_STOP = "\n### "
 
+Message = dict[str, str]  # {"role": "user" | "assistant", "content": text}
 
-FORMATS = {"mcq": MCQ_FORMAT, "code": CODE_FORMAT, "tool": TOOL_FORMAT}
+
+def user(text: str) -> Message:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> Message:
+    return {"role": "assistant", "content": text}
 
 
 def problem_text(ex: Example, with_context: bool = True) -> str:
@@ -57,48 +77,74 @@ def problem_text(ex: Example, with_context: bool = True) -> str:
     return f"You can use this API:\n{ex.tools.strip()}\n\nUser request: {ex.question.strip()}"
 
 
-def task_text(ex: Example) -> str:
+def format_text(task: str, mcq_format: McqFormat = "reason_first") -> str:
+    """The output-format instruction of a task type."""
+    if task == "mcq":
+        return MCQ_FORMATS[mcq_format]
+    return CODE_FORMAT if task == "code" else TOOL_FORMAT
+
+
+def task_text(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
     """What the student sees: the task and the expected output format."""
-    return f"{problem_text(ex)}\n{FORMATS[ex.task]}"
+    return f"{problem_text(ex)}\n{format_text(ex.task, mcq_format)}"
 
 
-def gold_response(ex: Example) -> str:
+def mcq_response(reasoning: str, letter: str, mcq_format: McqFormat = "reason_first") -> str:
+    """An MCQ answer in the chosen layout, its reasoning on one line (whitespace joined)."""
+    reasoning = " ".join(reasoning.split())
+    if mcq_format == "answer_first":
+        return f"Answer: {letter}\nReason: {reasoning}"
+    return f"Reasoning: {reasoning}\nAnswer: {letter}"
+
+
+def gold_response(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
     """The gold demonstration, written in the format the student must produce."""
     if ex.task == "mcq":
         reasoning = ex.rationale.strip() or f"The correct option is {ex.answer}: {ex.choices[ex.gold_index]}."
-        return f"Reasoning: {' '.join(reasoning.split())}\nAnswer: {ex.answer}"
+        return mcq_response(reasoning, ex.answer, mcq_format)
     if ex.task == "code":
         return f"```python\n{ex.answer.strip()}\n```"
     return f"Thought: I should call {ex.answer}.\nAction: {ex.answer}\nAction Input: {ex.action_input}"
 
 
-TeacherTemplate = Literal["spec", "worked_example"]
+TeacherTemplate = Literal["spec", "worked_example", "assistant_turn"]
 
 
-def teacher_text(ex: Example, demonstration: str, template: TeacherTemplate = "spec") -> str:
-    """The privileged teacher's view: the task with a demonstration in context (SPEC §1).
+def teacher_messages(ex: Example, demonstration: str, template: TeacherTemplate = "spec",
+                     mcq_format: McqFormat = "reason_first") -> list[Message]:
+    """The privileged teacher's view: the task with a demonstration in context (docs/method.md §1.1, §7.1).
 
-    spec: the task, "This is an example for a response to the question:", the
-    demonstration, then the instruction to solve it in its own way (the reference).
-    worked_example: the demonstration first, as a solved example, then the task; small
-    models copy the reference template's phrases instead of answering (see README).
+    spec: one user turn: the task, "This is an example for a response to the question:",
+    the demonstration, then the instruction to solve it in its own way (the reference).
+    worked_example: one user turn: the demonstration first, as a solved example, then the
+    task; small models copy the reference template's phrases instead of answering (README).
+    assistant_turn: a conversation in which the demonstration is the model's own earlier
+    answer: user = the student's task text, assistant = the demonstration, user = "solve
+    it again in the same format". The teacher then expects that answer's format, and its
+    end of turn, rather than a continuation of an example it was shown.
     """
+    task, demo = task_text(ex, mcq_format), demonstration.strip()
+    if template == "assistant_turn":
+        return [user(task), assistant(demo), user(REPEAT_REQUEST)]
     if template == "worked_example":
-        return (f"{EXAMPLE_INTRO}\n\nProblem:\n{problem_text(ex)}\nResponse:\n{demonstration.strip()}\n\n"
-                f"{EXAMPLE_OUTRO}\n{task_text(ex)}")
-    return f"{task_text(ex)}\n\n{DEMO_INTRO}\n{demonstration.strip()}\n\n{DEMO_OUTRO}"
+        return [user(f"{EXAMPLE_INTRO}\n\nProblem:\n{problem_text(ex)}\nResponse:\n{demo}\n\n{EXAMPLE_OUTRO}\n{task}")]
+    return [user(f"{task}\n\n{DEMO_INTRO}\n{demo}\n\n{DEMO_OUTRO}")]
 
 
-def reference_text(ex: Example, references: list[Example] | str) -> str:
+def reference_text(ex: Example, references: list[Example] | str, mcq_format: McqFormat = "reason_first") -> str:
     """An auxiliary context: material from other examples (or an induced instruction), then the task."""
     if isinstance(references, str):
         material = references.strip()
     else:
         if any(r.id == ex.id for r in references):
             raise ValueError(f"{ex.id}: an auxiliary context must not hold the example's own answer")
-        material = "\n\n".join(f"Problem:\n{problem_text(r, with_context=False)}\nResponse:\n{gold_response(r)}"
-                                 for r in references)
-    return f"{REFERENCE_INTRO}\n\n{material}\n\n{TASK_INTRO}\n{task_text(ex)}"
+        material = "\n\n".join(solved_example(r, mcq_format) for r in references)
+    return f"{REFERENCE_INTRO}\n\n{material}\n\n{TASK_INTRO}\n{task_text(ex, mcq_format)}"
+
+
+def solved_example(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
+    """Another problem quoted compactly with its gold response (auxiliary contexts, induction)."""
+    return f"Problem:\n{problem_text(ex, with_context=False)}\nResponse:\n{gold_response(ex, mcq_format)}"
 
 
 Template = Literal["chat", "plain"]
@@ -106,7 +152,7 @@ Template = Literal["chat", "plain"]
 
 @dataclass
 class PromptBuilder:
-    """Renders texts with the model's template and applies the prompt-length budget."""
+    """Renders conversations with the model's template and applies the prompt-length budget."""
 
     tokenizer: object
     template: Template
@@ -121,20 +167,27 @@ class PromptBuilder:
             raise ValueError("model.template is 'chat' but the tokenizer has no chat template; use 'plain' or 'auto'")
         return cls(tokenizer, template, max_prompt_tokens)
 
-    def render(self, text: str) -> str:
+    def render(self, messages: list[Message], assistant_prefix: str = "") -> str:
+        """The conversation, then the opened assistant turn (generation prompt), then
+        `assistant_prefix` as the start of the answer (e.g. "Answer:")."""
         if self.template == "chat":
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-        return PLAIN_TEMPLATE.format(text=text)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = "".join(PLAIN_TURNS[m["role"]].format(text=m["content"]) for m in messages) + PLAIN_GENERATION
+        return text + assistant_prefix
 
-    def encode(self, text: str) -> list[int] | None:
-        """Prompt token ids, or None when the prompt exceeds the budget."""
-        rendered = self.render(text)
+    def encode_messages(self, messages: list[Message], assistant_prefix: str = "") -> list[int] | None:
+        """Prompt token ids of a conversation, or None when they exceed the budget."""
+        rendered = self.render(messages, assistant_prefix)
         bos = getattr(self.tokenizer, "bos_token", None)
         # Chat templates that already begin with BOS must not get a second one.
         add_special = self.template == "plain" or not (bos and rendered.startswith(bos))
         ids = self.tokenizer(rendered, add_special_tokens=add_special)["input_ids"]
         return ids if len(ids) <= self.max_prompt_tokens else None
+
+    def encode(self, text: str) -> list[int] | None:
+        """A one-turn prompt: `text` as the user's message."""
+        return self.encode_messages([user(text)])
 
     def encode_response(self, text: str) -> list[int]:
         """Token ids of a response, ended by EOS so that stopping is learned and scored."""

@@ -1,11 +1,11 @@
 """Recipes: named sets of component settings, resolved into one validated `Method`.
 
 A recipe is a partial `Method` on top of the defaults, which are plain on-policy
-self-distillation (SPEC §1): student samples, frozen teacher with the gold
+self-distillation (docs/method.md §1): student samples, frozen teacher with the gold
 demonstration in context, forward KL at T=0.7. `params.yaml`'s `components:` may
 switch any component on or off on top of the chosen recipe.
 
-| recipe | SPEC | what it sets |
+| recipe | docs/method.md | what it sets |
 |---|---|---|
 | base | §3 | no training |
 | sft | §3 | cross-entropy on gold completions |
@@ -20,6 +20,13 @@ switch any component on or off on top of the chosen recipe.
 | match_joint / match_repr | §2.4 | KL + 0.1·MSE / MSE only |
 | clip | §2.5 | static clip at τ=10 nats |
 | unisd-full | §2.6 | retrieval token agreement (K=3, γ=0.001), EMA (10, 0.98), joint matching 0.01, contrastive 0.01 / margin 0.1, forward KL, no clip |
+
+Components that any training recipe can take through `components:` (ours, off by default):
+
+| component | what it does |
+|---|---|
+| gold_mix: f | format stabilisation: for a seeded round(f · n) of the round's n prompts, the gold response is added as an extra item trained with cross-entropy (SFT) beside the recipe's own items, as GKD mixes gold sequences in; the same stabilisation can be given to every baseline |
+| skip_first_tokens: k | the teacher-based terms (divergence, feature matching, contrastive) skip each completion's first k tokens (teacher recipes only) |
 """
 
 from __future__ import annotations
@@ -84,6 +91,10 @@ class Method(Part):
     temperature: float = Field(0.7, gt=0.0, description="distillation temperature T")
     sample_temperature: float | None = Field(None, gt=0.0, description="None: generation.temperature")
     sample_top_p: float | None = Field(None, gt=0.0, le=1.0, description="None: generation.top_p")
+    gold_mix: float = Field(0.0, ge=0.0, lt=1.0, description="share of the round's prompts whose gold response is "
+                                                             "added as an extra SFT item (format stabilisation)")
+    skip_first_tokens: int = Field(0, ge=0, description="completion tokens at the start left out of the "
+                                                        "teacher-based loss terms")
     teacher: TeacherCfg = TeacherCfg()
     agreement: AgreementCfg = AgreementCfg()
     contrastive: ContrastiveCfg = ContrastiveCfg()
@@ -94,9 +105,11 @@ class Method(Part):
         uses_teacher = self.loss == "distill"
         for name, on in (("agreement", self.agreement.enabled), ("contrastive", self.contrastive.enabled),
                          ("feature", self.feature.mode != "none"), ("ema teacher", self.teacher.kind == "ema"),
-                         ("clip", self.clip.mode != "none")):
+                         ("clip", self.clip.mode != "none"), ("skip_first_tokens", self.skip_first_tokens > 0)):
             if on and not uses_teacher:
                 raise ValueError(f"{name} needs a teacher, but loss is {self.loss!r} (use loss: distill)")
+        if self.gold_mix > 0 and self.loss == "none":
+            raise ValueError("gold_mix adds training items, but loss is 'none' (this recipe trains nothing)")
 
     @property
     def samples(self) -> bool:

@@ -16,14 +16,19 @@ _LETTER_AND_OPTION = re.compile(r"^\s*\**\(?([A-J])[.:)]\**\s+(.+?)\s*$")
 def parse_mcq(text: str, choices: list[str]) -> str | None:
     """The chosen option letter, or None when no valid letter can be read.
 
-    Prefers the last 'Answer: X' (also 'the answer is (X)', '**Answer:** X'). Without
-    one, the last line, else the first, counts when it is only a letter ('B', '(B)',
-    'B.') or restates an option with its letter ('B. carbon dioxide', 'B: carbon
-    dioxide'). Letters beyond the options are invalid.
+    An answer line (a line that opens with 'Answer: X', also '**Answer:** X') decides,
+    the last one if there are several: so both layouts parse, the reasoning first with
+    the answer on the last line, and the answer first with a reason after it, even when
+    the reason mentions another letter ('Answer: B' then 'Reason: not answer C' is B).
+    Without one, the last 'answer is X' anywhere ('the answer is (X)', 'Final answer:
+    X'); without that, the last line, else the first, counts when it is only a letter
+    ('B', '(B)', 'B.') or restates an option with its letter ('B. carbon dioxide', 'B:
+    carbon dioxide'). Letters beyond the options are invalid.
     """
     valid = LETTERS[: len(choices)]
-    hits = [m.group(1).upper() for m in _ANSWER_LINE.finditer(text)]
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    hits = [m.group(1).upper() for ln in lines if (m := _ANSWER_LINE.match(ln.lstrip(" *#>")))]
+    hits = hits or [m.group(1).upper() for m in _ANSWER_LINE.finditer(text)]
     for line in (lines[-1:] + lines[:1]) if not hits else ():
         if letter := _letter_line(line, choices):
             hits = [letter]

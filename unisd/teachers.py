@@ -5,7 +5,7 @@ of exactly the parameters the student trains — the LoRA adapter under LoRA, al
 under full fine-tuning — and `active()` swaps that copy in for a teacher pass.
 
 * frozen: the copy is the initial weights (under LoRA, B=0: the base model).
-* ema: every N optimizer steps φ ← β φ + (1−β) θ over those parameters (SPEC §2.2).
+* ema: every N optimizer steps φ ← β φ + (1−β) θ over those parameters (docs/method.md §2.2).
 
 This fixes the public reference's defect: it averaged the frozen base weights, which
 are identical in student and teacher, and skipped the LoRA weights, so its teacher

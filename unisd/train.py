@@ -1,10 +1,14 @@
 """The training loop of one round: the student learns from its teacher (or from targets).
 
-Per micro-batch (SPEC §1-§2): the student's final hidden states at the completion
+Per micro-batch (docs/method.md §1–§2, §7.3): the student's final hidden states at the completion
 positions (prompt x only) and the teacher's (x plus the gold demonstration; the same
 completion tokens, aligned by completion index) give the per-token divergence over the
 full vocabulary, computed in chunks; it is clipped, weighted by agreement and reduced;
-feature matching and the contrastive term are added with their weights.
+feature matching and the contrastive term are added with their weights. Every
+completion token counts, the final EOS included (with pad == EOS, as in SmolLM2,
+masking it would teach the student never to stop), except the first
+`skip_first_tokens`. SFT items (`loss: sft`, and `gold_mix` items under any recipe)
+get the mean token cross-entropy; a micro-batch holds items of one kind only.
 
 LoRA (peft) or full fine-tuning; AdamW with warmup + cosine, grad-norm clipping and
 accumulation; accelerate places the model. A resumable checkpoint is written atomically
@@ -48,13 +52,17 @@ class TrainItem:
     teacher_prompt: list[int] | None = None  # x with the gold demonstration
     negative_prompt: list[int] | None = None  # x with a wrong demonstration (contrastive)
     scores: list[list[float]] | None = None  # [K][T] agreement scores
+    sft: bool = False  # cross-entropy on the completion (a gold_mix item), whatever the recipe's loss
 
 
 # --------------------------------------------------------------------------- batching
 
 
 def collate(items: list[TrainItem], pad_id: int, device) -> dict[str, Any]:
-    """Left-padded student/teacher/negative batches; completions right-aligned in [B, C]."""
+    """Left-padded student/teacher/negative batches; completions right-aligned in [B, C].
+    `mask` is True at every completion token (EOS included); `sft` says the batch's kind."""
+    if len({it.sft for it in items}) > 1:
+        raise ValueError("a micro-batch mixes SFT and distillation items (see micro_batches)")
     width = max(len(it.completion) for it in items)
     mask = torch.zeros(len(items), width, dtype=torch.bool)
     targets = torch.zeros(len(items), width, dtype=torch.long)
@@ -62,6 +70,7 @@ def collate(items: list[TrainItem], pad_id: int, device) -> dict[str, Any]:
         mask[b, width - len(it.completion):] = True
         targets[b, width - len(it.completion):] = torch.tensor(it.completion)
     batch: dict[str, Any] = {"mask": mask.to(device), "targets": targets.to(device), "width": width,
+                             "sft": items[0].sft,
                              "student": pack_left([(it.prompt, it.completion) for it in items], pad_id, device)}
     for name in ("teacher_prompt", "negative_prompt"):
         if getattr(items[0], name) is not None:
@@ -105,18 +114,28 @@ class TeacherCache:
 # --------------------------------------------------------------------------- the loss
 
 
+def loss_mask(mask: torch.Tensor, skip: int) -> torch.Tensor:
+    """The completion positions [B, C] that enter the loss: all but each row's first
+    `skip`. A position's index within its (right-aligned) completion is cumsum(mask) − 1,
+    so it counts when cumsum(mask) > skip; the last one (EOS) always counts while the
+    completion is longer than `skip`."""
+    return mask & (mask.cumsum(1) > skip)
+
+
 def batch_loss(method: Method, lm, teacher: Teacher, head_name: str, batch: dict[str, Any],
                chunk: int, cache: TeacherCache | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The recipe's total loss on one micro-batch, and its terms for logging. With a
     `cache` (frozen teacher only), `batch["ids"]` names the items of the batch."""
-    mask, targets, width = batch["mask"], batch["targets"], batch["width"]
+    targets, width = batch["targets"], batch["width"]
     head = head_fn(lm)
     terms: dict[str, float] = {}
-    if method.loss == "sft":
+    if method.loss == "sft" or batch["sft"]:
+        mask = batch["mask"]
         lp = token_logprobs(completion_hidden(lm, batch["student"], width), head, targets, 1.0, chunk)
         loss = -(lp * mask).sum() / mask.sum()
         terms["sft"] = loss.item()
         return loss, terms
+    mask = loss_mask(batch["mask"], method.skip_first_tokens)
 
     # Teacher passes first: swapping the teacher's weights in place must not touch
     # tensors that the student's forward has saved for backward.
@@ -211,13 +230,22 @@ def check_lineage(init_dir: Path | None, base_digest: str) -> None:
                             f"{base_digest[:12]}: a checkpoint from a different model cannot be continued")
 
 
-def micro_batches(n_items: int, cfg: Config, seed: int) -> list[list[int]]:
-    """Item indices per micro-batch for all epochs, reshuffled each epoch (seeded)."""
-    out = []
+def micro_batches(kinds: list[bool], cfg: Config, seed: int) -> list[list[int]]:
+    """Item indices per micro-batch for all epochs, reshuffled each epoch (seeded).
+
+    `kinds[i]` is item i's kind (SFT or not): each micro-batch holds one kind, since the
+    two losses need different passes. With two kinds the batches of each are cut from
+    the shuffled order, then shuffled together; with one, the order is the plain one.
+    """
+    size, out = cfg.train.batch_size, []
     for epoch in range(cfg.train.epochs):
-        order = list(range(n_items))
+        order = list(range(len(kinds)))
         random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
-        out += [order[i : i + cfg.train.batch_size] for i in range(0, n_items, cfg.train.batch_size)]
+        groups = [[i for i in order if kinds[i] == kind] for kind in sorted(set(kinds))]
+        batches = [group[i : i + size] for group in groups for i in range(0, len(group), size)]
+        if len(groups) > 1:
+            random.Random(f"{seed}:epoch:{epoch}:kinds").shuffle(batches)
+        out += batches
     return out
 
 
@@ -282,7 +310,7 @@ def train_round(cfg: Config, items: list[TrainItem], base_dir: Path, base_digest
     head_name = next((n for n, p in model.named_parameters() if p is head_weight), "lm_head.weight")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    batches = micro_batches(len(items), cfg, cfg.run.seed)
+    batches = micro_batches([it.sft for it in items], cfg, cfg.run.seed)
     accum = cfg.train.grad_accum
     total = cfg.train.max_steps or math.ceil(len(batches) / accum)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total), total)

@@ -1,9 +1,12 @@
-"""Trajectories: the sequences a round trains on, and their agreement scores.
+"""Trajectories: the sequences a round trains on, their agreement scores, and what the
+round's teacher makes of them.
 
 `sample_trajectories` draws the student's own answers y ~ π_θ(·|x) (or takes gold
-completions, per the recipe's `data` setting); `score_agreement` re-scores the same
-tokens under the teacher with K auxiliary contexts (SPEC §2.1) and marks trajectories
-whose sequence-level disagreement is above the filter quantile.
+completions, per the recipe's `data` setting, plus the `gold_mix` share of gold SFT
+items); `score_agreement` re-scores the same tokens under the teacher with K auxiliary
+contexts (docs/method.md §2.1) and marks trajectories whose sequence-level disagreement is above
+the filter quantile; `teacher_diagnostics` measures whether the privileged teacher fits
+the student's answers: its end-of-turn log-prob, and its accuracy against the student's.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from pydantic import BaseModel, ConfigDict
 from unisd.agreement import keep_by_disagreement, sequence_disagreement
 from unisd.config import Config
 from unisd.contexts import context_texts
-from unisd.data.schema import Example
+from unisd.data.schema import LETTERS, Example
 from unisd.generation import Sampling, generate
-from unisd.logprobs import completion_logprobs
-from unisd.prompts import PromptBuilder, gold_response, task_text
+from unisd.choice_scores import AnswerEncoder
+from unisd.logprobs import completion_logprobs, next_token_logprobs
+from unisd.prompts import ANSWER_PREFIX, McqFormat, Message, PromptBuilder, gold_response, task_text, teacher_messages
+from unisd.scoring import parse_mcq
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ class Trajectory(BaseModel):
     student_logprobs: list[float] = []  # log π_θ(y_t | x, y_<t) at T=1 under the sampling model
     agreement_scores: list[list[float]] | None = None  # [K][T] teacher log-probs under the K contexts
     disagreement: float | None = None  # D = Var_k(mean_t s_{k,t})
+    sft: bool = False  # a gold_mix item: cross-entropy on the gold completion, whatever the recipe's loss
 
 
 def round_examples(examples: list[Example], per_round: int, seed: int, round_idx: int) -> list[Example]:
@@ -49,23 +55,43 @@ def round_examples(examples: list[Example], per_round: int, seed: int, round_idx
     return random.Random(f"{seed}:round:{round_idx}").sample(examples, per_round)
 
 
+def privileged_messages(cfg: Config, ex: Example, demonstration: str | None = None) -> list[Message]:
+    """The teacher's prompt of `ex` under `prompts:` (template, MCQ format), with the gold
+    demonstration or the given one (a contrastive negative)."""
+    fmt = cfg.prompts.mcq_format
+    demo = gold_response(ex, fmt) if demonstration is None else demonstration
+    return teacher_messages(ex, demo, cfg.prompts.teacher_template, fmt)
+
+
+def gold_mix_picks(n: int, fraction: float, seed: int) -> list[int]:
+    """The round(fraction · n) of n prompts (indices, ascending) that also get their gold
+    response as an SFT item (`gold_mix`), a seeded choice."""
+    return sorted(random.Random(f"{seed}:gold_mix").sample(range(n), round(fraction * n)))
+
+
+def _gold(builder: PromptBuilder, ex: Example, ids: list[int], fmt: McqFormat, sft: bool) -> Trajectory:
+    text = gold_response(ex, fmt)
+    return Trajectory(id=f"{ex.id}#gold" if sft else ex.id, example_id=ex.id, benchmark=ex.benchmark, source="gold",
+                      prompt_ids=ids, completion_ids=builder.encode_response(text), text=text, sft=sft)
+
+
 def sample_trajectories(cfg: Config, model, tok, builder: PromptBuilder, examples: list[Example],
                         seed: int) -> tuple[list[Trajectory], dict[str, int]]:
-    """Student samples (or gold completions) for `examples`; returns them and drop counts."""
-    method, gen = cfg.method, cfg.generation
+    """Student samples (or gold completions) for `examples`, and the `gold_mix` share of
+    them again as gold SFT items; returns them and counts."""
+    method, gen, fmt = cfg.method, cfg.generation, cfg.prompts.mcq_format
+    encoded = [(ex, builder.encode(task_text(ex, fmt))) for ex in examples]
+    fitting = [(ex, ids) for ex, ids in encoded if ids is not None]
     rng = random.Random(f"{seed}:mix")
-    sampled, gold, dropped = [], [], 0
-    for ex in examples:
-        ids = builder.encode(task_text(ex))
-        if ids is None:
-            dropped += 1
-        elif method.data == "gold" or (method.data == "mixed" and rng.random() >= method.on_policy_fraction):
+    sampled, gold = [], []
+    for ex, ids in fitting:
+        if method.data == "gold" or (method.data == "mixed" and rng.random() >= method.on_policy_fraction):
             gold.append((ex, ids))
         else:
             sampled.extend((ex, ids) for _ in range(gen.samples_per_prompt))
-    out = [Trajectory(id=ex.id, example_id=ex.id, benchmark=ex.benchmark, source="gold", prompt_ids=ids,
-                      completion_ids=builder.encode_response(gold_response(ex)), text=gold_response(ex))
-           for ex, ids in gold]
+    mixed_in = [fitting[i] for i in gold_mix_picks(len(fitting), method.gold_mix, seed)]
+    out = ([_gold(builder, ex, ids, fmt, sft=False) for ex, ids in gold]
+           + [_gold(builder, ex, ids, fmt, sft=True) for ex, ids in mixed_in])
     by_task: dict[str, list[tuple[int, Example, list[int]]]] = {}
     for n, (ex, ids) in enumerate(sampled):
         by_task.setdefault(ex.task, []).append((n, ex, ids))
@@ -84,7 +110,8 @@ def sample_trajectories(cfg: Config, model, tok, builder: PromptBuilder, example
                               gen.batch_size, gen.bf16_autocast, desc="student log-probs", max_tokens=gen.score_tokens)
     for t, lp in zip(out, lps):
         t.student_logprobs = lp.tolist()
-    return out, {"dropped_over_budget": dropped, "sampled": len(sampled), "gold": len(gold)}
+    return out, {"dropped_over_budget": len(encoded) - len(fitting), "sampled": len(sampled), "gold": len(gold),
+                 "gold_mix": len(mixed_in)}
 
 
 def score_agreement(cfg: Config, teacher, tok, builder: PromptBuilder, trajectories: list[Trajectory],
@@ -97,7 +124,8 @@ def score_agreement(cfg: Config, teacher, tok, builder: PromptBuilder, trajector
     agreement = cfg.method.agreement
     scored, pairs, dropped = [], [], 0
     for t in trajectories:
-        prompts = [builder.encode(text) for text in context_texts(by_id[t.example_id], records[t.example_id], by_id)]
+        texts = context_texts(by_id[t.example_id], records[t.example_id], by_id, cfg.prompts.mcq_format)
+        prompts = [builder.encode(text) for text in texts]
         if len(prompts) < agreement.k or any(p is None for p in prompts):
             dropped += 1
             continue
@@ -119,3 +147,76 @@ def score_agreement(cfg: Config, teacher, tok, builder: PromptBuilder, trajector
              "filtered_fraction": (len(scored) - len(kept)) / len(scored),
              "disagreement_mean": float(torch.tensor([t.disagreement for t in scored]).mean())}
     return kept, stats
+
+
+# --------------------------------------------------------------------------- teacher diagnostics
+
+
+def teacher_diagnostics(cfg: Config, teacher, tok, builder: PromptBuilder, trajectories: list[Trajectory],
+                        by_id: dict[str, Example]) -> dict[str, float | int | None]:
+    """Whether the round's teacher (privileged prompt) fits the student's answers.
+
+    End of turn (`eos_calibration`), the option-letter accuracy of the teacher's and the
+    student's prompt under the same model (`letter_accuracy`), and the accuracy of the
+    student's own samples (`sample_accuracy`). A mean over nothing is None.
+    """
+    examples = [by_id[i] for i in dict.fromkeys(t.example_id for t in trajectories)]
+    return {**eos_calibration(cfg, teacher, tok, builder, trajectories, by_id),
+            **letter_accuracy(cfg, teacher, tok, builder, examples),
+            **sample_accuracy(trajectories, by_id)}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def eos_calibration(cfg: Config, teacher, tok, builder: PromptBuilder, trajectories: list[Trajectory],
+                    by_id: dict[str, Example]) -> dict[str, float | int | None]:
+    """Mean log-prob of the final EOS over the finished sampled trajectories that end with it:
+
+        teacher_eos_logp = mean_i log p_T(EOS | teacher prompt of x_i, y_i,<T)
+        student_eos_logp = mean_i log π_θ(EOS | x_i, y_i,<T)   (stored at sampling, T=1)
+
+    A teacher far below the student teaches it, token by token, not to stop. Trajectories
+    whose teacher prompt exceeds the budget are left out of both means.
+    """
+    ended = [t for t in trajectories
+             if t.source == "sampled" and t.finished and t.completion_ids[-1] == tok.eos_token_id]
+    prompts = {i: builder.encode_messages(privileged_messages(cfg, by_id[i])) for i in {t.example_id for t in ended}}
+    scored = [t for t in ended if prompts[t.example_id] is not None]
+    gen = cfg.generation
+    lps = completion_logprobs(teacher, [(prompts[t.example_id], t.completion_ids) for t in scored], tok.pad_token_id,
+                              gen.batch_size, gen.bf16_autocast, desc="teacher end of turn",
+                              max_tokens=gen.score_tokens)
+    return {"eos_trajectories": len(scored), "teacher_eos_logp": _mean([float(lp[-1]) for lp in lps]),
+            "student_eos_logp": _mean([t.student_logprobs[-1] for t in scored])}
+
+
+def letter_accuracy(cfg: Config, model, tok, builder: PromptBuilder,
+                    examples: list[Example]) -> dict[str, float | int | None]:
+    """Accuracy (%) of the option letter chosen right after an assistant prefix "Answer:",
+    over the MCQ examples whose two prompts fit the budget, under the teacher's privileged
+    prompt and under the student's prompt, with the same model (the round's teacher):
+    the gap is what the demonstration gives the teacher to teach."""
+    fmt, enc, rows = cfg.prompts.mcq_format, AnswerEncoder(builder), []
+    for ex in (ex for ex in examples if ex.task == "mcq"):
+        teacher = builder.encode_messages(privileged_messages(cfg, ex), ANSWER_PREFIX)
+        student, letters = enc.letters(task_text(ex, fmt), len(ex.choices))
+        if teacher is not None and len(student) <= builder.max_prompt_tokens:
+            rows.append((ex, teacher, student, letters))
+    gen = cfg.generation
+    lps = next_token_logprobs(model, [r[1] for r in rows] + [r[2] for r in rows], [r[3] for r in rows] * 2,
+                              tok.pad_token_id, gen.batch_size, gen.bf16_autocast, desc="letter accuracy",
+                              max_tokens=gen.score_tokens)
+    right = [LETTERS[int(lp.argmax())] == ex.answer for lp, ex in zip(lps, [r[0] for r in rows] * 2)]
+    n = len(rows)
+    return {"letter_items": n, "teacher_letter_acc": _mean([100.0 * r for r in right[:n]]),
+            "student_letter_acc": _mean([100.0 * r for r in right[n:]])}
+
+
+def sample_accuracy(trajectories: list[Trajectory], by_id: dict[str, Example]) -> dict[str, float | int | None]:
+    """Accuracy (%) of the student's sampled MCQ answers, as evaluation parses them."""
+    sampled = [(t, by_id[t.example_id]) for t in trajectories if t.source == "sampled"]
+    mcq = [(t, ex) for t, ex in sampled if ex.task == "mcq"]
+    return {"sampled_mcq": len(mcq),
+            "student_sample_acc": _mean([100.0 * (parse_mcq(t.text, ex.choices) == ex.answer) for t, ex in mcq])}
