@@ -128,6 +128,9 @@ class GenerationCfg(Section):
     score_tokens: int = Field(2048, ge=0, description=SCORE_TOKENS)
     max_new_tokens: NewTokens = NewTokens(mcq=192, code=256, tool=192)
     bf16_autocast: bool = False
+    # "fast": unisd.fast_decode for sampling (greedy fp32 tokens identical to "hf"); the
+    # evaluation always decodes on the reference "hf" path
+    backend: Literal["hf", "fast"] = "fast"
 
 
 class LoraCfg(Section):

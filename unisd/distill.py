@@ -101,7 +101,8 @@ def _induced(cfg: Config, model_dir: Path, groups: dict[str, list[Example]]) -> 
         demo_sets = contexts.induction_demo_sets(exs, k, cfg.run.seed)
         prompts = [_fitting_request(builder, demos, cfg.prompts.mcq_format) for demos in demo_sets]
         outs = generate(model, tok, prompts, Sampling(96, do_sample=True, temperature=0.7, seed=cfg.run.seed),
-                        cfg.generation.batch_size, builder.stop_strings, desc=f"induce {bench}")
+                        cfg.generation.batch_size, builder.stop_strings, desc=f"induce {bench}",
+                        backend=cfg.generation.backend)
         instructions = [" ".join(c.text.split()) or "Solve the problem step by step." for c in outs]
         records += contexts.induction_records(exs, k, [[d.id for d in ds] for ds in demo_sets], instructions)
     return records
@@ -162,7 +163,7 @@ def _self_generated(cfg: Config, model_dir: Path, examples: list[Example], limit
         sampling = Sampling(getattr(cfg.generation.max_new_tokens, task), do_sample=True,
                             temperature=cfg.generation.temperature, seed=cfg.run.seed)
         outs = generate(model, tok, [ids for _, _, ids in group], sampling, cfg.generation.batch_size,
-                        builder.stop_strings, desc=f"negatives {task}")
+                        builder.stop_strings, desc=f"negatives {task}", backend=cfg.generation.backend)
         for (ex, i, _), c in zip(group, outs):
             if (neg := negatives.clean_self_generated(ex, i, c.text, fmt)) is not None:
                 found.setdefault(ex.id, []).append(neg)

@@ -100,7 +100,7 @@ def sample_trajectories(cfg: Config, model, tok, builder: PromptBuilder, example
                             temperature=method.sample_temperature or gen.temperature,
                             top_p=method.sample_top_p or gen.top_p, seed=seed)
         outs = generate(model, tok, [ids for _, _, ids in group], sampling, gen.batch_size, builder.stop_strings,
-                        gen.bf16_autocast, desc=f"sample {task}")
+                        gen.bf16_autocast, desc=f"sample {task}", backend=gen.backend)
         for (n, ex, ids), c in zip(group, outs):
             if not c.ids:
                 continue
