@@ -13,16 +13,18 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.recovery import begin_flow
 from flows.runner import StageRunner
 from unisd.chain import run_recipe
 from unisd.config import Config, load_config, parse_override
 from unisd.stages import StageContext, format_table
-from unisd.tracking import Tracker
+from unisd.tracking import Tracker, recover
 
 
 def tracked_recipe(cfg: Config, name: str, parent: str | None = None) -> dict[str, Any]:
     """Run one recipe under an MLflow parent run (nested in `parent` if given)."""
     tracker = Tracker(cfg)
+    recover(cfg, tracker)
     tags = {"unisd.launcher": "prefect", "prefect.flow_run_id": str(flow_run.id or ""), "unisd.recipe": cfg.recipe}
     run_id = tracker.start_pipeline(name, tags, parent)
     runner = StageRunner(cfg, StageContext(tracker, run_id, tags))
@@ -41,6 +43,7 @@ def tracked_recipe(cfg: Config, name: str, parent: str | None = None) -> dict[st
 def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
              recipe: str | None = None) -> dict[str, Any]:
     """Run one recipe end to end; returns its metrics, what was cached and the MLflow parent run."""
+    begin_flow()
     cfg = load_config(params_file, {**(overrides or {}), **({"recipe": recipe} if recipe else {})})
     result = tracked_recipe(cfg, f"prefect:{cfg.recipe}")
     for metrics in result["metrics"].values():

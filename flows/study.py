@@ -10,16 +10,19 @@ from typing import Any
 from prefect import flow
 
 from flows.pipeline import tracked_recipe
+from flows.recovery import begin_flow
 from unisd.config import Config, load_config
 from unisd.study import Cell, report_dir, run_study
-from unisd.tracking import StageRun, Tracker
+from unisd.tracking import StageRun, Tracker, recover
 
 
 def study(name: str, params_file: str, overrides: dict[str, Any] | None) -> str:
     """Run study `name` under one MLflow parent run; log its report there."""
+    begin_flow()
     overrides = overrides or {}
     cfg = load_config(params_file, overrides)
     tracker = Tracker(cfg)
+    recover(cfg, tracker)
     parent = tracker.start_pipeline(f"study:{name}", {"unisd.study": name, "unisd.launcher": "prefect"})
 
     def run_cell(cell_cfg: Config, cell: Cell) -> None:

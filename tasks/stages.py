@@ -1,46 +1,71 @@
 """Every pipeline stage as a Prefect task, cached on content, never on live objects.
 
-A task is the library's stage function itself; its cache key is
-`unisd.stages.cache_key`: the code version, the stage's params and the digests of its
-input directories (plus the round or label). Tasks take and return paths; results
-persist in Prefect's local result storage (PREFECT_RESULTS_LOCAL_STORAGE_PATH). A
-cached result is used only while its output is intact, and is linked into place when
-another run asked for the same work at another path (see `flows.runner.StageRunner`).
+The tasks are made from the stage registry (`unisd.registry.STAGES`): a task runs the
+stage function, its cache key is the stage's (`StageSpec.key`: the code version, the
+stage's params, the digests of its input directories, the round or label), its runs
+are named like the stage's MLflow runs (`generate-r2`, `evaluate-base`), and stages
+that are safe to repeat retry with a growing delay, unless the error is bad input
+that a retry cannot fix. Tasks take paths and return a record of the output: its path
+and the digest it had when written. Records persist in Prefect's local result storage
+(PREFECT_RESULTS_LOCAL_STORAGE_PATH), which several projects may share. A cached
+record is used only while its output still matches that digest file by file, and is
+copied (verified) into place when another run asked for the same work at another path
+(see `flows.runner.StageRunner`).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect import task
+from prefect import Task, task
+from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
+from prefect.states import State
+from prefect.tasks import exponential_backoff
 
-from unisd.chain import STAGE_FUNCTIONS
-from unisd.stages import cache_key
+from unisd.artifacts import dir_digest
+from unisd.errors import INPUT_ERRORS
+from unisd.registry import STAGES, StageSpec
 
 
-def stage_cache_key(stage: str, inputs: tuple[str, ...], extra: tuple[str, ...] = ()
-                    ) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+def stage_cache_key(spec: StageSpec) -> Callable[[TaskRunContext, dict[str, Any]], str]:
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        paths = {k: Path(parameters[k]) for k in inputs if parameters.get(k) is not None}
-        extras = {k: parameters.get(k) for k in extra}
-        return f"{stage}-{cache_key(stage, parameters['cfg'], paths, extras)[:48]}"
+        paths = {k: Path(parameters[k]) for k in spec.inputs if parameters.get(k) is not None}
+        extras = {k: parameters.get(k) for k in spec.extra}
+        return f"{spec.name}-{spec.key(parameters['cfg'], paths, extras)[:48]}"
 
     return key
 
 
-# stage -> (input path parameters, other parameters that change the output)
-KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "model": ((), ()),
-    "prepare": ((), ()),
-    "contexts": (("model", "data"), ()),
-    "negatives": (("model", "data"), ()),
-    "generate": (("student", "data"), ("round_idx",)),
-    "filter": (("trajectories", "base", "data", "contexts", "previous"), ("round_idx",)),
-    "train": (("filtered", "base", "data", "negatives", "previous"), ("round_idx",)),
-    "evaluate": (("model", "data", "base"), ("label",)),
-}
-TASKS = {stage: task(STAGE_FUNCTIONS[stage], name=stage, cache_key_fn=stage_cache_key(stage, *KEYS[stage]),
-                     persist_result=True)
-         for stage in KEYS}
+def recorded(stage_fn: Callable[..., Path]) -> Callable[..., dict[str, str]]:
+    """The stage function, returning {path, digest}: the cache then remembers what the
+    output was, independently of the manifest on disk that a later edit could rewrite."""
+
+    @functools.wraps(stage_fn)
+    def run(*args: Any, **kwargs: Any) -> dict[str, str]:
+        out = stage_fn(*args, **kwargs)
+        return {"path": str(out), "digest": dir_digest(out)}
+
+    return run
+
+
+def worth_retrying(task: Task, run: TaskRun, state: State) -> bool:
+    """Bad params, data or a changed output fail the same way every time: no retry.
+    Anything else (a download, a full disk, memory) may pass the next time."""
+    return not isinstance(state.result(raise_on_failure=False), INPUT_ERRORS)
+
+
+def _run_name(spec: StageSpec) -> Callable[..., str]:
+    def name(parameters: dict[str, Any]) -> str:
+        return spec.run_name(parameters)
+
+    return name
+
+
+TASKS = {name: task(recorded(spec.function), name=name, task_run_name=_run_name(spec),
+                    cache_key_fn=stage_cache_key(spec), persist_result=True, retries=spec.retries,
+                    retry_delay_seconds=exponential_backoff(backoff_factor=10) if spec.retries else 0,
+                    retry_condition_fn=worth_retrying)
+         for name, spec in STAGES.items()}

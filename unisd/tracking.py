@@ -4,6 +4,11 @@ Run ids are passed explicitly (MlflowClient), never through MLflow's thread-loca
 active run, so stages running in Prefect worker threads log to the right place. The
 default store is `sqlite:///<project>/mlflow.db` with artifacts in
 `<project>/mlartifacts`; `MLFLOW_TRACKING_URI` overrides it.
+
+Every run is tagged with the process that opened it (`unisd.owner`). A process killed
+with SIGKILL cannot close its runs, so each launch first calls `recover`: runs left
+RUNNING by a process that has ended are marked KILLED, and the scratch folders it left
+in the artifacts and metrics folders are removed.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from unisd.artifacts import owner_gone, process_token, sweep_stale
 from unisd.config import Config, digest_json
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "unisd"
 PIPELINE_KEY = "unisd.pipeline_key"
+OWNER = "unisd.owner"
 
 
 def tracking_uri(root: Path) -> str:
@@ -68,7 +75,7 @@ class Tracker:
 
     def base_tags(self) -> dict[str, str]:
         return {"git.commit": git_commit(self.cfg.root), "unisd.params_hash": self.cfg.digest(),
-                "unisd.run_name": self.cfg.run.name}
+                "unisd.run_name": self.cfg.run.name, OWNER: process_token()}
 
     def start_pipeline(self, name: str, tags: dict[str, str] | None = None, parent: str | None = None) -> str:
         """A pipeline's parent run (itself nested under `parent`, e.g. a study, if given)."""
@@ -82,11 +89,36 @@ class Tracker:
         found = self.client.search_runs([self.experiment_id], f"tags.`{PIPELINE_KEY}` = '{key}'", max_results=1)
         if found:
             self.client.update_run(found[0].info.run_id, status="RUNNING")
+            self.client.set_tag(found[0].info.run_id, OWNER, process_token())
             return found[0].info.run_id
         return self.start_pipeline(name, {**tags, PIPELINE_KEY: key})
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any]) -> None:
         StageRun(self.client, run_id, self.experiment_id).log_metrics(metrics)
+
+    def reap_orphans(self) -> list[str]:
+        """Mark KILLED the runs still RUNNING whose process has ended (nothing else ever
+        would), and FAILED the logged models they left PENDING. Runs of live processes,
+        of other machines, and runs without an owner tag are left alone."""
+        from mlflow.entities import LoggedModelStatus
+
+        orphans = [run for run in self._running() if owner_gone(run.data.tags.get(OWNER, ""))]
+        for run in orphans:
+            self.client.set_terminated(run.info.run_id, "KILLED")
+            for model in self.client.search_logged_models(
+                    [self.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"):
+                if model.status == LoggedModelStatus.PENDING:
+                    self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        return [run.info.run_id for run in orphans]
+
+    def _running(self) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
+                                           max_results=1000, page_token=token)
+            runs.extend(page)
+            if not (token := page.token):
+                return runs
 
     def end(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
@@ -178,6 +210,17 @@ class StageRun:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def recover(cfg: Config, tracker: Tracker) -> None:
+    """Clean up after launches killed outright (SIGKILL, out of memory, a reboot): their
+    MLflow runs, and their scratch folders under the artifacts and metrics folders.
+    Finished outputs and resumable training state are kept: the next run goes on from them."""
+    for root in (cfg.artifacts, cfg.metrics_dir):
+        for path in sweep_stale(root):
+            log.warning("removed %s, left by a process that was killed", path)
+    for run_id in tracker.reap_orphans():
+        log.warning("MLflow run %s was left RUNNING by a process that was killed; marked KILLED", run_id)
 
 
 def pipeline_key(cfg: Config, launcher: str) -> str:

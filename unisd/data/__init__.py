@@ -9,11 +9,17 @@ __all__ = ["DataError", "Example", "SPLITS", "SUITES", "load_benchmark", "read_e
 
 
 def load_benchmark(suite: str, name: str, seed: int, source: str | None = None) -> dict[str, list[Example]]:
-    """All available splits of one benchmark, each a list in a seeded order."""
+    """All available splits of one benchmark, each a list in a seeded order and none
+    empty: an empty test split would be scored NaN and an empty train split train nothing."""
     if suite == "embedded":
         from unisd.data.embedded import load_embedded
 
-        return load_embedded(name, seed)
-    from unisd.data.paper import load_paper
+        splits = load_embedded(name, seed)
+    else:
+        from unisd.data.paper import load_paper
 
-    return load_paper(name, seed, source)
+        splits = load_paper(name, seed, source)
+    for split, examples in splits.items():
+        if not examples:
+            raise DataError(f"{source or f'the {suite} suite'}: the {split} split of {name} has no examples")
+    return splits

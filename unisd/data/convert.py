@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import ValidationError
 
-from unisd.data.schema import LETTERS, DataError, Example
+from unisd.data.schema import LETTERS, DataError, Example, validation_problems
 
 Row = dict[str, Any]
 
@@ -23,25 +23,61 @@ def clean_code(code: str) -> str:
     return code.replace("\r\n", "\n").replace("\r", "\n").rstrip() + "\n"
 
 
+def text(row: Row, key: str) -> str:
+    """A field that must be text (code, a prompt): None or a number is an error naming the field."""
+    value = row[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key}: expected text, got {type(value).__name__}")
+    return value
+
+
+def text_list(row: Row, key: str, optional: bool = False) -> list[str]:
+    """A field that must be a list of strings (or, if `optional`, missing or null):
+    `list()` would split a string into one-character items and a mapping into its keys."""
+    value = row.get(key) if optional else row[key]
+    if value is None and optional:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        got = type(value).__name__ if not isinstance(value, list) else "a list with non-text items"
+        raise ValueError(f"{key}: expected a list of strings, got {got}")
+    return list(value)
+
+
+def row_id(row: Row, key: str) -> str:
+    """A source id as text: a null or empty id would give several rows one id ('mbpp-None')."""
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise ValueError(f"{key}: expected a non-empty id, got {value!r}")
+    return str(value)
+
+
+def _detail(err: Exception) -> str:
+    if isinstance(err, KeyError):
+        return f"missing field {err}"
+    if isinstance(err, ValidationError):
+        return validation_problems(err)
+    return str(err).splitlines()[0]
+
+
 def convert_rows(source: str, rows: Iterable[Row],
                  convert: Callable[[int, Row], Example | list[Example] | None]) -> list[Example]:
     """Apply `convert` to each row; a row it cannot read is a DataError naming source and row.
 
     `convert` returns None for rows that are skipped on purpose (e.g. ScienceQA items
     with an image); those are not errors. A row that holds several examples (a
-    ToolAlpaca API) gives a list.
+    ToolAlpaca API) gives a list. Two rows with one id are an error: predictions,
+    contexts and negatives are matched to examples by id.
     """
-    out = []
+    out, first_row = [], {}
     for i, row in enumerate(rows, start=1):
         try:
             ex = convert(i, row)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, ValidationError) as err:
-            detail = f"missing field {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
-            raise DataError(f"{source}: row {i}: {type(err).__name__}: {detail}") from None
-        if isinstance(ex, list):
-            out.extend(ex)
-        elif ex is not None:
-            out.append(ex)
+            raise DataError(f"{source}: row {i}: {type(err).__name__}: {_detail(err)}") from None
+        for example in ex if isinstance(ex, list) else [] if ex is None else [ex]:
+            if (seen := first_row.setdefault(example.id, i)) != i:
+                raise DataError(f"{source}: row {i}: id {example.id!r} is already the id of row {seen}")
+            out.append(example)
     return out
 
 

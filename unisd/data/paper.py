@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from unisd.data.convert import Row, balanced_splits, clean_code, convert_rows, shuffled, shuffled_mcq, split_off
-from unisd.data.schema import DataError, Example, iter_jsonl
+from unisd.data.convert import (Row, balanced_splits, clean_code, convert_rows, row_id, shuffled, shuffled_mcq,
+                                split_off, text, text_list)
+from unisd.data.schema import DataError, Example, decode_utf8, iter_jsonl
 
 TOOLALPACA_RAW = "https://raw.githubusercontent.com/tangqiaoyu/ToolAlpaca/main/data/"
 
@@ -47,7 +48,7 @@ def scienceqa_example(i: int, row: Row, split: str) -> Example | None:
     if row.get("image"):
         return None  # the paper uses the text-only examples
     ex_id = f"scienceqa-{split}-{i:05d}"
-    choices = list(row["choices"])
+    choices = text_list(row, "choices")
     gold = choices[int(row["answer"])]
     options, answer = shuffled_mcq(ex_id, gold, [c for k, c in enumerate(choices) if k != int(row["answer"])])
     context = "\n".join(x for x in (row.get("hint") or "", row.get("lecture") or "") if x.strip())
@@ -64,8 +65,8 @@ def gpqa_example(i: int, row: Row, split: str) -> Example:
 
 
 def cos_e_example(i: int, row: Row, split: str) -> Example:
-    choices = list(row["choices"])
-    ex_id = f"cos_e-{row['id']}"
+    choices = text_list(row, "choices")
+    ex_id = f"cos_e-{row_id(row, 'id')}"
     options, answer = shuffled_mcq(ex_id, row["answer"], [c for c in choices if c != row["answer"]])
     if len(options) != len(choices):
         raise ValueError(f"answer {row['answer']!r} is not one of the choices")
@@ -75,16 +76,16 @@ def cos_e_example(i: int, row: Row, split: str) -> Example:
 
 def mbpp_example(i: int, row: Row, split: str) -> Example:
     # "full" rows have text/test_setup_code; "sanitized" rows have prompt/test_imports.
-    setup = row.get("test_setup_code") or "\n".join(row.get("test_imports") or [])
-    return Example(id=f"mbpp-{row['task_id']}", benchmark="mbpp", task="code",
-                   question=row.get("text") or row["prompt"], answer=clean_code(row["code"]),
-                   tests=list(row["test_list"]), test_setup=setup)
+    setup = row.get("test_setup_code") or "\n".join(text_list(row, "test_imports", optional=True))
+    return Example(id=f"mbpp-{row_id(row, 'task_id')}", benchmark="mbpp", task="code",
+                   question=row.get("text") or row["prompt"], answer=clean_code(text(row, "code")),
+                   tests=text_list(row, "test_list"), test_setup=setup)
 
 
 def humaneval_example(i: int, row: Row, split: str) -> Example:
-    return Example(id=row["task_id"].replace("/", "-"), benchmark="humaneval", task="code",
+    return Example(id=row_id(row, "task_id").replace("/", "-"), benchmark="humaneval", task="code",
                    question=row["prompt"], code_prompt=row["prompt"],
-                   answer=clean_code(row["prompt"] + row["canonical_solution"]),
+                   answer=clean_code(text(row, "prompt") + text(row, "canonical_solution")),
                    tests=[row["test"]], entry_point=row["entry_point"])
 
 
@@ -142,7 +143,7 @@ def _read_local(folder: Path, split: str) -> tuple[str, list[Any]]:
     if not whole.is_file():
         raise DataError(f"{folder}: no {split}.jsonl or {split}.json")
     try:
-        rows = json.loads(whole.read_text(encoding="utf-8"))
+        rows = json.loads(decode_utf8(whole.read_bytes(), str(whole)))
     except json.JSONDecodeError as err:
         raise DataError(f"{whole}: not valid JSON ({err.msg}, line {err.lineno})") from None
     if not isinstance(rows, list):

@@ -54,6 +54,8 @@ class Example(BaseModel):
                 raise ValueError(f"answer {self.answer!r} is not one of the {len(self.choices)} option letters")
         elif self.task == "code" and not self.tests:
             raise ValueError("code example without tests")
+        elif self.task == "code" and not all(test.strip() for test in self.tests):
+            raise ValueError("a blank test: it would pass any code")
         elif self.task == "tool" and not self.tools:
             raise ValueError("tool example without tool documentation")
         return self
@@ -68,21 +70,48 @@ def read_examples(path: str | Path) -> list[Example]:
     return [_parse_row(path, i, row, Example) for i, row in enumerate(iter_jsonl(path), start=1)]
 
 
+def key_path(loc: tuple[Any, ...]) -> str:
+    """A validation error's location as `a.b.0`; a key that is not a plain word is quoted
+    (repr), so that a key holding a newline cannot break the one-line message."""
+    return ".".join(str(p) if isinstance(p, int) or str(p).isidentifier() else repr(p) for p in loc)
+
+
+def validation_problems(err: ValidationError) -> str:
+    return "; ".join(f"{key_path(e['loc']) or 'row'}: {e['msg']}" for e in err.errors())
+
+
 def _parse_row(path: Path, lineno: int, row: Any, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(row)
     except ValidationError as err:
-        what = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in err.errors())
-        raise DataError(f"{path}: row {lineno}: {what}") from None
+        raise DataError(f"{path}: row {lineno}: {validation_problems(err)}") from None
+
+
+def not_utf8(raw: bytes, err: UnicodeDecodeError) -> str:
+    """Where `raw` stops being UTF-8: 'line L, column C: byte 0xNN is not UTF-8' (no line
+    for one line of text, e.g. a JSONL row)."""
+    column = err.start - raw.rfind(b"\n", 0, err.start)
+    line = raw.count(b"\n", 0, err.start) + 1
+    where = f"line {line}, column {column}" if b"\n" in raw.rstrip(b"\r\n") else f"column {column}"
+    return f"{where}: byte 0x{raw[err.start]:02x} is not UTF-8"
+
+
+def decode_utf8(raw: bytes, where: str) -> str:
+    """`raw` as text, or a DataError naming `where` and the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: {not_utf8(raw, err)}") from None
 
 
 def iter_jsonl(path: str | Path) -> Iterable[Any]:
-    """Rows of a JSONL file; a line that is not JSON raises DataError with its number."""
+    """Rows of a JSONL file; a line that is not UTF-8 or not JSON raises DataError with its number."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:  # bytes: a bad byte is then reported with its row, not as a traceback
+        for lineno, raw in enumerate(fh, start=1):
+            line = decode_utf8(raw, f"{path}: row {lineno}")
             if not line.strip():
                 continue
             try:
