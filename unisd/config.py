@@ -112,6 +112,9 @@ class EvalCfg(Section):
     code_timeout_s: float = Field(10.0, gt=0, le=600)
     code_memory_mb: int = Field(1024, ge=64)
     code_workers: int = Field(2, ge=1, le=256, description="concurrent sandboxed test processes")
+    code_isolation: Literal["best_effort", "strict"] = Field(
+        "best_effort", description="sandbox for generated code: strict refuses to score without namespaces and "
+                                   "seccomp (docs/security.md)")
     ppl: bool = True
     # MCQ: rotation-averaged letter probabilities and option log-likelihoods (unisd.choice_scores)
     choice_scores: bool = True

@@ -57,11 +57,13 @@ def score_items(cfg: Config, items: list[Item]) -> None:
     """Fill each record's `correct` (and task-specific fields) from its completion."""
     code_items = [it for it in items if it.example.task == "code"]
     if code_items:
-        limits = Limits(timeout_s=cfg.eval.code_timeout_s, memory_mb=cfg.eval.code_memory_mb)
+        limits = Limits(timeout_s=cfg.eval.code_timeout_s, memory_mb=cfg.eval.code_memory_mb,
+                        isolation=cfg.eval.code_isolation)
         results = run_many([code_program(it.example, it.record["completion"]) for it in code_items], limits,
                            workers=cfg.eval.code_workers, desc=f"tests {code_items[0].record['benchmark']}")
         for it, res in zip(code_items, results):
-            it.record.update(correct=res.passed, sandbox_status=res.status, sandbox_stderr=res.stderr[-500:])
+            it.record.update(correct=res.passed, sandbox_status=res.status, sandbox_stderr=res.stderr[-500:],
+                             sandbox_reason=res.reason, sandbox_isolation=res.isolation["level"])
     for it in items:
         ex, rec = it.example, it.record
         if ex.task == "mcq":

@@ -7,6 +7,7 @@ import json
 import re
 
 from unisd.data.schema import LETTERS, Example
+from unisd.sandbox import CodeTest, defined_names
 
 _ANSWER_LINE = re.compile(r"answer(?:\s+to\s+(?:the|this)\s+question)?\s*(?:is)?\s*[:：]?\s*\**\s*\(?((?-i:[A-J]))\)?(?![A-Za-z])", re.IGNORECASE)
 _BARE_LETTER = re.compile(r"^\s*\**\(?([A-J])\)?[.:)]?\**\s*$")
@@ -67,16 +68,17 @@ def _parses(code: str) -> bool:
         return False
 
 
-def code_program(ex: Example, completion: str) -> str:
-    """A program that exits 0 iff the completion passes the example's tests."""
+def code_program(ex: Example, completion: str) -> CodeTest:
+    """The completion's code and the example's tests, for `unisd.sandbox.run_many`, which
+    runs the code in the sandbox and judges the asserts outside it."""
     code = extract_code(completion)
     if ex.entry_point:  # HumanEval: the reply may hold only the body or the whole function
         # The prompt always comes first: a whole function redefines it but still needs its imports and helpers.
         whole = re.search(rf"def\s+{re.escape(ex.entry_point)}\s*\(", code)
         code = ex.code_prompt + ("\n" if whole else "") + code
-        return f"{code}\n\n{ex.tests[0]}\n\ncheck({ex.entry_point})\n"
+        return CodeTest(code, f"{ex.tests[0]}\n\ncheck({ex.entry_point})\n", defined_names(ex.answer))
     # MBPP setup code may use the solution's definitions (task 367 builds trees of its `Node`).
-    return "\n".join([code, "", ex.test_setup, *ex.tests, ""])
+    return CodeTest(code, "\n".join([ex.test_setup, *ex.tests, ""]), defined_names(ex.answer))
 
 
 _ACTION = re.compile(r"Action\s*:\s*(.+)")
