@@ -6,7 +6,6 @@ can be overridden per run.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,9 @@ def tracked_recipe(cfg: Config, name: str, parent: str | None = None) -> dict[st
         ok = True
     finally:
         tracker.end(run_id, ok)
-    get_run_logger().info("cache: %s", json.dumps(runner.cached))
+    ran = [step for step, hit in runner.cached.items() if not hit]
+    get_run_logger().info("%d stages: %d cached, %d ran%s", len(runner.cached), len(runner.cached) - len(ran),
+                          len(ran), f" ({', '.join(ran)})" if ran else "")
     return {"metrics": metrics, "cached": runner.cached, "mlflow_parent_run_id": run_id}
 
 

@@ -31,6 +31,8 @@ from unisd.registry import STAGES, StageSpec
 
 
 def stage_cache_key(spec: StageSpec) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """The task's cache key: the stage's, from the paths and arguments the task was given."""
+
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         paths = {k: Path(parameters[k]) for k in spec.inputs if parameters.get(k) is not None}
         extras = {k: parameters.get(k) for k in spec.extra}
@@ -58,6 +60,7 @@ def worth_retrying(task: Task, run: TaskRun, state: State) -> bool:
 
 
 def _run_name(spec: StageSpec) -> Callable[..., str]:
+    # Prefect passes a task_run_name callable the task's arguments when it takes `parameters`
     def name(parameters: dict[str, Any]) -> str:
         return spec.run_name(parameters)
 

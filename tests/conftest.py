@@ -37,3 +37,16 @@ def real_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real-model")
     materialize_model("smollm2-135m-instruct", None, out)
     return out
+
+
+@pytest.fixture
+def prefect_storage(tmp_path, monkeypatch) -> Path:
+    """Prefect's result storage, its task cache, in this test's folder: for flows run in
+    this process and for the processes the test starts. Prefect reads its settings from
+    the environment once, on import, so the environment alone reaches only the latter."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    path = tmp_path / "prefect-results"
+    monkeypatch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(path))
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: path}):
+        yield path

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from project import tiny_params
-from unisd.chain import STAGE_FUNCTIONS, distill_chain
+from unisd.chain import direct_runner, distill_chain
 from unisd.config import ConfigError, build_config
 from unisd.stages import Layout, StageContext
+from unisd.stages.train import train_stage
 from unisd.train import TrainingError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,13 +23,9 @@ def run_chain(tmp_path: Path, model_dir: Path, recipe: str, limit: int = 4, comp
     params = tiny_params(model_dir, **sections)
     params.update(recipe=recipe, components=components or {})
     cfg = build_config(params, tmp_path)
-    layout, ctx = Layout(cfg), StageContext()
-
-    def step(stage, name, **kwargs):
-        return STAGE_FUNCTIONS[stage](cfg, ctx=ctx, **kwargs)
-
-    model = step("model", "model", out=layout.model)
-    data = step("prepare", "prepare", out=layout.data)
+    layout, step = Layout(cfg), direct_runner(cfg, StageContext())
+    model = step("model", out=layout.model)
+    data = step("prepare", out=layout.data)
     return distill_chain(cfg, model, data, step), layout
 
 
@@ -108,8 +105,8 @@ def test_a_previous_round_from_another_model_is_rejected(tmp_path, tiny_model_di
     (trained / "train_info.json").write_text(json.dumps(info))
     cfg = build_config({**tiny_params(tiny_model_dir), "recipe": "sd"}, tmp_path)
     with pytest.raises(TrainingError, match="different model"):
-        STAGE_FUNCTIONS["train"](cfg, filtered=layout.round(1, "filter"), base=layout.model, data=layout.data,
-                                 out=tmp_path / "again", ctx=StageContext(), round_idx=2, previous=trained)
+        train_stage(cfg, filtered=layout.round(1, "filter"), base=layout.model, data=layout.data,
+                    out=tmp_path / "again", ctx=StageContext(), round_idx=2, previous=trained)
     assert not (tmp_path / "again").exists()  # nothing half-written
 
 

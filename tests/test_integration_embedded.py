@@ -30,7 +30,8 @@ def test_unisd_full_on_the_embedded_model(tmp_path, monkeypatch):
     assert run.returncode == 0, run.stderr[-4000:]
 
     base = json.loads((project / "metrics" / "base.json").read_text())
-    trained = json.loads((project / "metrics" / "recipes" / "unisd-full.json").read_text())
+    trained = json.loads((project / "metrics" / "trained.json").read_text())
+    assert trained["recipe"] == "unisd-full"
     suite = {"sciq", "arc_challenge", "commonsense_qa", "mbpp", "humaneval"}
     for metrics in (base, trained):
         assert set(metrics["benchmarks"]) == suite

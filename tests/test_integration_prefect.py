@@ -27,6 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_task_runs(api: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return client.read_task_runs()
+
+
 def runs_by_parent(db: Path) -> tuple[MlflowClient, dict]:
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("unisd")
@@ -61,6 +69,13 @@ def test_served_deployment_runs_and_caches(tmp_path, tiny_model_dir, monkeypatch
         finally:
             server.terminate()
             server.wait(timeout=30)
+        task_runs = read_task_runs(api)
+
+    # task runs named like the stages' MLflow runs, each linked to the runs it read from
+    assert {run.name for run in task_runs} == STAGES
+    one = {run.name: run for run in task_runs if run.flow_run_id == task_runs[0].flow_run_id}
+    inputs = {i.id for values in one["evaluate-unisd-full"].task_inputs.values() for i in values}
+    assert {one[name].id for name in ("train-r1", "model", "prepare")} <= inputs
 
     client, pipelines = runs_by_parent(project / "mlflow.db")
     assert len(pipelines) == 2
@@ -85,7 +100,10 @@ def test_served_deployment_runs_and_caches(tmp_path, tiny_model_dir, monkeypatch
     assert {"train/loss", "train/divergence", "train/feature", "train/contrastive", "train/lr"} <= set(train.data.metrics)
     assert [m.name for m in client.search_logged_models([train.info.experiment_id],
                                                         filter_string=f"source_run_id = '{train.info.run_id}'")]
-    assert {d.dataset.name for d in ran["generate-r1"].inputs.dataset_inputs} == {"trajectories/round-1"}
+    assert {d.dataset.name for d in ran["generate-r1"].inputs.dataset_inputs} == {"sciq/train", "mbpp/train"}
+    assert {d.dataset.name for d in ran["filter-r1"].inputs.dataset_inputs} == {"trajectories/round-1"}
+    # the recipe's model is registered once: the second, cached run trained nothing
+    assert [v.run_id for v in client.search_model_versions("name = 'unisd-full'")] == [train.info.run_id]
     assert "benchmarks/sciq/ppl_ret" in ran["evaluate-unisd-full"].data.metrics
     # the second run was served from cache, each cached stage linked to the run that made it
     cached = {c.info.run_name: c for c in second[1]}

@@ -179,9 +179,8 @@ def run_stages(params: Path, stages: list[str]) -> dict[str, bool]:
 
 
 @pytest.fixture
-def shared_cache(tmp_path, monkeypatch):
+def shared_cache(tmp_path, monkeypatch, prefect_storage):
     """Projects that share one Prefect result storage (a shared Prefect home)."""
-    monkeypatch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(tmp_path / "prefect-results"))
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     return tmp_path
 

@@ -201,6 +201,21 @@ def test_scores_match_metrics_files(report, study):
         text, "## Code benchmarks (pass@1 %)")
 
 
+def test_dvc_metrics_file_states_each_runs_headline_scores_and_gain(report, study):
+    path, _ = report
+    data = json.loads((path.parent / "metrics.json").read_text())
+    assert data["headline"] == "sciq rot_acc" and set(data["runs"]) == set(study["models"])
+    base = _metrics(study, "base")
+    for name, row in data["runs"].items():
+        metrics = _metrics(study, name)
+        assert row["headline"]["score"] == pytest.approx(metrics["benchmarks"]["sciq"]["rot_acc"])
+        assert row["headline"]["lo"] <= row["headline"]["score"] <= row["headline"]["hi"]
+        assert row["score"] == pytest.approx({"overall": metrics["overall"],
+                                              **{b: m["score"] for b, m in metrics["benchmarks"].items()}})
+        if name != "base":  # same examples, so the paired gain is the difference of the overall scores
+            assert row["gain_over_base"] == pytest.approx(metrics["overall"] - base["overall"])
+
+
 def test_headline_gains_per_run_and_pooled(report, study):
     path, data = report
     hl = data["headline"]

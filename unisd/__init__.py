@@ -1,0 +1,1 @@
+"""UniSD: self-distillation of language models as a cached, tracked workflow (see README.md)."""

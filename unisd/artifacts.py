@@ -295,15 +295,17 @@ def _module_file(package: Path, module: str) -> Path:
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
+# subpackages whose modules are told apart: one module per stage, each stage's code its own
+BY_MODULE = ("stages",)
+
+
 @functools.lru_cache(maxsize=None)
-def code_files(module: str, exclude: tuple[str, ...] = (), package: Path = PACKAGE,
-               by_module: tuple[str, ...] = ("stages",)) -> tuple[Path, ...]:
+def code_files(module: str, exclude: tuple[str, ...] = (), package: Path = PACKAGE) -> tuple[Path, ...]:
     """The source files of `module` and of every module of the package it imports
     (directly, lazily inside functions, or transitively), not looking inside the modules
     named in `exclude`. A subpackage counts whole: a module there may run as a script in
-    another process (as the sandbox's `inside/` does), which no import shows. Only the
-    subpackages named in `by_module` are told apart module by module (`unisd/stages`:
-    one module per stage, so that each stage's code is its own)."""
+    another process (as the sandbox's `inside/` does), which no import shows; only those
+    of `BY_MODULE` count module by module."""
     import modulefinder
 
     path = _module_file(package, module)
@@ -311,7 +313,8 @@ def code_files(module: str, exclude: tuple[str, ...] = (), package: Path = PACKA
     finder.run_script(str(path))
     found = {Path(m.__file__) for name, m in finder.modules.items()
              if name.split(".")[0] == package.name and m.__file__} | {path}
-    whole = {f.relative_to(package).parts[0] for f in found if len(f.relative_to(package).parts) > 1} - set(by_module)
+    parts = [f.relative_to(package).parts for f in found]
+    whole = {p[0] for p in parts if len(p) > 1} - set(BY_MODULE)
     return tuple(sorted(found | {f for sub in whole for f in (package / sub).rglob("*.py")}))
 
 

@@ -8,9 +8,10 @@
     unisd serve [--with-server]    serve the Prefect deployments (optionally with a local server)
     unisd table FILE               print a metrics file as a table
 
-Every command takes `--params FILE` and `--set key.path=value` overrides. Bad params,
-data, assets or a stage output changed on disk exit with status 2 and one line per
-problem naming the file and the key or row, before anything is written.
+Every command takes `--params FILE`, `--set key.path=value` overrides and `--verbose`
+(other libraries' logs too, `unisd.console`). Bad params, data, assets or a stage output
+changed on disk exit with status 2 and one line per problem naming the file and the key
+or row, before anything is written.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
+from unisd import console
 from unisd.config import Config, load_config, parse_override, profile_overrides
 from unisd.data.schema import DataError, decode_utf8
 from unisd.errors import INPUT_ERRORS
@@ -155,6 +157,8 @@ def _main(argv: list[str] | None) -> int:
                        help="a profile of param overrides applied before --set, e.g. profiles/paper.yaml")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param, e.g. --set eval.limit=10 (repeatable)")
+        p.add_argument("--verbose", action="store_true",
+                       help="also print other libraries' INFO logs, HTTP requests and progress bars")
         if name == "evaluate":
             p.add_argument("--trained", action="store_true", help="evaluate the recipe's trained model")
         if name == "serve":
@@ -165,7 +169,7 @@ def _main(argv: list[str] | None) -> int:
         if name in ("study", "report"):
             p.add_argument("study", choices=("compare", "ablation"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.configure(args.verbose, prefect=args.command in ("run", "study", "serve"))
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_NoTraceback())
     try:

@@ -41,7 +41,7 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "aut
     path = resolve_model_path(model_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     model.to(pick_device(device)).eval()
-    log.info("loaded %s (%.1fM parameters, %s, %s)", path, model.num_parameters() / 1e6, dtype, model.device)
+    log.debug("loaded %s (%.1fM parameters, %s, %s)", path, model.num_parameters() / 1e6, dtype, model.device)
     return model
 
 

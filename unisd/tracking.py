@@ -14,14 +14,17 @@ in the artifacts and metrics folders are removed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import subprocess
+import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from unisd.artifacts import owner_gone, process_token, sweep_stale
 from unisd.config import Config, digest_json
@@ -29,6 +32,7 @@ from unisd.config import Config, digest_json
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "unisd"
+SYSTEM_METRICS_INTERVAL_S = 10
 PIPELINE_KEY = "unisd.pipeline_key"
 OWNER = "unisd.owner"
 
@@ -74,8 +78,16 @@ class Tracker:
             EXPERIMENT, artifact_location=(cfg.root / "mlartifacts").as_uri())
 
     def base_tags(self) -> dict[str, str]:
-        return {"git.commit": git_commit(self.cfg.root), "unisd.params_hash": self.cfg.digest(),
+        """MLflow's standard tags (`mlflow.user`, `mlflow.source.*`, as its fluent API sets
+        them), the project's commit, the params' digest and the process that opened the run."""
+        from mlflow.tracking.context.registry import resolve_tags
+
+        commit = git_commit(self.cfg.root)
+        tags = {**resolve_tags(), "git.commit": commit, "unisd.params_hash": self.cfg.digest(),
                 "unisd.run_name": self.cfg.run.name, OWNER: process_token()}
+        if commit != "unknown":
+            tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+        return tags
 
     def start_pipeline(self, name: str, tags: dict[str, str] | None = None, parent: str | None = None) -> str:
         """A pipeline's parent run (itself nested under `parent`, e.g. a study, if given)."""
@@ -125,8 +137,11 @@ class Tracker:
 
     @contextlib.contextmanager
     def stage(self, parent_id: str | None, name: str, params: dict[str, Any] | None = None,
-              tags: dict[str, str] | None = None) -> Iterator["StageRun"]:
-        """A nested run for one stage; FAILED (and re-raised) if the body raises."""
+              tags: dict[str, str] | None = None, system_metrics: bool = False) -> Iterator["StageRun"]:
+        """A nested run for one stage; FAILED (and re-raised) if the body raises. With
+        `system_metrics`, CPU, memory, disk and network use are sampled into it (`system/*`,
+        every SYSTEM_METRICS_INTERVAL_S seconds; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+        overrides), so a stage that runs for minutes shows them and a short one none."""
         run_tags = {**self.base_tags(), "unisd.stage": name, **(tags or {})}
         if parent_id:
             run_tags["mlflow.parentRunId"] = parent_id
@@ -135,11 +150,23 @@ class Tracker:
         if params:
             stage.log_params(params)
         try:
-            yield stage
+            with self._system_metrics(stage.run_id) if system_metrics else contextlib.nullcontext():
+                yield stage
         except BaseException:
             self.client.set_terminated(stage.run_id, "FAILED")
             raise
         self.client.set_terminated(stage.run_id, "FINISHED")
+
+    @contextlib.contextmanager
+    def _system_metrics(self, run_id: str) -> Iterator[None]:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def log_cached_stage(self, parent_id: str, name: str, output: Path, source_run: str | None) -> str:
         """A nested run recording that a stage was served from cache, linked to its producer."""
@@ -160,7 +187,28 @@ def _params(data: dict[str, Any]) -> list:
             for k, v in sorted(_flatten("", data, {}).items())]
 
 
+@functools.cache
+def _rows_class() -> type:
+    """An `mlflow.data` dataset class, made on first use (no MLflow import before it)."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class Rows(MetaDataset):
+        """A dataset known by its file and digest, with its row count as its profile."""
+
+        def __init__(self, source, name: str, digest: str, n_rows: int):
+            super().__init__(source, name=name, digest=digest)
+            self._n_rows = n_rows
+
+        @property
+        def profile(self) -> dict[str, int]:
+            return {"num_rows": self._n_rows}
+
+    return Rows
+
+
 class StageRun:
+    model_id: str | None = None  # the model this run produced (`log_model` with weights)
+
     def __init__(self, client, run_id: str, experiment_id: str):
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
 
@@ -183,23 +231,60 @@ class StageRun:
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
 
-    def log_dataset(self, name: str, digest: str, source: str, context: str, n_rows: int) -> None:
-        from mlflow.entities import Dataset, DatasetInput, InputTag
+    def log_dataset(self, name: str, path: Path, digest: str, context: str, n_rows: int,
+                    origin: str | None = None) -> None:
+        """A dataset this stage reads (or, for prepare, writes), as an `mlflow.data` dataset:
+        its file, digest and row count, its role (`context`: training, evaluation, ...) and,
+        for a prepared split, where the rows came from (`origin`)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.entities import DatasetInput, InputTag
 
-        ds = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
-                     profile=json.dumps({"num_rows": n_rows}))
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice ("" and "file:")
+            warnings.simplefilter("ignore", UserWarning)  # and warns that both match
+            source = resolve_dataset_source(Path(path).resolve().as_uri())
+        dataset = _rows_class()(source, name, digest[:36], n_rows)
+        tags = [InputTag("mlflow.data.context", context), *([InputTag("unisd.origin", origin)] if origin else [])]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
 
-    def log_model(self, name: str, artifacts: Path | None, metrics: dict[str, Any], step: int = 0,
+    def log_model(self, name: str, save: Callable[[Path], None] | None, metrics: dict[str, Any], step: int = 0,
                   tags: dict[str, str] | None = None) -> str:
-        """A LoggedModel from this run (weights when `artifacts` is given), linked to `metrics`."""
+        """A LoggedModel from this run, linked to `metrics`; with `save(folder)`, which
+        writes an MLflow model (`unisd.logged_model`), its weights too: then it is the
+        model this run produced (`model_id`), which later stages link to."""
         model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
                                                 tags=tags or {})
-        if artifacts is not None:
-            self.client.log_model_artifacts(model.model_id, str(artifacts))
+        if save is not None:
+            with tempfile.TemporaryDirectory(prefix="unisd-model-") as folder:
+                save(Path(folder) / "model")
+                self.client.log_model_artifacts(model.model_id, str(Path(folder) / "model"))
+            self.model_id = model.model_id
         self.log_metrics(metrics, step=step, model_id=model.model_id)
         self.client.finalize_logged_model(model.model_id, "READY")
         return model.model_id
+
+    def register_model(self, model_id: str, name: str) -> None:
+        """A new version of registered model `name` (created on first use): the LoggedModel
+        `model_id`, tagged with the params' digest and run name that produced it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        run = self.client.get_run(self.run_id)
+        self.client.create_model_version(name, f"models:/{model_id}", run_id=self.run_id, model_id=model_id,
+                                         tags={k: run.data.tags[k] for k in ("unisd.params_hash", "unisd.run_name")})
+
+    def link_model(self, model_id: str | None, source_run: str | None) -> None:
+        """Record that this run evaluated the LoggedModel `model_id` (made by run
+        `source_run`): a model input of the run, and tags naming both."""
+        from mlflow.entities import LoggedModelInput
+
+        tags = {"unisd.model_id": model_id, "unisd.model_source_run_id": source_run}
+        self.set_tags({k: v for k, v in tags.items() if v})
+        if model_id:
+            self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
 
     def log_checkpoint(self, step: int, metrics: dict[str, Any], path: Path) -> str:
         """A resumable checkpoint as a LoggedModel (weights stay on disk at `path`)."""

@@ -39,6 +39,7 @@ from unisd.recipes import Method
 from unisd.teachers import Teacher
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("unisd.progress")  # a periodic progress line (unisd.progress)
 
 
 class TrainingError(RuntimeError):
@@ -364,7 +365,7 @@ def train_round(cfg: Config, items: list[TrainItem], base_dir: Path, base_digest
         curves.append(point)
         run.log_metrics({f"train/{k}": v for k, v in point.items() if k != "step"}, step=step)
         if step % 10 == 0 or step == total:
-            log.info("train step %d/%d: loss %.4f, %.0f tok/s", step, total, loss_sum, point["tokens_per_s"])
+            progress_log.info("train step %d/%d: loss %.4f, %.0f tok/s", step, total, loss_sum, point["tokens_per_s"])
         if step % cfg.train.checkpoint_every == 0 and step < total:
             _save_checkpoint(ckpt, lm, optimizer, scheduler, teacher, step, curves)
             run.log_checkpoint(step, point, ckpt)

@@ -1,6 +1,6 @@
 """The study report: the headline with paired gains, MCQ and code tables, flips,
 ablations, drift, training diagnostics and wall times, as `report.md` + `report.json` +
-PNG figures.
+PNG figures, and the few numbers DVC compares across runs of a study as `metrics.json`.
 
 Every number is read from the evaluation folders (`metrics.json`, `predictions/*.jsonl`),
 training curves and filter stats named by the study; nothing is typed in (`load`). What
@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 
 from unisd.artifacts import write_json_atomic, write_text_atomic
-from unisd.report.analysis import (agreement_variants, best_baseline, choose_headline, drift, flips, gains,
-                                   headline, interactions, mcq_table, scores, seed_table, task_table, training)
+from unisd.report.analysis import (OVERALL, agreement_variants, best_baseline, choose_headline, drift, flips,
+                                   gains, headline, interactions, mcq_table, scores, seed_table, task_table,
+                                   training)
 from unisd.report.figures import figures
 from unisd.report.load import ReportError, Study, infer_kind, load_study
 from unisd.report.markdown import markdown
@@ -86,12 +87,27 @@ def analyse(s: Study) -> dict[str, Any]:
     }
 
 
+def dvc_metrics(data: dict[str, Any]) -> dict[str, Any]:
+    """The study's metrics for `dvc metrics show|diff` and `dvc exp show`, one small
+    table of report.json's numbers: per run, the headline with its interval, the
+    generative score per benchmark and overall, and the overall gain over the base model."""
+    head, runs = data["headline"], {}
+    for name, row in head["runs"].items():
+        runs[name] = {"headline": {k: row["value"][k] for k in ("score", "lo", "hi")},
+                      "score": {bench: cell["score"] for bench, cell in data["scores"][name].items()}}
+        if name in data["vs_base"]:
+            runs[name]["gain_over_base"] = data["vs_base"][name][OVERALL]["diff_pct"]
+    return {"headline": f"{head['benchmark']} {head['metric']}", "runs": runs}
+
+
 def write_report(study: dict[str, Any], out_dir: Path) -> Path:
-    """Write `out_dir/report.md`, `out_dir/report.json` and `out_dir/figures/*.png`; return report.md."""
+    """Write `out_dir/report.md`, `out_dir/report.json`, `out_dir/metrics.json` and
+    `out_dir/figures/*.png`; return report.md."""
     out_dir = Path(out_dir)
     s = load_study(study)
     data = analyse(s)
     data["figures"], data["skipped_figures"] = figures(s, data, out_dir / "figures")
     write_json_atomic(out_dir / "report.json", _clean(data))
+    write_json_atomic(out_dir / "metrics.json", _clean(dvc_metrics(data)))
     write_text_atomic(out_dir / "report.md", markdown(s, data))
     return out_dir / "report.md"

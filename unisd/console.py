@@ -1,0 +1,50 @@
+"""What a `unisd` command prints: a console a person can read at a glance.
+
+By default: one line when each stage starts and one when it ends (its cache status and
+time, `flows.runner`), unisd's own messages and progress lines, the tables, and every
+library's warnings. Left out unless `--verbose`: other libraries' INFO records (httpx's
+line per HTTP request to the Prefect API, its csrf-token probes, MLflow's database
+set-up), Hugging Face and MLflow progress bars ("Loading weights", "Downloading
+artifacts"), FutureWarnings addressed to library authors, and Prefect's per-task
+"Finished in state" lines (the stage's own end line says it). The Prefect UI still
+receives every flow and task log.
+
+Flow commands leave the root logger to Prefect (its console handler and format): a
+handler installed on the root before Prefect configures logging makes Prefect skip its
+own, and every library's INFO records then reach the console through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+class _QuietTaskRuns(logging.Filter):
+    """Drops Prefect's per-task INFO lines from the console (not from the UI)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "prefect.task_runs" and record.levelno < logging.WARNING)
+
+
+def configure(verbose: bool = False, prefect: bool = False) -> None:
+    """Set up the console of one command; `prefect`: the command runs Prefect flows."""
+    root = logging.getLogger()
+    if prefect:
+        from prefect.logging.configuration import ensure_logging_setup
+
+        ensure_logging_setup()  # the root logger gets Prefect's console handler
+    elif not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("unisd").setLevel(logging.INFO)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        return
+    # read when MLflow and Hugging Face are imported (later, and in the processes this one starts)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for handler in root.handlers:
+        handler.addFilter(_QuietTaskRuns())
+    warnings.filterwarnings("ignore", category=FutureWarning)
