@@ -13,7 +13,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TABLE = re.compile(r"^\| .+ \|\n\|[-|]+\|\n(\| .+ \|\n?)+", re.M)
 SCRIPTS = ["bench_loss_memory", "bench_train_step", "bench_generation", "bench_teacher_scoring", "bench_utilisation",
-           pytest.param("bench_cache", marks=pytest.mark.integration)]  # two `unisd run`s: Prefect
+           "profile_decode", pytest.param("bench_cache", marks=pytest.mark.integration)]  # two `unisd run`s: Prefect
 
 
 def _has_trl() -> bool:

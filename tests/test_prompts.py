@@ -193,6 +193,25 @@ def test_assistant_turn_token_layout(tok):
         + text("Answer:"))
 
 
+def test_prior_exchange_teacher_view_ends_exactly_as_the_student_prompt(tok):
+    """The teacher's tokens are the earlier exchange (task, demonstration) followed by
+    exactly the student's prompt tokens."""
+    pb = PromptBuilder.for_tokenizer(tok)
+    assert teacher_messages(MCQ, MCQ_GOLD, "prior_exchange") == [
+        {"role": "user", "content": MCQ_TASK}, {"role": "assistant", "content": MCQ_GOLD},
+        {"role": "user", "content": MCQ_TASK}]
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+
+    def text(piece):
+        return tok(piece, add_special_tokens=False)["input_ids"]
+
+    student = [start] + text("user\n") + text(MCQ_TASK) + [end] + text("\n") + [start] + text("assistant\n")
+    earlier = ([start] + text("user\n") + text(MCQ_TASK) + [end] + text("\n")
+               + [start] + text("assistant\n") + pb.encode_response(MCQ_GOLD) + text("\n"))
+    assert pb.encode_messages([user(MCQ_TASK)]) == student
+    assert pb.encode_messages(teacher_messages(MCQ, MCQ_GOLD, "prior_exchange")) == earlier + student
+
+
 def test_plain_template_renders_a_conversation_as_turns(tok):
     tok.chat_template = None
     pb = PromptBuilder.for_tokenizer(tok)

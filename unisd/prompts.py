@@ -107,7 +107,7 @@ def gold_response(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
     return f"Thought: I should call {ex.answer}.\nAction: {ex.answer}\nAction Input: {ex.action_input}"
 
 
-TeacherTemplate = Literal["spec", "worked_example", "assistant_turn"]
+TeacherTemplate = Literal["spec", "worked_example", "assistant_turn", "prior_exchange"]
 
 
 def teacher_messages(ex: Example, demonstration: str, template: TeacherTemplate = "spec",
@@ -122,10 +122,17 @@ def teacher_messages(ex: Example, demonstration: str, template: TeacherTemplate 
     answer: user = the student's task text, assistant = the demonstration, user = "solve
     it again in the same format". The teacher then expects that answer's format, and its
     end of turn, rather than a continuation of an example it was shown.
+    prior_exchange: as assistant_turn, but the last user turn is the student's task text
+    itself, so the teacher's view ends exactly as the student's prompt does and differs
+    from it only by the earlier exchange. Under assistant_turn the last user turn carries
+    no task, and the teacher's first tokens lean to openers such as "I'm ready to assist
+    you." (measured: unisd-full on SciQ then answered only that; README, validation).
     """
     task, demo = task_text(ex, mcq_format), demonstration.strip()
     if template == "assistant_turn":
         return [user(task), assistant(demo), user(REPEAT_REQUEST)]
+    if template == "prior_exchange":
+        return [user(task), assistant(demo), user(task)]
     if template == "worked_example":
         return [user(f"{EXAMPLE_INTRO}\n\nProblem:\n{problem_text(ex)}\nResponse:\n{demo}\n\n{EXAMPLE_OUTRO}\n{task}")]
     return [user(f"{task}\n\n{DEMO_INTRO}\n{demo}\n\n{DEMO_OUTRO}")]
