@@ -100,13 +100,13 @@ def hf_step(model, tok, builder, batch: int, context: int):
         cache.update(torch.randn(shape).to(layer.keys.dtype), torch.randn(shape).to(layer.values.dtype), i)
     state = _Batch()
     state.add(cache, torch.ones(batch, context, dtype=torch.long), list(range(batch)),
-              torch.randint(3, len(tok), (batch,)))
+              (torch.randint(3, len(tok), (batch,)), torch.zeros(batch)))
     sampling, gen, eos, stops = Sampling(10**6), torch.Generator().manual_seed(0), _eos_ids(model, tok), builder.stop_strings
 
     def step():
         _decode_step(model, state, sampling, gen)
-        for tokens in state.tokens:
-            g._check(tokens, tok, eos, stops, sampling)
+        for tokens, logprobs in zip(state.tokens, state.logprobs):
+            g._check(tokens, logprobs, tok, eos, stops, sampling)
 
     targets = [(cu.DynamicLayer, "update", "cache update (HF: cat)"), (ml, "create_causal_mask", "attention mask"),
                (ml, "apply_rotary_pos_emb", "RoPE"), (ml.LlamaRotaryEmbedding, "forward", "RoPE"),
@@ -127,12 +127,13 @@ def fast_step(model, tok, builder, batch: int, context: int):
     decoder.cache.values.normal_()
     decoder.cache.lens[:] = context
     decoder.rows, decoder.tokens = list(range(batch)), [[int(t)] for t in torch.randint(3, len(tok), (batch,))]
+    decoder.logprobs = [[0.0] for _ in range(batch)]
     eos, stops = g._eos_ids(model, tok), builder.stop_strings
 
     def step():
         decoder.step()
-        for tokens in decoder.tokens:
-            fd._check(tokens, tok, eos, stops, sampling)
+        for tokens, logprobs in zip(decoder.tokens, decoder.logprobs):
+            fd._check(tokens, logprobs, tok, eos, stops, sampling)
         decoder.cache.lens[:] = context  # every step decodes at the same length
 
     targets = [(fd, "_rope", "RoPE"), (fd._Llama, "_norm", "norms"), (fd._Decoder, "_step_masks", "attention mask"),

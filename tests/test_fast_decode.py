@@ -85,7 +85,8 @@ def test_stops_at_every_stop_string(chaotic):
             assert c.text == full[: first[0]] and not any(s in tok.decode(c.ids[:-1]) for s in stops)
             hit.add(first[1])
     assert hit == set(stops)
-    assert fast == generate(model, tok, prompts, Sampling(40), 4, stops, continuous=True)
+    hf = generate(model, tok, prompts, Sampling(40), 4, stops, continuous=True)
+    assert [(c.ids, c.text, c.finished) for c in fast] == [(c.ids, c.text, c.finished) for c in hf]
 
 
 def net_allocated_bytes(fn) -> int:
@@ -113,7 +114,7 @@ def test_decode_steps_allocate_nothing_that_stays(chaotic):
     from unisd.logprobs import pad_left
     cache, (ids_, mask) = DynamicCache(), pad_left(prompts[:4], tok.pad_token_id, "cpu")
     model(input_ids=ids_, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache)
-    ref.add(cache, mask, [0, 1, 2, 3], torch.zeros(4, dtype=torch.long))
+    ref.add(cache, mask, [0, 1, 2, 3], (torch.zeros(4, dtype=torch.long), torch.zeros(4)))
     gen = torch.Generator().manual_seed(0)
     assert net_allocated_bytes(lambda: [_decode_step(model, ref, Sampling(200), gen) for _ in range(5)]) > 0
 
@@ -166,7 +167,24 @@ def test_real_model_prompts(real_model_dir):
                                            "Write a Python function that returns the square of a number.",
                                            "Name a primary colour."]]
     fast = generate(model, tok, prompts, Sampling(24), 3, builder.stop_strings, backend="fast")
-    assert fast == generate(model, tok, prompts, Sampling(24), 3, builder.stop_strings, continuous=True)
+    hf = generate(model, tok, prompts, Sampling(24), 3, builder.stop_strings, continuous=True)
+    assert [(c.ids, c.text, c.finished) for c in fast] == [(c.ids, c.text, c.finished) for c in hf]
     assert "Paris" in fast[1].text
     bf16 = generate(model, tok, prompts, Sampling(24), 3, builder.stop_strings, bf16=True, backend="fast")
     assert "Paris" in bf16[1].text
+
+
+@pytest.mark.parametrize("backend,continuous", [("fast", None), ("hf", True), ("hf", False)])
+def test_logprobs_of_sampled_tokens_are_the_models_at_temperature_one(chaotic, backend, continuous):
+    """Each completion's log-probs equal log softmax of one fp32 forward over prompt +
+    completion, gathered at the sampled tokens — whatever T and top-p drew them."""
+    model, tok, prompts = chaotic
+    outs = generate(model, tok, prompts[:6], Sampling(15, True, 0.7, 0.9, seed=1), 3, continuous=continuous,
+                    backend=backend)
+    for prompt, c in zip(prompts, outs):
+        seq = torch.tensor([prompt + c.ids])
+        with torch.no_grad():
+            logits = model(input_ids=seq).logits[0, len(prompt) - 1 : -1].double()
+        expected = torch.distributions.Categorical(logits=logits).log_prob(torch.tensor(c.ids))
+        assert len(c.logprobs) == len(c.ids)
+        torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), expected, atol=2e-4, rtol=0)

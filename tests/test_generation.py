@@ -56,9 +56,9 @@ def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
     gen = torch.Generator().manual_seed(0)
     # top_p below the top token's probability keeps only the argmax
     p0 = torch.softmax(logits, -1)[0, 0].item()
-    picks = {_pick(logits, Sampling(1, True, 1.0, p0 - 0.01), gen).item() for _ in range(50)}
+    picks = {_pick(logits, Sampling(1, True, 1.0, p0 - 0.01), gen)[0].item() for _ in range(50)}
     assert picks == {0}
-    picks = {_pick(logits, Sampling(1, True, 1.0, 1.0), gen).item() for _ in range(400)}
+    picks = {_pick(logits, Sampling(1, True, 1.0, 1.0), gen)[0].item() for _ in range(400)}
     assert picks == {0, 1, 2, 3}
 
 

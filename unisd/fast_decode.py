@@ -185,12 +185,14 @@ class _Decoder:
         self.gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
         self.rows: list[int] = []
         self.tokens: list[list[int]] = []
+        self.logprobs: list[list[float]] = []  # T=1 log-prob of each generated token
 
-    def _take(self, first: int, picked: torch.Tensor) -> None:
-        """Record the tokens [n] picked for slots first..first+n-1."""
-        self.last[first : first + len(picked)] = picked
-        for tokens, t in zip(self.tokens[first:], picked.tolist()):
+    def _take(self, first: int, picked: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Record the tokens [n] picked for slots first..first+n-1, and their log-probs [n]."""
+        self.last[first : first + len(picked[0])] = picked[0]
+        for tokens, logprobs, t, lp in zip(self.tokens[first:], self.logprobs[first:], *(x.tolist() for x in picked)):
             tokens.append(t)
+            logprobs.append(lp)
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> None:
         """Admit `prompts` (prompt indices `rows`) into the next free slots: their keys and first tokens."""
@@ -213,6 +215,7 @@ class _Decoder:
         self.cache.lens[slots] = lens
         self.rows += rows
         self.tokens += [[] for _ in rows]
+        self.logprobs += [[] for _ in rows]
         last = h[torch.arange(b, device=h.device), lens - 1]  # each prompt's last position
         self._take(first, _pick(self.llama.logits(last), self.sampling, self.gen))
 
@@ -256,7 +259,8 @@ class _Decoder:
             self.last[holes] = self.last[movers]
             for hole, mover in zip(holes, movers):
                 self.rows[hole], self.tokens[hole] = self.rows[mover], self.tokens[mover]
-        del self.rows[n:], self.tokens[n:]
+                self.logprobs[hole] = self.logprobs[mover]
+        del self.rows[n:], self.tokens[n:], self.logprobs[n:]
 
 
 def _admit(queue: list[int], prompts: list[list[int]], free: int) -> int:
@@ -283,8 +287,8 @@ def _run(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_s
             with timed(phases, "decode", len(decoder.rows)):
                 decoder.step()
         finished = []
-        for slot, tokens in enumerate(decoder.tokens):
-            if (done := _check(tokens, tokenizer, eos_ids, stops, sampling)) is not None:
+        for slot, (tokens, logprobs) in enumerate(zip(decoder.tokens, decoder.logprobs)):
+            if (done := _check(tokens, logprobs, tokenizer, eos_ids, stops, sampling)) is not None:
                 out[decoder.rows[slot]] = done
                 progress.update(1, tokens=len(tokens))
                 finished.append(slot)

@@ -34,6 +34,7 @@ class Completion:
     ids: list[int]  # generated tokens, ending with EOS when the model stopped by itself
     text: str  # decoded, special tokens removed, cut at a stop string
     finished: bool  # stopped by EOS or a stop string rather than the token limit
+    logprobs: list[float]  # log π(ids[t] | prompt, ids[:t]) at T=1 under the decoding model, one per token
 
 
 @dataclass(frozen=True)
@@ -52,28 +53,40 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos])
 
 
-def _pick(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> torch.Tensor:
-    """Next tokens [B] from last-position logits [B, V]: argmax, or top-p sampling at T."""
+def _pick(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [B] from last-position logits [B, V] (argmax, or top-p sampling at T)
+    and their log-probabilities [B] at T=1, log softmax(logits)[token]: the model's own
+    distribution whatever the sampling knobs, so no second scoring pass is needed."""
+    logits = logits.float()
     if not sampling.do_sample:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > sampling.top_p  # keep the smallest nucleus
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        picked = logits.argmax(-1)
+    else:
+        probs = torch.softmax(logits / sampling.temperature, dim=-1)
+        if sampling.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_p.cumsum(-1) - sorted_p > sampling.top_p  # keep the smallest nucleus
+            sorted_p = sorted_p.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        picked = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return picked, _token_logprobs(logits, picked)
 
 
-def _finish(tokens: list[int], tokenizer, stops: list[str], finished: bool) -> Completion:
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits [B, V])[b, tokens[b]] in fp32: [B]."""
+    logits = logits.float()
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _finish(tokens: list[int], logprobs: list[float], tokenizer, stops: list[str], finished: bool) -> Completion:
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     for stop in stops:
         if stop in text:
             text, finished = text[: text.index(stop)], True
-    return Completion(tokens, text, finished)
+    return Completion(tokens, text, finished, logprobs)
 
 
-def _check(tokens: list[int], tokenizer, eos_ids: set[int], stops: list[str], sampling: Sampling) -> Completion | None:
+def _check(tokens: list[int], logprobs: list[float], tokenizer, eos_ids: set[int], stops: list[str],
+           sampling: Sampling) -> Completion | None:
     """The completion of a running sequence if it is done after its latest token, else None.
 
     Done: the latest token is an EOS, a stop string appears in the text of the last 8
@@ -82,7 +95,7 @@ def _check(tokens: list[int], tokenizer, eos_ids: set[int], stops: list[str], sa
     """
     stopped = tokens[-1] in eos_ids or any(s in tokenizer.decode(tokens[-8:]) for s in stops)
     if stopped or len(tokens) >= sampling.max_new_tokens:
-        return _finish(tokens, tokenizer, stops, stopped)
+        return _finish(tokens, logprobs, tokenizer, stops, stopped)
     return None
 
 
@@ -126,9 +139,10 @@ class _Batch:
         self.mask: torch.Tensor | None = None  # [B, L]
         self.rows: list[int] = []  # prompt index of each row
         self.tokens: list[list[int]] = []
+        self.logprobs: list[list[float]] = []  # T=1 log-prob of each generated token
         self.next_pos: torch.Tensor | None = None  # [B]
 
-    def add(self, cache, mask: torch.Tensor, rows: list[int], first: torch.Tensor) -> None:
+    def add(self, cache, mask: torch.Tensor, rows: list[int], first: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Merge freshly prefilled rows (with their first tokens) into the batch."""
         pos = mask.sum(-1)
         if self.cache is None:
@@ -142,7 +156,14 @@ class _Batch:
             self.mask = torch.cat([_left_pad(self.mask, old_pad, 1), _left_pad(mask, new_pad, 1)])
             self.next_pos = torch.cat([self.next_pos, pos])
         self.rows += rows
-        self.tokens += [[int(t)] for t in first]
+        self.tokens += [[t] for t in first[0].tolist()]
+        self.logprobs += [[lp] for lp in first[1].tolist()]
+
+    def append(self, picked: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Each running row's next token and its log-prob."""
+        for tokens, logprobs, t, lp in zip(self.tokens, self.logprobs, *(x.tolist() for x in picked)):
+            tokens.append(t)
+            logprobs.append(lp)
 
     def keep(self, keep: list[int]) -> None:
         index = torch.tensor(keep, device=self.mask.device)
@@ -150,6 +171,7 @@ class _Batch:
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]
         self.rows = [self.rows[i] for i in keep]
         self.tokens = [self.tokens[i] for i in keep]
+        self.logprobs = [self.logprobs[i] for i in keep]
         dead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
         if dead:
             for layer in self.cache.layers:
@@ -164,8 +186,7 @@ def _decode_step(model, batch: _Batch, sampling: Sampling, gen: torch.Generator)
     logits = model(input_ids=last, attention_mask=batch.mask, position_ids=batch.next_pos[:, None],
                    cache=batch.cache, use_cache=True).logits[:, -1]
     batch.next_pos = batch.next_pos + 1
-    for row, t in enumerate(_pick(logits, sampling, gen).tolist()):
-        batch.tokens[row].append(t)
+    batch.append(_pick(logits, sampling, gen))
 
 
 def _continuous(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int,
@@ -185,13 +206,13 @@ def _continuous(model, tokenizer, prompts: list[list[int]], sampling: Sampling, 
                 cache = DynamicCache()
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                                cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-                batch.add(cache, mask, admit, _pick(logits, sampling, gen).cpu())
+                batch.add(cache, mask, admit, _pick(logits, sampling, gen))
         else:  # one decoding step for every running row
             with timed(phases, "decode", len(batch.rows)):
                 _decode_step(model, batch, sampling, gen)
         keep = []
-        for row, tokens in enumerate(batch.tokens):
-            if (done := _check(tokens, tokenizer, eos_ids, stops, sampling)) is not None:
+        for row, (tokens, logprobs) in enumerate(zip(batch.tokens, batch.logprobs)):
+            if (done := _check(tokens, logprobs, tokenizer, eos_ids, stops, sampling)) is not None:
                 out[batch.rows[row]] = done
                 progress.update(1, tokens=len(tokens))
             else:
@@ -218,14 +239,17 @@ def _plain(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch
         ids, mask = pad_left([prompts[i] for i in idx], pad_id, model.device)
         if sampling.do_sample:
             torch.manual_seed(sampling.seed * 100_003 + b)
-        seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-                              pad_token_id=pad_id, eos_token_id=list(eos_ids), stop_strings=stops or None,
-                              tokenizer=tokenizer if stops else None, **knobs)
+        res = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
+                             pad_token_id=pad_id, eos_token_id=list(eos_ids), stop_strings=stops or None,
+                             tokenizer=tokenizer if stops else None, output_logits=True,
+                             return_dict_in_generate=True, **knobs)
+        new = res.sequences[:, ids.shape[1]:]
+        logps = torch.stack([_token_logprobs(step, new[:, k]) for k, step in enumerate(res.logits)], dim=1)
         for row, i in enumerate(idx):
-            tokens = seqs[row, ids.shape[1]:].tolist()
+            tokens = new[row].tolist()
             cut = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
             tokens = tokens[: cut + 1] if cut is not None else tokens
-            out[i] = _finish(tokens, tokenizer, stops, cut is not None)
+            out[i] = _finish(tokens, logps[row, : len(tokens)].tolist(), tokenizer, stops, cut is not None)
             progress.update(1, tokens=len(tokens))
     return out  # type: ignore[return-value]
 

@@ -105,10 +105,13 @@ def sample_trajectories(cfg: Config, model, tok, builder: PromptBuilder, example
             if not c.ids:
                 continue
             out.append(Trajectory(id=f"{ex.id}#{n}", example_id=ex.id, benchmark=ex.benchmark, source="sampled",
-                                  prompt_ids=ids, completion_ids=c.ids, text=c.text, finished=c.finished))
-    lps = completion_logprobs(model, [(t.prompt_ids, t.completion_ids) for t in out], tok.pad_token_id,
+                                  prompt_ids=ids, completion_ids=c.ids, text=c.text, finished=c.finished,
+                                  student_logprobs=c.logprobs))
+    # samples carry their log-probs from decoding; gold completions are scored in one pass
+    unscored = [t for t in out if not t.student_logprobs]
+    lps = completion_logprobs(model, [(t.prompt_ids, t.completion_ids) for t in unscored], tok.pad_token_id,
                               gen.batch_size, gen.bf16_autocast, desc="student log-probs", max_tokens=gen.score_tokens)
-    for t, lp in zip(out, lps):
+    for t, lp in zip(unscored, lps):
         t.student_logprobs = lp.tolist()
     return out, {"dropped_over_budget": len(encoded) - len(fitting), "sampled": len(sampled), "gold": len(gold),
                  "gold_mix": len(mixed_in)}
