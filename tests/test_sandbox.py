@@ -4,6 +4,8 @@ ends as one result. The hostile programs are in tests/security/."""
 
 import collections
 import math
+import os
+import subprocess
 import textwrap
 
 import pytest
@@ -207,7 +209,7 @@ def test_only_judged_jobs_are_run():
 def test_each_result_records_its_isolation():
     iso = isolation(FAST)  # this machine's answer, probed once per process
     (result,) = run_many([job("def f():\n    return 1\n", "assert f() == 1\n")], FAST)
-    assert result.passed and result.isolation == {"level": iso.level, "seccomp": iso.seccomp}
+    assert result.passed and result.isolation == {"level": iso.level, "seccomp": iso.seccomp, "uid": 65534}
 
 
 def test_strict_refuses_best_effort(best_effort):
@@ -225,6 +227,47 @@ def test_best_effort_still_judges_and_limits(best_effort, tmp_path):
     assert ok.passed and ok.isolation["level"] == "best_effort"
     assert wrong.reason == "test 1 failed (got 2)"
     assert "denied" in reader.reason and "top secret" not in reader.reason + reader.stdout + reader.stderr
+
+
+def _nobody_can_start(python: str) -> bool:
+    """Whether uid 65534 can run `python` and read the sandbox's own package."""
+    probe = [python, "-I", "-S", "-c", f"import os; os.listdir({launch.LIB_PARENT!r})"]
+    try:
+        return subprocess.run(probe, user=65534, group=65534, extra_groups=[], capture_output=True).returncode == 0
+    except PermissionError:  # the interpreter itself is out of reach
+        return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping the uid needs a root evaluator")
+def test_best_effort_as_root_runs_the_program_as_nobody(monkeypatch):
+    """Our interpreter may sit under a root-only home; the system one is world-readable."""
+    python = next((p for p in (launch.python(), "/usr/bin/python3") if _nobody_can_start(p)), None)
+    if python is None:
+        pytest.skip("no interpreter that uid 65534 can start")
+    monkeypatch.setattr(launch, "python", lambda: python)
+    monkeypatch.setattr(launch, "_available", launch.Isolation("best_effort", seccomp.supported(), "forced",
+                                                               as_nobody=True))
+    [ids] = run_many([job("import os\ndef f():\n    return os.getuid(), os.geteuid(), os.getgid(), os.getgroups()\n",
+                          "assert f() == (65534, 65534, 65534, [])\n")], FAST)
+    assert ids.passed, ids.reason
+    assert ids.isolation == {"level": "best_effort", "seccomp": seccomp.supported(), "uid": 65534}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid question is a root evaluator's")
+@pytest.mark.parametrize("nobody_works", [True, False])
+def test_root_without_namespaces_drops_to_nobody_only_where_it_can(monkeypatch, nobody_works):
+    monkeypatch.setattr(launch.shutil, "which", lambda *a, **k: "/usr/bin/unshare")
+    tried = []
+
+    def probe(iso):
+        tried.append(iso)
+        return "" if iso.as_nobody and nobody_works else "no namespaces here"
+
+    iso = launch._decide(probe)
+    assert [t.level for t in tried] == ["namespaces", "best_effort"] and tried[1].as_nobody
+    assert iso.level == "best_effort" and iso.as_nobody == nobody_works
+    assert iso.record()["uid"] == (65534 if nobody_works else 0)
+    assert nobody_works or "keeps the evaluator's uid 0" in iso.reason
 
 
 # ------------------------------------------------------------------------------ seccomp filter

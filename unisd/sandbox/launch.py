@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from .inside import init, seccomp
+from .inside.init import SANDBOX_ID
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,13 @@ class Isolation:
     level: Level
     seccomp: bool
     reason: str = ""  # why not namespaces
+    as_nobody: bool = False  # best effort with a root evaluator: the program runs as uid/gid 65534
+
+    def record(self) -> dict:
+        """What each result records: the level, seccomp, and the uid the program ran as (on
+        the host; under namespaces 65534 is the host's nobody or an unprivileged mapping)."""
+        uid = SANDBOX_ID if self.level == "namespaces" or self.as_nobody else os.geteuid()
+        return {"level": self.level, "seccomp": self.seccomp, "uid": uid}
 
 
 def python() -> str:
@@ -74,11 +82,12 @@ def label() -> str:
     return f"unisd-sandbox-of-{os.getpid()}"
 
 
-def start(level: Level, tmp_bytes: int, stdin: int, stdout: int, stderr: int, report: int, lifeline: int) -> Started:
+def start(iso: Isolation, tmp_bytes: int, stdin: int, stdout: int, stderr: int, report: int,
+          lifeline: int) -> Started:
     """Start the sandbox (`tmp_bytes`: the size of its writable tmpfs); the caller owns the
     pipes and closes its copies of these ends."""
-    common = dict(stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
-    if level == "namespaces":
+    common: dict = dict(stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
+    if iso.level == "namespaces":
         binds, links = _runtime()
         cfg = {"python": python(), "binds": binds, "links": links, "inside": LIB_PARENT + "/inside",
                "mountpoint": os.path.realpath(tempfile.gettempdir()), "report_fd": report, "lifeline_fd": lifeline,
@@ -89,6 +98,9 @@ def start(level: Level, tmp_bytes: int, stdin: int, stdout: int, stderr: int, re
     env = {**HOST_ENV, "HOME": workdir, "TMPDIR": workdir}
     argv = [python(), "-I", "-S", "-B", "-c", init.RUNNER_BOOT, LIB_PARENT, label()]
     try:
+        if iso.as_nobody:
+            os.chown(workdir, SANDBOX_ID, SANDBOX_ID)
+            common.update(user=SANDBOX_ID, group=SANDBOX_ID, extra_groups=[])
         proc = subprocess.Popen(argv, pass_fds=(report,), env=env, cwd=workdir, **common)
     except BaseException:
         remove_tree(workdir)
@@ -137,7 +149,7 @@ _available: Isolation | None = None
 
 def available(probe) -> Isolation:
     """The best isolation this machine gives, found once per process by running `probe`
-    (a function level -> '' on success, else why not) and logged."""
+    (a function Isolation -> '' on success, else why not) and logged."""
     global _available
     with _lock:
         if _available is None:
@@ -147,9 +159,9 @@ def available(probe) -> Isolation:
                          ", user namespace" if os.geteuid() != 0 else "", "on" if _available.seccomp else "off")
             else:
                 log.warning("sandbox isolation: BEST EFFORT (no namespaces: %s). Weaker: no filesystem or process "
-                            "isolation, only rlimits, seccomp %s and an audit hook. Results record "
+                            "isolation, only rlimits, seccomp %s, an audit hook and the program's uid %d. Results record "
                             "isolation=best_effort; eval.code_isolation=strict refuses to score. See docs/security.md.",
-                            _available.reason, "on" if _available.seccomp else "off")
+                            _available.reason, "on" if _available.seccomp else "off", _available.record()["uid"])
         return _available
 
 
@@ -159,5 +171,14 @@ def _decide(probe) -> Isolation:
     has_seccomp = seccomp.supported()
     if not shutil.which("unshare", path=HOST_ENV["PATH"]):
         return Isolation("best_effort", has_seccomp, "util-linux unshare not found")
-    why = probe("namespaces")
-    return Isolation("namespaces", has_seccomp) if not why else Isolation("best_effort", has_seccomp, why)
+    why = probe(Isolation("namespaces", has_seccomp))
+    if not why:
+        return Isolation("namespaces", has_seccomp)
+    if os.geteuid() != 0:
+        return Isolation("best_effort", has_seccomp, why)
+    # a root evaluator still drops the program to nobody, if nobody can reach the interpreter
+    nobody = Isolation("best_effort", has_seccomp, why, as_nobody=True)
+    if not (why_not := probe(nobody)):
+        return nobody
+    return Isolation("best_effort", has_seccomp, f"{why}; and as uid {SANDBOX_ID} it cannot start ({why_not}), so it "
+                                                  f"keeps the evaluator's uid 0")

@@ -105,15 +105,15 @@ def isolation(limits: Limits) -> launch.Isolation:
 _PROBE = CodeTest("def f():\n    return 1\n", "assert f() == 1\n")
 
 
-def _probe(level: launch.Level) -> str:
-    result = run_one(_PROBE, Limits(timeout_s=30), launch.Isolation(level, launch.seccomp.supported()))
+def _probe(iso: launch.Isolation) -> str:
+    result = run_one(_PROBE, Limits(timeout_s=30), iso)
     last_line = (result.stderr.strip().splitlines() or [""])[-1][:300]
     return "" if result.passed else f"{result.reason}: {last_line}"
 
 
 def run_one(test: CodeTest, limits: Limits, iso: launch.Isolation, batch: _Batch | None = None) -> SandboxResult:
     start = time.monotonic()
-    record = {"level": iso.level, "seccomp": iso.seccomp}
+    record = iso.record()
     try:
         return _run(test, plan(test), limits, iso, record, start, batch or _Batch())
     except (TestsUnjudgeable, _Interrupted) as err:
@@ -191,7 +191,7 @@ def _run(test: CodeTest, tests: Plan, limits: Limits, iso: launch.Isolation, rec
     life_r, life_w = fds.pipe()
     started = None
     try:
-        started = launch.start(iso.level, limits.file_mb << 20, job_r, out_w, err_w, rep_w, life_r)
+        started = launch.start(iso, limits.file_mb << 20, job_r, out_w, err_w, rep_w, life_r)
         fds.close(job_r, out_w, err_w, rep_w, life_r)
         if not batch.add(started):
             raise _Interrupted("the evaluation was interrupted")
