@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test repro compare ablation serve mlflow-ui clean
+.PHONY: setup run test repro compare ablation serve mlflow-ui mlflow-server clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ serve: setup
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# a shared tracking server on 127.0.0.1:5000 (store in mlflow-server/); workers:
+# export MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (README "Scaling out")
+mlflow-server: setup
+	$(BIN)/unisd tracking-server
 
 clean:
 	rm -rf artifacts metrics reports mlflow.db mlartifacts .prefect

@@ -6,6 +6,7 @@
     unisd study compare|ablation   a study (Prefect flow) and its report in reports/<study>/
     unisd report compare|ablation  rebuild a study's report from its outputs
     unisd serve [--with-server]    serve the Prefect deployments (optionally with a local server)
+    unisd tracking-server          a shared MLflow tracking server (database + artifact store) on 127.0.0.1
     unisd table FILE               print a metrics file as a table
 
 Every command takes `--params FILE`, `--set key.path=value` overrides and `--verbose`
@@ -150,7 +151,8 @@ def _main(argv: list[str] | None) -> int:
     for name, helptext in (("run", "run the pipeline flow"), *stage_commands,
                            ("study", "run the compare or ablation study (Prefect flow) and write its report"),
                            ("report", "rebuild a study's report from its outputs"),
-                           ("serve", "serve Prefect deployments"), ("table", "print a metrics file")):
+                           ("serve", "serve Prefect deployments"), ("table", "print a metrics file"),
+                           ("tracking-server", "run a shared MLflow tracking server until interrupted")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.add_argument("--profile", metavar="FILE",
@@ -166,6 +168,10 @@ def _main(argv: list[str] | None) -> int:
             p.add_argument("--port", type=int, default=4200)
         if name == "table":
             p.add_argument("file")
+        if name == "tracking-server":
+            from unisd.tracking_server import add_arguments
+
+            add_arguments(p)
         if name in ("study", "report"):
             p.add_argument("study", choices=("compare", "ablation"))
     args = parser.parse_args(argv)
@@ -175,6 +181,15 @@ def _main(argv: list[str] | None) -> int:
     try:
         if args.command == "table":
             print(_table(Path(args.file)))
+            return 0
+        if args.command == "tracking-server":
+            from unisd.tracking_server import ServerError, serve
+
+            try:
+                serve(args)
+            except ServerError as err:
+                print(f"unisd: error: {err}", file=sys.stderr)
+                return 1
             return 0
         if getattr(args, "profile", None):
             args.overrides = profile_overrides(args.profile) + args.overrides

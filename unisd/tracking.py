@@ -3,7 +3,8 @@
 Run ids are passed explicitly (MlflowClient), never through MLflow's thread-local
 active run, so stages running in Prefect worker threads log to the right place. The
 default store is `sqlite:///<project>/mlflow.db` with artifacts in
-`<project>/mlartifacts`; `MLFLOW_TRACKING_URI` overrides it.
+`<project>/mlartifacts`; `MLFLOW_TRACKING_URI` overrides it, e.g. with the URL of a
+shared tracking server (`unisd.tracking_server`), whose own store then holds the artifacts.
 
 Every run is tagged with the process that opened it (`unisd.owner`). A process killed
 with SIGKILL cannot close its runs, so each launch first calls `recover`: runs left
@@ -73,9 +74,25 @@ class Tracker:
         self.uri = tracking_uri(cfg.root)
         mlflow.set_tracking_uri(self.uri)  # for code that uses the fluent API (e.g. logged models)
         self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            EXPERIMENT, artifact_location=(cfg.root / "mlartifacts").as_uri())
+        self.experiment_id = self._experiment()
+
+    def _experiment(self) -> str:
+        """The project's experiment, created on first use. A tracking server keeps the
+        artifacts in its own store (proxied, `mlflow-artifacts:/`): a worker's folder would
+        be out of reach of the others. Two workers may create it at once: one wins."""
+        from mlflow.exceptions import MlflowException
+
+        if exp := self.client.get_experiment_by_name(EXPERIMENT):
+            return exp.experiment_id
+        remote = self.uri.startswith(("http://", "https://"))
+        try:
+            return self.client.create_experiment(
+                EXPERIMENT, artifact_location=None if remote else (self.cfg.root / "mlartifacts").as_uri())
+        except MlflowException as err:
+            exp = self.client.get_experiment_by_name(EXPERIMENT)
+            if err.error_code != "RESOURCE_ALREADY_EXISTS" or exp is None:
+                raise
+            return exp.experiment_id
 
     def base_tags(self) -> dict[str, str]:
         """MLflow's standard tags (`mlflow.user`, `mlflow.source.*`, as its fluent API sets
