@@ -10,11 +10,19 @@ cached output is used, `check_output` re-hashes its files against the manifest, 
 Scratch names (`.<name>.tmp-<owner>-<id>`) carry the writing process's identity
 (`process_token`), so that `sweep_stale` can remove what a killed process left behind
 without touching what a live one is still writing.
+
+Workers may share these folders (one file system, or NFS): each output has a lock file
+beside it (`.<name>.unisd-lock`, `output_lock`), held exclusively while a new version is
+swapped in and shared while `check_output` verifies or `reuse_output` copies it. So two
+workers publishing the same output at once both succeed (one after the other), and a
+reader never sees the moment between the two renames of a swap, nor one version's
+manifest with another's files. `.dvcignore` keeps the lock files out of DVC's outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -165,11 +173,51 @@ def atomic_dir(dest: str | Path, meta: dict[str, Any] | None = None) -> Iterator
 
 
 def _swap_in(tmp: Path, dest: Path) -> None:
+    """`tmp` becomes `dest` (the version there before, if any, is removed), under
+    `dest`'s exclusive lock: two renames that no reader sees half done."""
     old = _scratch(dest, "old")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
+    with output_lock(dest):
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+LOCK_SUFFIX = ".unisd-lock"
+
+
+def lock_path(dest: str | Path) -> Path:
+    """The lock file of output `dest`: beside it, never inside (it is not content)."""
+    dest = Path(dest)
+    return dest.with_name(f".{dest.name}{LOCK_SUFFIX}")
+
+
+@contextlib.contextmanager
+def output_lock(dest: str | Path, shared: bool = False) -> Iterator[None]:
+    """Hold the lock of output `dest`: exclusive (a writer swapping a version in) or
+    shared (readers verifying or copying it), with `flock`, so a lock dies with its
+    process (kill -9 included). The lock file stays (removing a lock file others may
+    be waiting on would let two holders in). On NFS, Linux emulates `flock` with
+    byte-range locks, which other machines see. A reader that cannot create the lock
+    file (a read-only cache, or no folder yet: nothing to read) reads unlocked."""
+    path = lock_path(dest)
+    if not shared:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        if not shared:
+            raise
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # --------------------------------------------------------------------------- reading and checking
@@ -216,7 +264,10 @@ def _manifest_problem(path: Path, manifest: dict[str, Any] | None, digest: str |
         return "manifest.json is malformed"
     if digest is not None and manifest["digest"] != digest:
         return f"digest {manifest['digest'][:12]} is not the recorded {digest[:12]}"
-    on_disk = {p.relative_to(path).as_posix() for p in _files(path)}
+    try:
+        on_disk = {p.relative_to(path).as_posix() for p in _files(path)}
+    except OSError as err:  # the folder went away while it was listed
+        return f"cannot be listed: {err.strerror}"
     if extra := sorted(on_disk - set(manifest["files"])):
         return f"{extra[0]}: not in the manifest (added after the stage wrote it)"
     if missing := sorted(set(manifest["files"]) - on_disk):
@@ -233,16 +284,17 @@ def check_output(path: str | Path, digest: str | None = None) -> str | None:
     benchmarks/README.md).
     """
     path = Path(path)
-    manifest = read_manifest(path)
-    if problem := _manifest_problem(path, manifest, digest):
-        return problem
-    for rel, info in sorted(manifest["files"].items()):
-        f = path / rel
-        try:
-            if f.stat().st_size != info["size"] or sha256_file(f) != info["sha256"]:
-                return f"{rel}: content changed since the stage wrote it"
-        except OSError as err:  # removed or made unreadable while being checked
-            return f"{rel}: {err.strerror}"
+    with output_lock(path, shared=True):
+        manifest = read_manifest(path)
+        if problem := _manifest_problem(path, manifest, digest):
+            return problem
+        for rel, info in sorted(manifest["files"].items()):
+            f = path / rel
+            try:
+                if f.stat().st_size != info["size"] or sha256_file(f) != info["sha256"]:
+                    return f"{rel}: content changed since the stage wrote it"
+            except OSError as err:  # removed or made unreadable while being checked
+                return f"{rel}: {err.strerror}"
     return None
 
 
@@ -270,15 +322,16 @@ def reuse_output(src: str | Path, dest: str | Path, digest: str | None = None) -
     IntegrityError and leaves `dest` as it was.
     """
     src, dest = Path(src), Path(dest)
-    manifest = read_manifest(src)
-    if problem := _manifest_problem(src, manifest, digest):
-        raise IntegrityError(f"{src}: {problem}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _scratch(dest, "tmp")
     try:
-        for rel, info in sorted(manifest["files"].items()):
-            if _copy_hashing(src / rel, tmp / rel) != info["sha256"]:
-                raise IntegrityError(f"{src}: {rel}: content changed since the stage wrote it")
+        with output_lock(src, shared=True):  # released before `dest`'s lock is taken: no lock order to get wrong
+            manifest = read_manifest(src)
+            if problem := _manifest_problem(src, manifest, digest):
+                raise IntegrityError(f"{src}: {problem}")
+            for rel, info in sorted(manifest["files"].items()):
+                if _copy_hashing(src / rel, tmp / rel) != info["sha256"]:
+                    raise IntegrityError(f"{src}: {rel}: content changed since the stage wrote it")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _swap_in(tmp, dest)
     finally:
