@@ -194,6 +194,11 @@ def _main(argv: list[str] | None) -> int:
         if getattr(args, "profile", None):
             args.overrides = profile_overrides(args.profile) + args.overrides
         cfg = load_config(args.params, args.overrides)  # validated before any work starts
+        if args.command in ("run", "study", "distill", "evaluate") and "vllm" in (cfg.generation.backend,
+                                                                                 cfg.eval.backend):
+            from unisd.vllm_backend import require_vllm
+
+            require_vllm()  # vLLM and a GPU, or one line and exit status 2 before any stage runs
         if args.command == "run":
             from flows.pipeline import run_pipeline
 

@@ -119,6 +119,8 @@ class EvalCfg(Section):
     # MCQ: rotation-averaged letter probabilities and option log-likelihoods (unisd.choice_scores)
     choice_scores: bool = True
     headline: str = Field("sciq", description="benchmark whose rot_acc is metrics.json's headline, when evaluated")
+    backend: Literal["hf", "vllm"] = Field("hf", description="greedy answers by the reference HF path, or by vLLM "
+                                                             "(unisd.vllm_backend: optional extra, GPU only)")
 
 
 class TrainSetCfg(Section):
@@ -139,9 +141,9 @@ class GenerationCfg(Section):
     score_tokens: int = Field(2048, ge=0, description=SCORE_TOKENS)
     max_new_tokens: NewTokens = NewTokens(mcq=192, code=256, tool=192)
     bf16_autocast: bool = False
-    # "fast": unisd.fast_decode for sampling (greedy fp32 tokens identical to "hf"); the
-    # evaluation always decodes on the reference "hf" path
-    backend: Literal["hf", "fast"] = "fast"
+    # "fast": unisd.fast_decode for sampling (greedy fp32 tokens identical to "hf"); "vllm":
+    # unisd.vllm_backend (optional extra, GPU only); the evaluation decodes with eval.backend
+    backend: Literal["hf", "fast", "vllm"] = "fast"
 
 
 class LoraCfg(Section):

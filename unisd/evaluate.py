@@ -183,7 +183,7 @@ def evaluate_model(cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path,
         if items:
             budget = getattr(cfg.eval.max_new_tokens, items[0].example.task)
             outs = generate(model, tok, [it.prompt for it in items], Sampling(budget), cfg.eval.batch_size,
-                            builder.stop_strings, bf16, desc=f"eval {bench}")
+                            builder.stop_strings, bf16, desc=f"eval {bench}", backend=cfg.eval.backend)
             for it, c in zip(items, outs):
                 it.record.update(completion=c.text, completion_ids=c.ids, completion_tokens=len(c.ids),
                                  finished=c.finished)

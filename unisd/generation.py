@@ -11,8 +11,10 @@ cache is not plain full attention (e.g. sliding-window layers) fall back to
 
 Backends. This HF path is the reference ("hf"); `unisd.fast_decode` is a second
 implementation of the same contract for llama-architecture models ("fast"): its own
-forward over the model's weights with a preallocated KV cache. `get_backend(name)` gives
-either as a `Backend`; `generate(..., backend=name)` dispatches to it.
+forward over the model's weights with a preallocated KV cache; `unisd.vllm_backend`
+("vllm", optional, GPU machines only, not exercised on a GPU) runs vLLM on the same
+weights. `get_backend(name)` gives any of them as a `Backend`; `generate(..., backend=name)`
+dispatches to it.
 """
 
 from __future__ import annotations
@@ -289,15 +291,20 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, 
 
 
 def get_backend(name: str) -> Backend:
-    """The backend called `name`: "hf" (the reference) or "fast" (`unisd.fast_decode`,
-    which itself falls back to "hf" for models it cannot run)."""
+    """The backend called `name`: "hf" (the reference), "fast" (`unisd.fast_decode`,
+    which itself falls back to "hf" for models it cannot run) or "vllm"
+    (`unisd.vllm_backend`: one error line where vLLM or a GPU is missing)."""
     if name == "hf":
         return hf_generate
     if name == "fast":
         from unisd.fast_decode import fast_generate
 
         return fast_generate
-    raise ValueError(f"unknown generation backend {name!r}: expected 'hf' or 'fast'")
+    if name == "vllm":
+        from unisd.vllm_backend import vllm_generate
+
+        return vllm_generate
+    raise ValueError(f"unknown generation backend {name!r}: expected 'hf', 'fast' or 'vllm'")
 
 
 def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16,
