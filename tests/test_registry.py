@@ -83,6 +83,8 @@ def keys(cfg) -> dict[str, str]:
     ({"train.lr": 3e-4}, {"train"}),
     ({"train.lora.r": 8}, {"filter", "train"}),  # the EMA teacher is built on the adapter
     ({"generation.score_tokens": 512}, {"negatives", "generate", "filter"}),
+    ({"generation.backend": "vllm"}, {"contexts", "negatives", "generate", "filter"}),  # induction samples too
+    ({"eval.backend": "vllm"}, {"evaluate"}),
     ({"run.seed": 7}, {"contexts", "negatives", "generate", "train"}),
     ({"run.name": "other"}, set()),
     ({"components": {"clip": {"mode": "static", "tau": 5.0}}}, {"train"}),

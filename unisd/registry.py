@@ -122,7 +122,8 @@ DISTILL = ("contexts", "negatives", "generate", "filter", "train")
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("model", model_stage, sections=("model",), local=_local_model, retries=2),
     StageSpec("prepare", prepare_stage, sections=("data",), local=_local_sources, retries=2),
-    StageSpec("contexts", contexts_stage, ("model", "data"), sections=("model", "prompts", "train_set"),
+    StageSpec("contexts", contexts_stage, ("model", "data"),
+              sections=("model", "prompts", "train_set", "generation.backend", "generation.batch_size"),
               method=("agreement",), seed=True),
     StageSpec("negatives", negatives_stage, ("model", "data"),
               sections=("model", "prompts", "train_set", "generation", *_SANDBOX), method=("contrastive",), seed=True),
