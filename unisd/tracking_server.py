@@ -55,6 +55,7 @@ class ServerSpec:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     workers: int = 1
+    allowed_hosts: str | None = None  # Host headers MLflow accepts (its default: localhost and private IPs)
 
     @classmethod
     def local(cls, store: str | Path = DEFAULT_STORE, **kwargs) -> ServerSpec:
@@ -72,7 +73,8 @@ class ServerSpec:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_store_uri,
                 "--serve-artifacts", "--artifacts-destination", self.artifacts_destination,
-                "--host", self.host, "--port", str(self.port), "--workers", str(self.workers)]
+                "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
+                *(["--allowed-hosts", self.allowed_hosts] if self.allowed_hosts else [])]
 
 
 def healthy(uri: str, timeout: float = 2.0) -> bool:
@@ -214,12 +216,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts-destination", help="artifact store instead of <store>/artifacts, "
                                                         "e.g. s3://bucket/mlflow")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    parser.add_argument("--allowed-hosts", help="Host headers the server accepts, e.g. mlflow.internal:5000 "
+                                                "(MLflow's --allowed-hosts; default: localhost and private IPs)")
 
 
 def spec_from_args(args: argparse.Namespace) -> ServerSpec:
     spec = ServerSpec.local(args.store, host=args.host, port=args.port, workers=args.workers)
     return ServerSpec(args.backend_store_uri or spec.backend_store_uri,
-                      args.artifacts_destination or spec.artifacts_destination, spec.host, spec.port, spec.workers)
+                      args.artifacts_destination or spec.artifacts_destination, spec.host, spec.port, spec.workers,
+                      args.allowed_hosts)
 
 
 def serve(args: argparse.Namespace) -> None:
