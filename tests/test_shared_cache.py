@@ -119,6 +119,46 @@ def test_racing_writers_never_serve_readers_a_partial_or_mixed_output(tmp_path):
     assert sorted(p.name for p in dest.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name) == []
 
 
+def test_threads_of_one_process_take_turns_too(tmp_path):
+    """Stages run in Prefect's worker threads: the same guarantees between threads."""
+    import threading
+
+    from unisd.artifacts import check_output, reuse_output
+
+    dest = tmp_path / "out"
+    publish(dest, 9, 0)
+    errors, end = [], time.monotonic() + 2.0
+
+    def write(w):
+        rnd = 0
+        while time.monotonic() < end:
+            rnd += 1
+            try:
+                publish(dest, w, rnd)
+            except Exception as err:  # noqa: BLE001
+                errors.append(repr(err))
+
+    def read(r):
+        i = 0
+        while time.monotonic() < end:
+            i += 1
+            try:
+                if (problem := check_output(dest)) is not None:
+                    errors.append(problem)
+                shutil.rmtree(reuse_output(dest, tmp_path / f"r{r}" / f"c{i}"))
+            except Exception as err:  # noqa: BLE001
+                errors.append(repr(err))
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(2)]
+    threads += [threading.Thread(target=read, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    assert check_output(dest) is None
+
+
 if __name__ == "__main__":
     role, index, dest, folder = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
     if role == "write":

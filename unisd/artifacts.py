@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -198,26 +199,38 @@ def output_lock(dest: str | Path, shared: bool = False) -> Iterator[None]:
     shared (readers verifying or copying it), with `flock`, so a lock dies with its
     process (kill -9 included). The lock file stays (removing a lock file others may
     be waiting on would let two holders in). On NFS, Linux emulates `flock` with
-    byte-range locks, which other machines see. A reader that cannot create the lock
+    byte-range locks, which other machines see but which do not exclude the threads of
+    one process: a lock per path in this process does. A reader that cannot create the lock
     file (a read-only cache, or no folder yet: nothing to read) reads unlocked."""
     path = lock_path(dest)
     if not shared:
         path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        if not shared:
-            raise
+    with _thread_lock(path):  # NFS's emulated flock does not tell a process's threads apart
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError:
+            if not shared:
+                raise
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                yield
+                return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
-            return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+        finally:
+            os.close(fd)  # releases the lock
+
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(path: Path) -> threading.Lock:
+    """This process's lock for lock file `path` (threads of one process take turns)."""
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(str(path.resolve()), threading.Lock())
 
 
 # --------------------------------------------------------------------------- reading and checking
