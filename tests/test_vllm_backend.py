@@ -198,7 +198,8 @@ def test_sampling_parameters_are_ours_spelled_out():
     for kw in sampled:
         SamplingParams(**kw)  # only documented arguments
         assert (kw["temperature"], kw["top_p"], kw["max_tokens"], kw["stop"]) == (0.7, 0.95, 32, ["\n\n"])
-        assert kw["detokenize"] and not kw["ignore_eos"] and kw["n"] == 1 and "top_k" not in kw  # no top-k
+        assert kw["detokenize"] and kw["n"] == 1 and "top_k" not in kw  # no top-k
+        assert kw["ignore_eos"] and kw["stop_token_ids"] == [3, 7]  # our EOS set, not vLLM's tokenizer's
         assert (kw["repetition_penalty"], kw["presence_penalty"], kw["frequency_penalty"], kw["min_p"]) == (
             1.0, 0.0, 0.0, 0.0)
         assert 0 <= kw["seed"] < 2**63

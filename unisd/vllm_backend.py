@@ -109,9 +109,11 @@ def request_seed(seed: int, index: int) -> int:
 
 def sampling_kwargs(sampling: Sampling, eos_ids: set[int], stops: list[str], index: int) -> dict[str, Any]:
     """`SamplingParams` arguments of request `index`: our sampling parameters, spelled
-    out so that no vLLM default or model generation_config changes them."""
+    out so that no vLLM default or model generation_config changes them. The EOS set is
+    the HF path's (`_eos_ids`: the model's generation config, else the tokenizer's)."""
+    # ignore_eos: vLLM would also stop at its tokenizer's EOS; our EOS set (stop_token_ids) is the one
     kwargs: dict[str, Any] = {
-        "n": 1, "max_tokens": sampling.max_new_tokens, "stop_token_ids": sorted(eos_ids), "ignore_eos": False,
+        "n": 1, "max_tokens": sampling.max_new_tokens, "stop_token_ids": sorted(eos_ids), "ignore_eos": True,
         "stop": list(stops) or None, "detokenize": bool(stops),  # vLLM needs text only to find stop strings
         "skip_special_tokens": True, "repetition_penalty": 1.0, "presence_penalty": 0.0,
         "frequency_penalty": 0.0, "min_p": 0.0, "min_tokens": 0, "logprobs": None,
