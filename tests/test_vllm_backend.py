@@ -3,7 +3,8 @@
 vLLM is not installed here (and needs a GPU), so `vllm` is replaced by a stand-in module
 shaped like vLLM's documented offline API: `LLM(model=folder, ...)`, whose `generate`
 takes token prompts and one `SamplingParams` per prompt and returns `RequestOutput`s
-(`prompt_token_ids`, `outputs[0].token_ids`, `finish_reason`) as vLLM does — it stops at
+(`prompt_token_ids`, `outputs[0].token_ids`, `finish_reason`, and with `logprobs=0` each
+step's `{token: Logprob}` of the sampled token, raw: T=1) as vLLM does — it stops at
 a stop token (kept in `token_ids`), after the token that completes a stop string, or at
 `max_tokens`. Its "engine" loads the weights from the folder it is given and decodes
 greedily with HF, one prompt at a time. Oracle: the HF path one prompt at a time
@@ -42,12 +43,19 @@ SAMPLING_FIELDS = {
 
 
 @dataclass
+class Logprob:  # vllm.logprobs.Logprob
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:  # vllm.outputs.CompletionOutput
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None = None
-    logprobs: None = None
+    logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -88,9 +96,13 @@ class StandInLLM:  # vllm.LLM: loads its weights from the folder it is given
     def _one(self, request_id: str, prompt: list[int], sp: SamplingParams) -> RequestOutput:
         assert sp.temperature == 0.0, "the stand-in decodes greedily"
         ids, tokens, reason, stop_reason = torch.tensor([prompt]), [], "length", None
+        logprobs = [] if sp.logprobs is not None else None
         while len(tokens) < sp.max_tokens:
-            token = int(self.hf(ids).logits[0, -1].argmax())
+            logits = self.hf(ids).logits[0, -1].float()
+            token = int(logits.argmax())
             tokens.append(token)
+            if logprobs is not None:  # raw_logprobs: log softmax of the logits as the model gave them
+                logprobs.append({token: Logprob(float(torch.log_softmax(logits, -1)[token]), 1)})
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
             text = self.tok.decode(tokens, skip_special_tokens=sp.skip_special_tokens)
             if token in (sp.stop_token_ids or []):
@@ -102,8 +114,8 @@ class StandInLLM:  # vllm.LLM: loads its weights from the folder it is given
         text = self.tok.decode(tokens, skip_special_tokens=True)
         if isinstance(stop_reason, str):
             text = text[: text.index(stop_reason)]
-        return RequestOutput(request_id, None, list(prompt), None,
-                             [CompletionOutput(0, text, tokens, finish_reason=reason, stop_reason=stop_reason)])
+        return RequestOutput(request_id, None, list(prompt), None, [
+            CompletionOutput(0, text, tokens, logprobs=logprobs, finish_reason=reason, stop_reason=stop_reason)])
 
 
 @pytest.fixture
@@ -155,10 +167,14 @@ def test_greedy_completions_equal_the_hf_paths_and_the_engine_loads_the_students
     assert any(c.ids[-1] == eos for c in ref) and any(c.ids[-1] != eos and c.finished for c in ref)
 
     got = generate(model, tok, prompts, Sampling(30), 4, [stop], backend="vllm")
-    assert got == ref  # ids, text and finished
+    assert [(c.ids, c.text, c.finished) for c in got] == [(c.ids, c.text, c.finished) for c in ref]
+    for c, r in zip(got, ref):  # T=1 log-probs of the tokens kept, as the HF path's
+        assert len(c.logprobs) == len(c.ids)
+        torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(r.logprobs), atol=2e-4, rtol=0)
     [engine] = StandInLLM.made
     assert Path(engine.model) == Path(model.name_or_path)  # the weights as the stage loaded them, not a copy
     assert engine.kwargs["dtype"] == "float32" and engine.kwargs["generation_config"] == "vllm"
+    assert engine.kwargs["logprobs_mode"] == "raw_logprobs"
     assert engine.kwargs["gpu_memory_utilization"] == 0.5
     generate(model, tok, prompts[:2], Sampling(5), backend="vllm")
     assert len(StandInLLM.made) == 1  # one engine per weights folder, kept between calls
@@ -171,7 +187,7 @@ def test_a_student_changed_in_memory_is_what_vllm_runs(chaotic, stand_in_vllm):
         changed.model.layers[0].mlp.down_proj.weight.mul_(-1.0)
     ref = reference(changed, tok, prompts, Sampling(20))
     assert [c.ids for c in ref] != [c.ids for c in reference(model, tok, prompts, Sampling(20))]
-    assert generate(changed, tok, prompts, Sampling(20), backend="vllm") == ref
+    assert [c.ids for c in generate(changed, tok, prompts, Sampling(20), backend="vllm")] == [c.ids for c in ref]
     [engine] = StandInLLM.made
     assert Path(engine.model) != Path(model.name_or_path) and vb.same_weights(changed, Path(engine.model))
     assert not vb.same_weights(changed, Path(model.name_or_path))
@@ -193,6 +209,7 @@ def test_sampling_parameters_are_ours_spelled_out():
     eos = {7, 3}
     greedy = vb.sampling_kwargs(Sampling(64), eos, [], 0)
     assert greedy["temperature"] == 0.0 and "seed" not in greedy and greedy["max_tokens"] == 64
+    assert greedy["logprobs"] == 0  # the sampled token's log-prob only
     assert greedy["stop_token_ids"] == [3, 7] and greedy["stop"] is None and greedy["detokenize"] is False
     sampled = [vb.sampling_kwargs(Sampling(32, True, 0.7, 0.95, seed=11), eos, ["\n\n"], i) for i in range(4)]
     for kw in sampled:
@@ -215,11 +232,14 @@ def test_outputs_convert_to_completions_cut_where_every_backend_stops(chaotic):
     word = tok.encode("word", add_special_tokens=False)
     body = word * 3
 
-    def out(tokens, reason, prompt=(1, 2)):
-        return RequestOutput("0", None, list(prompt), None, [CompletionOutput(0, "", list(tokens), finish_reason=reason)])
+    def out(tokens, reason, prompt=(1, 2), logprobs=True):
+        steps = [{t: Logprob(-0.5 - i, 1)} for i, t in enumerate(tokens)] if logprobs else None
+        return RequestOutput("0", None, list(prompt), None,
+                             [CompletionOutput(0, "", list(tokens), logprobs=steps, finish_reason=reason)])
 
     ended = vb.to_completion(out(body + [tok.eos_token_id], "stop"), tok, eos, [], sampling)
     assert ended.ids == body + [tok.eos_token_id] and ended.finished and ended.text == tok.decode(body)
+    assert ended.logprobs == [-0.5 - i for i in range(len(body) + 1)]
     capped = vb.to_completion(out(word * 12, "length"), tok, eos, [], sampling)
     assert len(capped.ids) == 12 and not capped.finished
     # tokens past the one completing a stop string are cut, and the text ends before it
@@ -227,8 +247,11 @@ def test_outputs_convert_to_completions_cut_where_every_backend_stops(chaotic):
                                eos, ["Answer"], sampling)
     assert stopped.finished and "Answer" not in stopped.text and stopped.text == tok.decode(word * 2)
     assert tok.decode(stopped.ids).endswith("Answer")
+    assert stopped.logprobs == [-0.5 - i for i in range(len(stopped.ids))]  # cut with the tokens
+    with pytest.raises(RuntimeError, match="no log-probs"):
+        vb.to_completion(out(body, "length", logprobs=False), tok, eos, [], sampling)
     empty = vb.to_completion(out([], "length"), tok, eos, [], sampling)
-    assert empty.ids == [] and empty.text == "" and not empty.finished
+    assert empty.ids == [] and empty.text == "" and not empty.finished and empty.logprobs == []
     assert vb.token_prompts([[1, 2], [3]]) == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}]
     with pytest.raises(RuntimeError, match="another prompt"):
         vb.convert_outputs([out(body, "length", (5,))], [[1, 2]], tok, eos, [], sampling)

@@ -33,8 +33,11 @@ under autocast), so samples are not token-identical to the HF path's; and the ra
 streams: each request gets its own seed, derived from `Sampling.seed` and its position
 (requests of one prompt repeated `samples_per_prompt` times draw different samples).
 `batch_size` is not used (vLLM's scheduler batches by KV-cache memory) and `phases` is
-left as it is. Log-probabilities of the samples are not taken from vLLM: the generate
-stage computes them teacher-forced on the HF model, as for every backend.
+left as it is. Each token's log-prob (`Completion.logprobs`: T=1, under the decoding
+model, whatever temperature and top-p drew it) is vLLM's `logprobs=0` output with the
+engine's `logprobs_mode="raw_logprobs"` (log softmax of the logits before temperature,
+penalties and top-p), so, as with the other backends, no second scoring pass is needed;
+its numbers are vLLM's kernels', not the HF forward's.
 
 Engine settings: `UNISD_VLLM_ENGINE_ARGS`, a JSON object of `vllm.LLM` arguments
 (default `{"gpu_memory_utilization": 0.5}`: the stage's HF model is on the same GPU).
@@ -116,7 +119,8 @@ def sampling_kwargs(sampling: Sampling, eos_ids: set[int], stops: list[str], ind
         "n": 1, "max_tokens": sampling.max_new_tokens, "stop_token_ids": sorted(eos_ids), "ignore_eos": True,
         "stop": list(stops) or None, "detokenize": bool(stops),  # vLLM needs text only to find stop strings
         "skip_special_tokens": True, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-        "frequency_penalty": 0.0, "min_p": 0.0, "min_tokens": 0, "logprobs": None,
+        "frequency_penalty": 0.0, "min_p": 0.0, "min_tokens": 0,
+        "logprobs": 0,  # the sampled token's own log-prob at each step (raw: T=1, see `engine`)
     }
     if sampling.do_sample:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
@@ -131,17 +135,25 @@ def token_prompts(prompts: list[list[int]]) -> list[dict[str, list[int]]]:
     return [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompts]
 
 
+def sampled_logprobs(completion: Any) -> list[float]:
+    """Each generated token's log-prob from a `CompletionOutput` asked for `logprobs=0`:
+    per position, a mapping of token id to `Logprob` (`.logprob`) holding the sampled one."""
+    if completion.logprobs is None:
+        raise RuntimeError("vLLM returned no log-probs (SamplingParams.logprobs was not set)")
+    return [float(step[int(t)].logprob) for step, t in zip(completion.logprobs, completion.token_ids)]
+
+
 def to_completion(output: Any, tokenizer, eos_ids: set[int], stops: list[str], sampling: Sampling) -> Completion:
     """Our `Completion` from one vLLM `RequestOutput`: its first `CompletionOutput`'s
-    tokens, cut where every backend stops (`_check`: an EOS, a stop string in the last 8
-    tokens, or the token limit). Where vLLM stopped earlier than that rule would (a stop
-    string spanning more than 8 tokens), its own "stop" counts as finished."""
+    tokens and their log-probs, cut where every backend stops (`_check`: an EOS, a stop
+    string in the last 8 tokens, or the token limit). Where vLLM stopped earlier than that
+    rule would (a stop string spanning more than 8 tokens), its own "stop" counts as finished."""
     completion = output.outputs[0]
-    tokens = [int(t) for t in completion.token_ids]
+    tokens, logprobs = [int(t) for t in completion.token_ids], sampled_logprobs(completion)
     for k in range(1, len(tokens) + 1):
-        if (done := _check(tokens[:k], tokenizer, eos_ids, stops, sampling)) is not None:
+        if (done := _check(tokens[:k], logprobs[:k], tokenizer, eos_ids, stops, sampling)) is not None:
             return done
-    return _finish(tokens, tokenizer, stops, completion.finish_reason == "stop")
+    return _finish(tokens, logprobs, tokenizer, stops, completion.finish_reason == "stop")
 
 
 # --------------------------------------------------------------------------- the student's weights
@@ -251,9 +263,10 @@ def engine(vllm, model_dir: Path, tokenizer_dir: Path, dtype: str):
     if _ENGINE.get("key") != key:
         _release()
         log.info("vLLM engine: %s (%s)", model_dir, dtype)
-        # generation_config="vllm": the model's generation_config.json must not change our sampling
+        # generation_config="vllm": the model's generation_config.json must not change our sampling;
+        # logprobs_mode="raw_logprobs": log-probs of the model's own distribution (T=1), as Completion wants
         _ENGINE.update(key=key, llm=vllm.LLM(model=str(model_dir), tokenizer=str(tokenizer_dir), dtype=dtype,
-                                            generation_config="vllm", **args))
+                                            generation_config="vllm", logprobs_mode="raw_logprobs", **args))
     return _ENGINE["llm"]
 
 
