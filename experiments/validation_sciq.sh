@@ -3,7 +3,8 @@
 # SciQ only, all 500 train items, 200 validation items, answer_first format, the teacher's
 # demonstration as an earlier assistant turn (TEMPLATE, default assistant_turn). Each
 # recipe's metrics land in metrics/tune/v2/<recipe>/trained.json (the base model's in
-# .../base.json); every stage is cached, so a rerun only computes what is missing.
+# .../base.json); every stage is cached, so a rerun only computes what is missing. Tuning
+# evaluates in bf16 (cheaper; base and trained alike); published test numbers use fp32.
 #   TEMPLATE=prior_exchange experiments/validation_sciq.sh sd   # the layout added after v2
 #   experiments/validation_sciq.sh unisd-full sft sd     # recipes, in order
 #   experiments/validation_sciq.sh scaled                # unisd-full, mechanisms scaled to ~60 steps
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 UNISD=${UNISD:-.venv/bin/unisd}
 V=v2; [ "${TEMPLATE:-assistant_turn}" = assistant_turn ] || V="v3-${TEMPLATE}"
 COMMON=(--set eval.split=validation --set eval.limit=200 --set 'data.benchmarks=[sciq]' --set train_set.limit=0
-        --set eval.ppl=false --set prompts.teacher_template=${TEMPLATE:-assistant_turn} --set prompts.mcq_format=answer_first)
+        --set eval.ppl=false --set eval.bf16_autocast=true --set prompts.teacher_template=${TEMPLATE:-assistant_turn} --set prompts.mcq_format=answer_first)
 # EMA every 4 of ~62 steps, agreement weights that differ (gamma 0.1) and drop the 20% least
 # agreed trajectories, adaptive clipping at the 99th percentile of per-token divergence
 SCALED='{agreement: {gamma: 0.1, filter_quantile: 0.8}, teacher: {ema_every: 4, ema_beta: 0.9}, clip: {mode: quantile, q: 0.99}}'
