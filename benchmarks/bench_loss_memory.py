@@ -1,6 +1,6 @@
 """Peak memory of the per-token divergence on B×T×V logits, forward + backward.
 
-ours:  `unisd.losses.chunked_divergence` from final hidden states [B, T, H]; the LM head
+ours:  `unisd.chunked.chunked_divergence` from final hidden states [B, T, H]; the LM head
        is applied a chunk of positions at a time under activation checkpointing, so no
        B×T×V tensor ever exists.
 naive: the usual implementation (TRL's GKD, most KD code): both models' full logits
@@ -42,7 +42,8 @@ def setup(variant: str, vocab: int, seq: int, batch: int, hidden: int, chunk: in
     import torch
     import torch.nn.functional as F
 
-    from unisd.losses import chunked_divergence, token_divergence
+    from unisd.chunked import chunked_divergence
+    from unisd.losses import token_divergence
 
     def inputs(vocab: int, seq: int):
         g = torch.Generator().manual_seed(0)

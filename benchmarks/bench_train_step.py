@@ -8,7 +8,7 @@ no temperature), a frozen teacher equal to the base model, AdamW and grad-norm c
 at 1.0. Generation is excluded on both sides: TRL runs with λ=0 (no on-policy sampling)
 and its `training_step` is called on prepared inputs, as its `train()` loop would.
 
-ours:  `unisd.train.batch_loss` (recipe gkd: hidden states, LM head and divergence in
+ours:  `unisd.objective.batch_loss` (recipe gkd: hidden states, LM head and divergence in
        checkpointed chunks), teacher weights swapped into the same model.
 naive: the same model and teacher, full logits from `model(...)` for student and
        teacher, `unisd.losses.token_divergence` on the full [B, C, V] tensors.
@@ -116,7 +116,7 @@ def build(method: str, model_dir: Path, cfg, bf16: bool = False) -> tuple:
         return _trl_step(model_dir, tok, pairs, cfg, bf16), tokens
 
     from unisd.losses import token_divergence, weighted_token_loss
-    from unisd.train import batch_loss
+    from unisd.objective import batch_loss
 
     ucfg, model, teacher, params, optimizer = _unisd_student(model_dir, cfg)
     batch = collate([TrainItem(p, c, teacher_prompt=p) for p, c in pairs], tok.pad_token_id, model.device)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from unisd.losses import (chunked_divergence, clip_divergence, contrastive_loss, feature_matching_loss,
-                          token_divergence, weighted_token_loss)
+from unisd.chunked import chunked_divergence
+from unisd.losses import (clip_divergence, contrastive_loss, feature_matching_loss, token_divergence,
+                          weighted_token_loss)
 
 KINDS = ["forward_kl", "reverse_kl", "jsd"]
 

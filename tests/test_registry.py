@@ -45,7 +45,7 @@ def test_each_stage_runs_its_own_modules():
     # the sandbox's child process runs inside/runner.py as a script: no import names it
     assert {"stages/evaluate.py", "evaluate.py", "scoring.py", "sandbox/inside/runner.py"} <= evaluate
     assert not {"train.py", "teachers.py", "stages/train.py", "stages/model.py"} & evaluate
-    assert {"stages/train.py", "train.py", "losses.py", "teachers.py"} <= train
+    assert {"stages/train.py", "train.py", "objective.py", "losses.py", "chunked.py", "teachers.py"} <= train
     assert all("registry.py" not in rel(spec.code_files) for spec in STAGES.values())
 
 

@@ -14,14 +14,15 @@ from project import tiny_params
 from safetensors.torch import load_file
 from torch.distributions import Categorical, kl_divergence
 
+import unisd.objective as objective_mod
 import unisd.train as train_mod
 from unisd.config import build_config
 from unisd.logprobs import completion_hidden, completion_logprobs, head_fn
 from unisd.modeling import load_model, load_tokenizer
 from unisd.recipes import Method, method_dict
 from unisd.teachers import Teacher
-from unisd.train import (TeacherCache, TrainingError, TrainItem, batch_loss, check_lineage, collate, loss_mask,
-                         micro_batches, train_round)
+from unisd.objective import batch_loss, loss_mask
+from unisd.train import TeacherCache, TrainingError, TrainItem, check_lineage, collate, micro_batches, train_round
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTIONS = [
@@ -206,8 +207,8 @@ def test_teacher_cache_serves_repeat_items_without_a_teacher_pass(tmp_path, tiny
     teacher = Teacher(lm, "frozen")
     perturb(lm, 0.05)
     forwards = []
-    real = train_mod.completion_hidden
-    monkeypatch.setattr(train_mod, "completion_hidden", lambda *a: forwards.append(1) or real(*a))
+    real = objective_mod.completion_hidden
+    monkeypatch.setattr(objective_mod, "completion_hidden", lambda *a: forwards.append(1) or real(*a))
 
     def loss(idx, cache):
         batch = collate([items[i] for i in idx], tok.pad_token_id, "cpu") | {"ids": idx}

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from unisd.losses import token_divergence, token_logprobs
+from unisd.chunked import token_logprobs
+from unisd.losses import token_divergence
 from unisd.modeling import inference_autocast
 from unisd.progress import Progress
 

@@ -1,4 +1,9 @@
-"""Distillation losses on plain tensors (docs/method.md §1, §2.1, §2.3–§2.5).
+"""Distillation losses on plain tensors (docs/method.md §1, §2.1, §2.3–§2.5): pure math.
+
+Each function is one formula of the method on tensors that are already there. How the
+terms are combined into the training objective is `unisd.objective`; computing the
+divergence from hidden states a chunk of positions at a time, with its gradients taken
+in the forward, is `unisd.chunked`.
 
 Shapes: B sequences, T completion positions (aligned by completion index between student
 and teacher), V vocabulary, H hidden size. `mask` [B, T] is True at real completion
@@ -9,11 +14,10 @@ without gradient.
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 ClipMode = Literal["none", "static", "quantile"]
@@ -29,7 +33,8 @@ def _upcast(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+def log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / T) over the last dim, in at least float32."""
     return torch.log_softmax(_upcast(logits) / temperature, dim=-1)
 
 
@@ -38,7 +43,8 @@ def _kl(lp_p: Tensor, lp_q: Tensor) -> Tensor:
     return (lp_p.exp() * (lp_p - lp_q)).sum(-1)
 
 
-def _divergence(lp_s: Tensor, lp_t: Tensor, kind: Divergence, alpha: float) -> Tensor:
+def divergence(lp_s: Tensor, lp_t: Tensor, kind: Divergence, alpha: float) -> Tensor:
+    """Per-token divergence [...] from student and teacher log-probabilities (see `token_divergence`)."""
     if kind == "forward_kl":
         return _kl(lp_t, lp_s)
     if kind == "reverse_kl":
@@ -59,96 +65,12 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: Diver
     Both sides use p = softmax(logits / T). forward_kl = KL(p_T ‖ p_S), reverse_kl =
     KL(p_S ‖ p_T), jsd = α KL(p_T ‖ m) + (1−α) KL(p_S ‖ m) with m = α p_T + (1−α) p_S.
     No T² rescaling (the method has none, docs/method.md §1.2). Holds several [..., V] tensors at once:
-    for long sequences over a large vocabulary use `chunked_divergence`.
+    for long sequences over a large vocabulary use `unisd.chunked.chunked_divergence`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return _divergence(_log_probs(student_logits, temperature),
-                       _log_probs(teacher_logits.detach(), temperature), kind, alpha)
-
-
-class ChunkedDivergence(NamedTuple):
-    divergence: Tensor  # [B, T]
-    student_logprobs: Tensor | None  # [B, T] log p_S(targets) at temperature T, if targets given
-    teacher_logprobs: Tensor | None  # [B, T] log p_T(targets) at temperature T (no grad), if targets given
-
-
-def chunked_divergence(student_hidden: Tensor, student_head: Callable[[Tensor], Tensor], teacher: Tensor,
-                       teacher_head: Callable[[Tensor], Tensor] | None = None, *,
-                       kind: Divergence = "forward_kl", alpha: float = 0.5, temperature: float = 1.0,
-                       targets: Tensor | None = None, chunk_size: int = 128) -> ChunkedDivergence:
-    """`token_divergence` from hidden states, without ever holding B×T×V tensors.
-
-    student_hidden [B, T, H] goes through `student_head` (hidden → logits) one chunk of
-    `chunk_size` positions at a time. `teacher` is either teacher hidden states [B, T, H']
-    passed through `teacher_head` (no grad), or, with `teacher_head=None`, teacher logits
-    [B, T, V] that are only sliced. A chunk's B×chunk×V logits, log-probs and mixtures
-    are freed before the next chunk; peak memory is a few B×chunk×V floats plus the [B, T]
-    outputs (and, with teacher_head=None, the caller's own teacher logits).
-
-    The backward needs no logits either. When the student head has no trainable weights
-    (LoRA: the LM head is frozen), each output's gradient with respect to the hidden
-    states is taken in the forward, chunk by chunk (`_per_token_gradients`), and the
-    backward only scales it. Otherwise each chunk runs under activation checkpointing and
-    is recomputed in the backward, teacher head included.
-
-    With `targets` [B, T] (the sampled tokens y_t) the same pass also returns
-    log p_S(y_t) and log p_T(y_t) at temperature T, which the contrastive loss needs.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-
-    def chunk(hidden: Tensor, teacher_chunk: Tensor, *target: Tensor) -> tuple[Tensor, ...]:
-        lp_s = _log_probs(student_head(hidden), temperature)
-        with torch.no_grad():
-            lp_t = _log_probs(teacher_chunk if teacher_head is None else teacher_head(teacher_chunk), temperature)
-        div = _divergence(lp_s, lp_t, kind, alpha)
-        if not target:
-            return (div,)
-        y = target[0].unsqueeze(-1)
-        return div, lp_s.gather(-1, y).squeeze(-1), lp_t.gather(-1, y).squeeze(-1)
-
-    grads_now = (torch.is_grad_enabled() and student_hidden.requires_grad
-                 and not student_head(student_hidden[:1, :1].detach()).requires_grad)
-    outs = []
-    for start in range(0, student_hidden.shape[1], chunk_size):
-        cut = slice(start, start + chunk_size)
-        args = (student_hidden[:, cut], teacher[:, cut].detach(), *(() if targets is None else (targets[:, cut],)))
-        outs.append(_per_token_gradients(chunk, *args) if grads_now else checkpoint(chunk, *args, use_reentrant=False))
-    columns = [torch.cat(column, dim=1) for column in zip(*outs)]
-    return ChunkedDivergence(*columns) if targets is not None else ChunkedDivergence(columns[0], None, None)
-
-
-def _per_token_gradients(fn: Callable[..., tuple[Tensor, ...]], hidden: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
-    """fn(hidden, *rest) -> outputs [B, C], each output token a function of that token's
-    hidden state alone. Returns the outputs attached to `hidden` through their per-token
-    gradients ∂out[b, t]/∂hidden[b, t], computed here: since tokens do not interact,
-    ∂(Σ out)/∂hidden is exactly that. The backward then costs one multiply per output
-    instead of recomputing fn."""
-    leaf = hidden.detach().requires_grad_()
-    with torch.enable_grad():
-        outs = fn(leaf, *rest)
-    needs = [i for i, out in enumerate(outs) if out.requires_grad]
-    jacobians = {}
-    for n, i in enumerate(needs):
-        (jacobians[i],) = torch.autograd.grad(outs[i].sum(), leaf, retain_graph=n < len(needs) - 1)
-    return tuple(_KnownGradient.apply(hidden, out.detach(), jacobians[i]) if i in jacobians else out.detach()
-                 for i, out in enumerate(outs))
-
-
-class _KnownGradient(torch.autograd.Function):
-    """`value` [B, C] as a function of `hidden` [B, C, H] whose per-token gradient is
-    `jacobian` [B, C, H]: backward returns grad[b, t] · jacobian[b, t]."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, value: Tensor, jacobian: Tensor) -> Tensor:
-        ctx.save_for_backward(jacobian)
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (jacobian,) = ctx.saved_tensors
-        return (grad.unsqueeze(-1) * jacobian).to(jacobian.dtype), None, None
+    return divergence(log_probs(student_logits, temperature),
+                       log_probs(teacher_logits.detach(), temperature), kind, alpha)
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,24 +162,3 @@ def feature_matching_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: 
     """
     sq = (_upcast(student_hidden) - _upcast(teacher_hidden.detach())).pow(2).mean(-1)
     return _sequence_mean(sq, mask)
-
-
-def token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, temperature: float = 1.0,
-                   chunk_size: int = 128) -> Tensor:
-    """log p(y_t) [B, T] at temperature T from hidden states [B, T, H], a chunk at a time.
-
-    Under autograd each chunk is checkpointed, so no B×T×V tensor is kept for backward
-    (the SFT loss and the contrastive loss's negative-context teacher use it).
-    """
-
-    def chunk(h: Tensor, y: Tensor) -> Tensor:
-        return _log_probs(head(h), temperature).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-
-    outs = []
-    for start in range(0, hidden.shape[1], chunk_size):
-        cut = slice(start, start + chunk_size)
-        if hidden.requires_grad:
-            outs.append(checkpoint(chunk, hidden[:, cut], targets[:, cut], use_reentrant=False))
-        else:
-            outs.append(chunk(hidden[:, cut], targets[:, cut]))
-    return torch.cat(outs, dim=1)

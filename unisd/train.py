@@ -1,14 +1,9 @@
 """The training loop of one round: the student learns from its teacher (or from targets).
 
-Per micro-batch (docs/method.md §1–§2, §7.3): the student's final hidden states at the completion
-positions (prompt x only) and the teacher's (x plus the gold demonstration; the same
-completion tokens, aligned by completion index) give the per-token divergence over the
-full vocabulary, computed in chunks; it is clipped, weighted by agreement and reduced;
-feature matching and the contrastive term are added with their weights. Every
-completion token counts, the final EOS included (with pad == EOS, as in SmolLM2,
-masking it would teach the student never to stop), except the first
-`skip_first_tokens`. SFT items (`loss: sft`, and `gold_mix` items under any recipe)
-get the mean token cross-entropy; a micro-batch holds items of one kind only.
+Items are batched (`collate`: student, teacher and negative prompts with the same
+completion tokens, aligned by completion index; a micro-batch holds items of one kind
+only, distillation or SFT), and each micro-batch's loss is the objective of
+`unisd.objective.batch_loss` (docs/method.md §1–§2, §7.3), the formula in its docstring.
 
 LoRA (peft) or full fine-tuning; AdamW with warmup + cosine, grad-norm clipping and
 accumulation; accelerate places the model. A resumable checkpoint is written atomically
@@ -30,12 +25,9 @@ from typing import Any, Callable
 
 import torch
 
-from unisd.agreement import sequence_weights, token_weights
 from unisd.config import Config
-from unisd.logprobs import completion_hidden, head_fn, pack_left
-from unisd.losses import (chunked_divergence, clip_divergence, contrastive_loss, feature_matching_loss,
-                          token_logprobs, weighted_token_loss)
-from unisd.recipes import Method
+from unisd.logprobs import pack_left
+from unisd.objective import batch_loss
 from unisd.teachers import Teacher
 
 log = logging.getLogger(__name__)
@@ -110,81 +102,6 @@ class TeacherCache:
         for b, (k, n) in enumerate(zip(keys, lengths)):
             self.rows[k] = out[b, width - n:].clone()
         return out
-
-
-# --------------------------------------------------------------------------- the loss
-
-
-def loss_mask(mask: torch.Tensor, skip: int) -> torch.Tensor:
-    """The completion positions [B, C] that enter the loss: all but each row's first
-    `skip`. A position's index within its (right-aligned) completion is cumsum(mask) − 1,
-    so it counts when cumsum(mask) > skip; the last one (EOS) always counts while the
-    completion is longer than `skip`."""
-    return mask & (mask.cumsum(1) > skip)
-
-
-def batch_loss(method: Method, lm, teacher: Teacher, head_name: str, batch: dict[str, Any],
-               chunk: int, cache: TeacherCache | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The recipe's total loss on one micro-batch, and its terms for logging. With a
-    `cache` (frozen teacher only), `batch["ids"]` names the items of the batch."""
-    targets, width = batch["targets"], batch["width"]
-    head = head_fn(lm)
-    terms: dict[str, float] = {}
-    if method.loss == "sft" or batch["sft"]:
-        mask = batch["mask"]
-        lp = token_logprobs(completion_hidden(lm, batch["student"], width), head, targets, 1.0, chunk)
-        loss = -(lp * mask).sum() / mask.sum()
-        terms["sft"] = loss.item()
-        return loss, terms
-    mask = loss_mask(batch["mask"], method.skip_first_tokens)
-
-    # Teacher passes first: swapping the teacher's weights in place must not touch
-    # tensors that the student's forward has saved for backward.
-    def teacher_hidden(prompt: str) -> torch.Tensor:
-        run = lambda: completion_hidden(lm, batch[prompt], width)  # noqa: E731
-        return run() if cache is None else cache.hidden(prompt, batch, run)
-
-    with teacher.active():
-        h_t = teacher_hidden("teacher_prompt")
-        h_neg = teacher_hidden("negative_prompt") if method.contrastive.enabled else None
-    h_s = completion_hidden(lm, batch["student"], width)
-    t_head = head_fn(lm, teacher.weight(head_name, lm.get_output_embeddings().weight))
-    T = method.temperature
-    loss = h_s.new_zeros(())
-    lp_s = lp_pos = None
-    if method.feature.mode != "repr":
-        res = chunked_divergence(h_s, head, h_t, t_head, kind=method.divergence, alpha=method.alpha, temperature=T,
-                                 targets=targets if method.contrastive.enabled else None, chunk_size=chunk)
-        ell, terms["clipped_frac"] = clip_divergence(res.divergence, mask, method.clip.mode, method.clip.tau,
-                                                     method.clip.q)
-        token_w = seq_w = None
-        if method.agreement.enabled:
-            a = method.agreement
-            if a.level == "token":
-                token_w = token_weights(batch["scores"], mask, a.gamma, a.stat)
-                terms["token_weight_mean"] = float(token_w[mask].mean())
-                terms["token_weight_min"] = float(token_w[mask].min())
-            else:
-                seq_w = sequence_weights(batch["scores"], mask, a.gamma)
-                terms["seq_weight_mean"] = float(seq_w.mean())
-        normalize = method.agreement.normalize if method.agreement.enabled else "tokens"
-        kl = weighted_token_loss(ell, mask, token_w, seq_w, normalize)
-        terms["divergence"] = kl.item()
-        loss = loss + kl
-        lp_s, lp_pos = res.student_logprobs, res.teacher_logprobs
-    if method.feature.mode != "none":
-        feat = feature_matching_loss(h_s, h_t, mask)
-        terms["feature"] = feat.item()
-        loss = loss + (feat if method.feature.mode == "repr" else method.feature.weight * feat)
-    if method.contrastive.enabled:
-        if lp_s is None:
-            lp_s = token_logprobs(h_s, head, targets, T, chunk)
-            lp_pos = token_logprobs(h_t, t_head, targets, T, chunk)
-        lp_neg = token_logprobs(h_neg, t_head, targets, T, chunk)
-        con = contrastive_loss(lp_s, lp_pos, lp_neg, mask, method.contrastive.margin)
-        terms["contrastive"] = con.item()
-        loss = loss + method.contrastive.weight * con
-    return loss, terms
 
 
 # --------------------------------------------------------------------------- setup
