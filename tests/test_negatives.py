@@ -7,10 +7,8 @@ import json
 import pytest
 
 from unisd.data.schema import Example
-from unisd.negatives import (
-    BUG_TYPES, Negative, clean_self_generated, code_mutants, negative_request, programmatic_negatives,
-    verify_negatives,
-)
+from unisd.code_mutants import BUG_TYPES, code_mutants
+from unisd.negatives import Negative, clean_self_generated, negative_request, programmatic_negatives, verify_negatives
 from unisd.prompts import gold_response
 from unisd.sandbox import Limits, run_many
 from unisd.scoring import code_program, parse_mcq, tool_scores
