@@ -164,7 +164,7 @@ def test_flow_runs_of_a_killed_process_are_marked_crashed(tmp_path, monkeypatch)
     from prefect.runtime import flow_run
     from prefect.states import Completed, Running
 
-    from flows.recovery import OWNER_TAG, begin_flow
+    from unisd.orchestration.recovery import OWNER_TAG, begin_flow
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     dead = subprocess.run([sys.executable, "-c", "from unisd.artifacts import process_token; print(process_token())"],

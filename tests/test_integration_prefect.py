@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from flows.serve import local_prefect_server
+from unisd.orchestration.serve import local_prefect_server
 from project import copy_project, tiny_params
 
 pytestmark = pytest.mark.integration

@@ -165,7 +165,7 @@ def run_stages(params: Path, stages: list[str]) -> dict[str, bool]:
     """The model and prepare stages of one project through the flow's StageRunner."""
     from prefect import flow
 
-    from flows.runner import StageRunner
+    from unisd.orchestration.runner import StageRunner
 
     @flow(name="integrity-test")
     def stages_flow() -> dict[str, bool]:

@@ -113,7 +113,7 @@ def test_one_byte_of_a_local_benchmark_file_changes_the_prepare_key_only(tmp_pat
 def test_tasks_retry_what_may_pass_next_time():
     from prefect.states import Failed
 
-    from tasks.stages import TASKS, worth_retrying
+    from unisd.orchestration.tasks import TASKS, worth_retrying
     from unisd.data.schema import DataError
 
     assert {name: task.retries for name, task in TASKS.items()} == {
@@ -156,7 +156,7 @@ def test_the_flow_reruns_exactly_the_stages_a_change_reaches(tmp_path, tmp_path_
     from mlflow_db import empty_mlflow_db
     from project import tiny_params
 
-    from flows.pipeline import pipeline
+    from unisd.orchestration.pipeline import pipeline
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     source = Path(shutil.copytree(FIXTURES / "scienceqa", tmp_path / "scienceqa"))

@@ -151,7 +151,7 @@ def check_report(report: Path, expected_labels: set[str]) -> dict:
 @pytest.mark.integration
 @pytest.mark.usefixtures("one_thread")
 def test_compare_and_ablation_flows(project):
-    from flows.study import ablation, compare
+    from unisd.orchestration.study import ablation, compare
 
     report = Path(compare(str(project / "params.yaml")))
     data = check_report(report, {"base", "sft", "unisd-full"})

@@ -1,11 +1,13 @@
 """The order of the pipeline's stages, written once for every launcher.
 
-`distill_chain` says which stages a recipe needs and how their outputs feed each
-other: contexts (if agreement) and negatives (if contrastive), then R rounds of
-generate → filter → train, each round sampling from the latest student. A launcher
-passes `run_step(stage, **arguments) -> output path`: the Prefect flow runs a cached
-task (`flows.runner.StageRunner`), the `unisd distill` command (what dvc.yaml calls)
-runs the stage function directly (`direct_runner`).
+`run_recipe` is the whole pipeline: model, prepare, the base model's evaluation
+(`evaluate_base`), the recipe's stages (`distill_chain`: contexts if agreement,
+negatives if contrastive, then R rounds of generate → filter → train, each round
+sampling from the latest student) and the trained model's evaluation
+(`evaluate_trained`). A launcher passes `run_step(stage, **arguments) -> output path`:
+the Prefect flow runs a cached task (`unisd.orchestration.runner.StageRunner`); the
+`unisd model|prepare|distill|evaluate` commands (what dvc.yaml calls) run one part each,
+the stage functions called directly (`direct_runner`).
 """
 
 from __future__ import annotations
@@ -50,18 +52,32 @@ def distill_chain(cfg: Config, model: Path, data: Path, run_step: RunStep) -> Pa
     return previous
 
 
+def evaluate_base(cfg: Config, model: Path, data: Path, run_step: RunStep) -> dict[str, Any]:
+    """Evaluate the base model; its metrics, also written to the metrics folder."""
+    layout = Layout(cfg)
+    out = run_step("evaluate", model=model, data=data, out=layout.base_eval, label="base")
+    return publish_metrics(out, layout.base_metrics)
+
+
+def evaluate_trained(cfg: Config, trained: Path | None, model: Path, data: Path, run_step: RunStep) -> dict[str, Any]:
+    """Evaluate the recipe's trained model (`trained`, the last round's train output; None
+    for `base`, whose evaluation is a copy of the base model's); its metrics, also written
+    to the metrics folder with the recipe inside."""
+    layout = Layout(cfg)
+    if trained is None:
+        out = reuse_output(layout.base_eval, layout.recipe_eval)
+    else:
+        out = run_step("evaluate", model=trained, data=data, out=layout.recipe_eval, label=cfg.recipe, base=model)
+    return publish_metrics(out, layout.trained_metrics, cfg.recipe)
+
+
 def run_recipe(cfg: Config, run_step: RunStep) -> dict[str, Any]:
     """The whole pipeline: evaluate the base model and, unless the recipe is `base`, train
     and evaluate it. Returns the metrics of both (also written to the metrics folder)."""
     layout = Layout(cfg)
     model = run_step("model", out=layout.model)
     data = run_step("prepare", out=layout.data)
-    base_eval = run_step("evaluate", model=model, data=data, out=layout.base_eval, label="base")
-    metrics = {"base": publish_metrics(base_eval, layout.base_metrics)}
+    metrics = {"base": evaluate_base(cfg, model, data, run_step)}
     trained = distill_chain(cfg, model, data, run_step)
-    if trained is None:  # the `base` recipe: its evaluation is the base model's
-        out = reuse_output(base_eval, layout.recipe_eval)
-    else:
-        out = run_step("evaluate", model=trained, data=data, out=layout.recipe_eval, label=cfg.recipe, base=model)
-    metrics[cfg.recipe] = publish_metrics(out, layout.trained_metrics, cfg.recipe)
+    metrics[cfg.recipe] = evaluate_trained(cfg, trained, model, data, run_step)
     return metrics

@@ -77,10 +77,10 @@ def _stage_context(cfg: Config):
 
 def _run_stage(cfg: Config, command: str, trained: bool) -> None:
     """One dvc.yaml stage (`unisd.registry.COMMANDS`): model, prepare, distill (the
-    recipe's rounds) or evaluate."""
-    from unisd.artifacts import reuse_output
-    from unisd.chain import direct_runner, distill_chain
-    from unisd.stages import Layout, format_table, publish_metrics
+    recipe's rounds) or evaluate, each the part of `unisd.chain.run_recipe` it names,
+    reading its inputs from the default paths."""
+    from unisd.chain import direct_runner, distill_chain, evaluate_base, evaluate_trained
+    from unisd.stages import Layout, format_table
 
     layout = Layout(cfg)
     ctx, parent = _stage_context(cfg)
@@ -95,23 +95,17 @@ def _run_stage(cfg: Config, command: str, trained: bool) -> None:
             layout.run.mkdir(parents=True, exist_ok=True)  # `base` trains nothing: the folder stays empty
             distill_chain(cfg, layout.model, layout.data, run_step)
         elif not trained:
-            out = run_step("evaluate", model=layout.model, data=layout.data, out=layout.base_eval, label="base")
-            print(format_table(publish_metrics(out, layout.base_metrics)))
+            print(format_table(evaluate_base(cfg, layout.model, layout.data, run_step)))
         else:
-            if cfg.method.loss == "none":
-                out = reuse_output(layout.base_eval, layout.recipe_eval)
-            else:
-                last = layout.round(cfg.train_set.rounds, "train")
-                out = run_step("evaluate", model=last, data=layout.data, out=layout.recipe_eval, label=cfg.recipe,
-                               base=layout.model)
-            print(format_table(publish_metrics(out, layout.trained_metrics, cfg.recipe)))
+            last = None if cfg.method.loss == "none" else layout.round(cfg.train_set.rounds, "train")
+            print(format_table(evaluate_trained(cfg, last, layout.model, layout.data, run_step)))
         ok = True
     finally:
         ctx.tracker.end(parent, ok)
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from flows.serve import serve_deployments
+    from unisd.orchestration.serve import serve_deployments
 
     serve_deployments(Path(args.params).resolve(), with_server=args.with_server, port=args.port)
 
@@ -200,7 +194,7 @@ def _main(argv: list[str] | None) -> int:
 
             require_vllm()  # vLLM and a GPU, or one line and exit status 2 before any stage runs
         if args.command == "run":
-            from flows.pipeline import run_pipeline
+            from unisd.orchestration.pipeline import run_pipeline
 
             run_pipeline(Path(args.params).resolve(), args.overrides)
         elif args.command == "serve":
@@ -208,7 +202,7 @@ def _main(argv: list[str] | None) -> int:
         elif args.command in ("study", "report"):
             overrides = {".".join(k): v for k, v in map(parse_override, args.overrides)}
             if args.command == "study":
-                from flows import study
+                from unisd.orchestration import study
 
                 getattr(study, args.study)(str(Path(args.params).resolve()), overrides)
             else:

@@ -1,7 +1,7 @@
 """What a `unisd` command prints: a console a person can read at a glance.
 
 By default: one line when each stage starts and one when it ends (its cache status and
-time, `flows.runner`), unisd's own messages and progress lines, the tables, and every
+time, `unisd.orchestration.runner`), unisd's own messages and progress lines, the tables, and every
 library's warnings. Left out unless `--verbose`: other libraries' INFO records (httpx's
 line per HTTP request to the Prefect API, its csrf-token probes, MLflow's database
 set-up), Hugging Face, MLflow and other tqdm progress bars ("Loading weights",

@@ -3,7 +3,7 @@
 For every stage: the function that runs it, the names of its inputs (other stages'
 outputs, keyed on their digests), the other arguments that change its output (the
 round, the label), the params it reads and, through its function's module, the code it
-runs. The cache keys (`StageSpec.key`), the Prefect tasks (`tasks/stages.py`) and the
+runs. The cache keys (`StageSpec.key`), the Prefect tasks (`unisd/orchestration/tasks.py`) and the
 `unisd` stage commands (`COMMANDS`, what dvc.yaml runs) are derived from it, and
 dvc.yaml's per-stage deps and params are tested against it (tests/test_registry.py).
 

@@ -24,7 +24,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.utilities.engine import link_state_to_task_run_result
 
-from tasks.stages import TASKS
+from unisd.orchestration.tasks import TASKS
 from unisd.artifacts import IntegrityError, check_output, reuse_output
 from unisd.config import Config
 from unisd.registry import STAGES

@@ -50,8 +50,8 @@ def local_prefect_server(port: int = 4200, timeout_s: float = 90) -> Iterator[st
 def deployments(params_file: Path) -> list:
     """`pipeline/unisd-full` and one `pipeline/<recipe>` per baseline; `compare/compare`,
     `ablation/ablation`. All read `params_file`."""
-    from flows.pipeline import pipeline
-    from flows.study import ablation, compare
+    from unisd.orchestration.pipeline import pipeline
+    from unisd.orchestration.study import ablation, compare
     from unisd.recipes import BASELINES
 
     params = {"params_file": str(params_file)}

@@ -10,7 +10,7 @@ and the digest it had when written. Records persist in Prefect's local result st
 (PREFECT_RESULTS_LOCAL_STORAGE_PATH), which several projects may share. A cached
 record is used only while its output still matches that digest file by file, and is
 copied (verified) into place when another run asked for the same work at another path
-(see `flows.runner.StageRunner`).
+(see `unisd.orchestration.runner.StageRunner`).
 """
 
 from __future__ import annotations

@@ -1,1 +1,0 @@
-"""Prefect flows: wiring and fan-out over the tasks in `tasks/`."""
