@@ -33,9 +33,27 @@ def test_repository_params_and_defaults_are_valid(tmp_path):
     assert cfg.data.suite == "embedded"
     # An empty mapping is all defaults; relative paths are taken from the params file's folder.
     cfg = load_config(write(tmp_path, "{}\n"))
-    assert cfg.eval.limit == 100 and cfg.eval.max_new_tokens.code == 384
+    assert cfg.eval.limit == 40 and cfg.eval.max_new_tokens.code == 384
     assert cfg.artifacts == tmp_path.resolve() / "artifacts"
     assert cfg.data.benchmarks == ("sciq", "arc_challenge", "commonsense_qa", "mbpp", "humaneval")
+
+
+def leaves(data, path=""):
+    """{dotted key: value} of every leaf of nested params (a mapping's keys as given)."""
+    if isinstance(data, dict) and data:
+        return {k: v for key, value in data.items() for k, v in leaves(value, f"{path}.{key}" if path else key).items()}
+    return {path: list(data) if isinstance(data, tuple) else data}
+
+
+def test_every_schema_default_is_the_value_of_params_yaml(tmp_path):
+    """params.yaml is the single source: a key left out of a params file means what it
+    means there. Read as YAML, not through the schema, so the file is the oracle."""
+    import yaml
+
+    given = leaves(yaml.safe_load((REPO / "params.yaml").read_text()))
+    defaults = leaves(load_config(write(tmp_path, "{}\n")).model_dump(mode="json"))
+    assert {k: defaults.get(k, "<no default>") for k in given} == given
+    assert set(defaults) == set(given), "a param with a schema default is missing from params.yaml"
 
 
 @pytest.mark.parametrize("text, key, words", [

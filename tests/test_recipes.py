@@ -7,10 +7,10 @@ params.yaml takes.
 
 import pytest
 import yaml
-from project import tiny_params
+from project import REPO, tiny_params
 
 from unisd.config import ConfigError, build_config, load_config
-from unisd.recipes import BASELINES, COMPONENTS, RECIPES
+from unisd.recipes import BASELINES, COMPONENTS, RECIPES, recipe_table
 
 # docs/method.md §1: plain on-policy self-distillation, the base every component ablation adds to:
 # student samples at T=0.7, frozen initial teacher with the gold demonstration, forward KL
@@ -113,6 +113,14 @@ def test_non_distillation_baselines(tmp_path, tiny_model_dir):
     for m in (base, sft, ssd):  # no teacher, so no teacher-based component
         assert m.teacher.kind == "frozen" and not m.agreement.enabled and not m.contrastive.enabled
         assert m.feature.mode == "none" and m.clip.mode == "none"
+
+
+def test_the_readme_recipes_table_is_the_one_made_from_recipes():
+    readme = (REPO / "README.md").read_text()
+    table = recipe_table()
+    assert table in readme, f"README.md's recipes table should be recipe_table()'s output:\n{table}"
+    assert [line for line in table.splitlines()[2:] if line.split("|")[1].strip(" `") not in RECIPES] == []
+    assert len(table.splitlines()) == 2 + len(RECIPES)
 
 
 def test_recipe_from_params_yaml(tmp_path, tiny_model_dir):

@@ -1,5 +1,9 @@
 """The params schema: `params.yaml` is the single source of truth for every stage.
 
+Every default here is the value `params.yaml` gives (tests/test_config.py compares the
+two), so a key left out of a params file means what it means in `params.yaml`; the
+paper's settings are a profile on top of it (`profiles/paper.yaml`).
+
 The file is validated before any work starts: bytes that are not UTF-8, YAML errors,
 keys given twice, unknown keys, wrong types, non-finite numbers and out-of-range values
 raise `ConfigError`, one line per problem naming the file and the line or key path
@@ -88,13 +92,13 @@ class DataCfg(Section):
 class PromptCfg(Section):
     max_prompt_tokens: int = Field(1024, ge=32)
     # how the privileged teacher sees the gold demonstration (unisd.prompts.teacher_messages)
-    teacher_template: TeacherTemplate = "spec"
+    teacher_template: TeacherTemplate = "worked_example"
     # the MCQ answer layout of task texts and gold responses (unisd.prompts.MCQ_FORMATS)
     mcq_format: McqFormat = "reason_first"
 
 
 class NewTokens(Section):
-    mcq: int = Field(256, ge=1)
+    mcq: int = Field(128, ge=1)
     code: int = Field(384, ge=1)
     tool: int = Field(256, ge=1)
 
@@ -104,7 +108,7 @@ SCORE_TOKENS = "padded tokens (rows × longest) per teacher-forced scoring forwa
 
 class EvalCfg(Section):
     split: Literal["validation", "test"] = "test"
-    limit: int = Field(100, ge=0, description="items per benchmark; 0 = the whole split")
+    limit: int = Field(40, ge=0, description="items per benchmark; 0 = the whole split")
     batch_size: int = Field(16, ge=1)
     score_tokens: int = Field(2048, ge=0, description=SCORE_TOKENS)
     max_new_tokens: NewTokens = NewTokens()
@@ -126,7 +130,7 @@ class EvalCfg(Section):
 class TrainSetCfg(Section):
     # None: every trainable benchmark of data.benchmarks
     benchmarks: tuple[str, ...] | None = None
-    limit: int = Field(200, ge=0, description="train examples per benchmark; 0 = the whole split")
+    limit: int = Field(32, ge=0, description="train examples per benchmark; 0 = the whole split")
     rounds: int = Field(1, ge=1, description="generate -> filter -> train repeats, each from the latest student")
     prompts_per_round: int = Field(0, ge=0, description="prompts sampled per round; 0 = all")
     keep_truncated: bool = Field(False, description="train on samples cut at generation.max_new_tokens too "
@@ -139,8 +143,8 @@ class GenerationCfg(Section):
     samples_per_prompt: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     score_tokens: int = Field(2048, ge=0, description=SCORE_TOKENS)
-    max_new_tokens: NewTokens = NewTokens(mcq=192, code=256, tool=192)
-    bf16_autocast: bool = False
+    max_new_tokens: NewTokens = NewTokens(mcq=128, code=256, tool=128)
+    bf16_autocast: bool = True
     # "fast": unisd.fast_decode for sampling (greedy fp32 tokens identical to "hf"); "vllm":
     # unisd.vllm_backend (optional extra, GPU only); the evaluation decodes with eval.backend
     backend: Literal["hf", "fast", "vllm"] = "fast"
@@ -156,15 +160,15 @@ class LoraCfg(Section):
 
 class TrainCfg(Section):
     lora: LoraCfg = LoraCfg()
-    lr: float = Field(2e-5, gt=0.0)
+    lr: float = Field(1e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     epochs: int = Field(1, ge=1)
     max_steps: int = Field(0, ge=0, description="optimizer steps per round; 0 = epochs over the data")
     batch_size: int = Field(4, ge=1, description="sequences per micro-batch")
-    grad_accum: int = Field(4, ge=1)
+    grad_accum: int = Field(2, ge=1)
     max_grad_norm: float = Field(1.0, gt=0.0)
-    bf16_autocast: bool = False
+    bf16_autocast: bool = True
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     chunk_size: int = Field(128, ge=1, description="sequence positions per chunk of the vocabulary divergence")
     cache_teacher: bool = Field(True, description="keep a frozen teacher's hidden states for items seen again "
@@ -176,13 +180,16 @@ class StudyCfg(Section):
 
     recipes: tuple[str, ...] = ("base", "sft", "ssd", "sdft", "gkd", "opsd", "unisd-full")
     seeds: tuple[Seed, ...] = (42,)
-    components: tuple[str, ...] = ("agreement_tok_retrieval", "ema", "contrastive", "match_joint", "clip")
-    agreement_variants: bool = True
+    components: tuple[str, ...] = ("agreement_tok_retrieval", "ema", "clip")
+    agreement_variants: bool = False
     leave_one_out: bool = True
     # param overrides applied to every study run, as {"eval.limit": 50, ...}
     size: dict[str, Any] = Field(default_factory=dict)
-    # further overrides for the ablation's runs only (it has ~3x the compare study's cells)
-    ablation_size: dict[str, Any] = Field(default_factory=dict)
+    # further overrides for the ablation's runs only (it has ~3x the compare study's cells): it
+    # diagnoses, so it reads validation (HumanEval has none)
+    ablation_size: dict[str, Any] = Field(default_factory=lambda: {
+        "eval.split": "validation", "eval.limit": 16,
+        "data.benchmarks": ["sciq", "arc_challenge", "commonsense_qa", "mbpp"], "train_set.limit": 16})
 
     @field_validator("recipes", "components")
     @classmethod

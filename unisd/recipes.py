@@ -5,21 +5,10 @@ self-distillation (docs/method.md §1): student samples, frozen teacher with the
 demonstration in context, forward KL at T=0.7. `params.yaml`'s `components:` may
 switch any component on or off on top of the chosen recipe.
 
-| recipe | docs/method.md | what it sets |
-|---|---|---|
-| base | §3 | no training |
-| sft | §3 | cross-entropy on gold completions |
-| ssd | §3 | cross-entropy on the model's own samples (T=1.0, top-p 0.95) |
-| sd | §1 | plain self-distillation (the base of the component ablations) |
-| sdft | §3 | on-policy, EMA teacher (every 10 steps, β=0.9), forward KL |
-| gkd | §3 | JSD(0.5), half on-policy / half gold sequences, frozen teacher |
-| opsd | §3 | JSD(0.5) on student rollouts, frozen teacher |
-| agreement_{tok,seq}_{random,retrieval,induction} | §2.1 | K=3 contexts, γ=0.01 |
-| ema | §2.2 | EMA teacher every 10 steps, β=0.9 |
-| contrastive | §2.3 | λ_c=0.1, margin 0.5, verified programmatic negatives |
-| match_joint / match_repr | §2.4 | KL + 0.1·MSE / MSE only |
-| clip | §2.5 | static clip at τ=10 nats |
-| unisd-full | §2.6 | retrieval token agreement (K=3, γ=0.001), EMA (10, 0.98), joint matching 0.01, contrastive 0.01 / margin 0.1, forward KL, no clip |
+`RECIPES` is the one table of recipes: each recipe's settings, with what it is and its
+section of docs/method.md in `ABOUT`. The README's recipes table is `recipe_table()`'s
+output (tests/test_recipes.py compares them), and tests/test_recipes.py checks every
+recipe against the components docs/method.md §1–§3 state.
 
 Components that any training recipe can take through `components:` (ours, off by default):
 
@@ -148,6 +137,25 @@ RECIPES: dict[str, dict[str, Any]] = {
         "clip": {"mode": "none"},
     },
 }
+# What each recipe is, and where docs/method.md defines it (the README's table, `recipe_table`).
+ABOUT: dict[str, tuple[str, str]] = {
+    "base": ("§3", "the untouched model, same prompts: no training"),
+    "sft": ("§3", "cross-entropy on the gold completions"),
+    "ssd": ("§3", "cross-entropy on the model's own samples, at a raised temperature with top-p"),
+    "sd": ("§1", "plain on-policy self-distillation: frozen teacher, forward KL at T=0.7 (the base of the ablations)"),
+    "sdft": ("§3", "on-policy, EMA teacher, full-vocabulary forward KL"),
+    "gkd": ("§3", "generalized JSD on a mix of on-policy samples and gold sequences, frozen teacher"),
+    "opsd": ("§3", "generalized JSD on student rollouts, fixed initial teacher"),
+    **{f"agreement_{lvl[:3]}_{ctx}": ("§2.1", f"{lvl}-level agreement weights from {ctx} contexts, on sd")
+       for lvl in ("token", "sequence") for ctx in ("random", "retrieval", "induction")},
+    "ema": ("§2.2", "EMA teacher, on sd"),
+    "contrastive": ("§2.3", "token-level contrastive term with verified programmatic negatives, on sd"),
+    "match_joint": ("§2.4", "feature matching added to the divergence, on sd"),
+    "match_repr": ("§2.4", "feature matching instead of the divergence, on sd"),
+    "clip": ("§2.5", "static divergence clipping, on sd"),
+    "unisd-full": ("§2.6", "the integrated recipe: retrieval token agreement, EMA teacher, joint feature matching, "
+                           "contrastive term; forward KL, no clipping"),
+}
 BASELINES = ("base", "sft", "ssd", "sdft", "gkd", "opsd")
 COMPONENTS = ("agreement_tok_random", "agreement_tok_retrieval", "agreement_tok_induction",
               "agreement_seq_random", "agreement_seq_retrieval", "agreement_seq_induction",
@@ -166,3 +174,22 @@ def method_dict(recipe: str, components: dict[str, Any] | None = None) -> dict[s
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     return deep_merge(RECIPES[recipe], components or {})
+
+
+def _flow(value: Any) -> str:
+    """A setting as YAML flow text: `{kind: ema, ema_every: 10}`, `true`, `0.001`."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def recipe_table() -> str:
+    """The README's recipes table, one row per recipe of `RECIPES`."""
+    rows = ["| recipe | [method](docs/method.md) | what it is | sets |", "|---|---|---|---|"]
+    for name, settings in RECIPES.items():
+        section, about = ABOUT[name]
+        sets = ", ".join(f"`{key}: {_flow(value)}`" for key, value in settings.items()) or "the defaults"
+        rows.append(f"| `{name}` | {section} | {about} | {sets} |")
+    return "\n".join(rows) + "\n"
