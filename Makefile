@@ -1,11 +1,13 @@
 # One command sets up and runs the main job; one sets up and runs the tests.
-#   make run     base-model evaluation on the embedded suite, as a cached Prefect flow
-#   make test    the whole test suite
+#   make run        base-model evaluation on the embedded suite, as a cached Prefect flow
+#   make test       the whole test suite
+#   make test-fast  the unit tests only (no Prefect server, DVC, real model or benchmark scripts): minutes
+#   make lint       ruff (lint and format check) and mypy, as CI runs them
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test repro compare ablation serve mlflow-ui mlflow-server clean
+.PHONY: setup run test test-fast lint format repro compare ablation serve mlflow-ui mlflow-server clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +24,18 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration and not slow" --ignore=tests/test_benchmarks_quick.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 repro: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro evaluate

@@ -199,7 +199,7 @@ def main() -> None:
     built = {m: build(m, model_dir, cfg, args.bf16) for m in methods}
     tokens = built["ours"][1]
     losses = {m: [] for m in methods}
-    steps = {m: (lambda m=m: losses[m].append(built[m][0]())) for m in methods}
+    steps = {m: (lambda m=m: losses[m].append(built[m][0]())) for m in methods}  # noqa: F821 - run before the del
     times = C.interleaved(steps, reps, warmup=1)
     del built, steps  # free the models before the memory children load theirs
     memory = {m: [C.peak_memory(__file__, "setup_memory", method=m, model_dir=str(model_dir), cfg=cfg,
@@ -209,7 +209,7 @@ def main() -> None:
     speed = {m: [tokens / t for t in times[m]] for m in methods}
     rows = []
     for m in methods:
-        vs = lambda ref: C.spread(C.ratios(speed[m], speed[ref]), "{:.2f}×") if ref in methods else "—"  # noqa: E731
+        vs = lambda ref: C.spread(C.ratios(speed[m], speed[ref]), "{:.2f}×") if ref in methods else "—"  # noqa: E731, B023
         rows.append([m, C.spread(speed[m]), C.spread([r["peak_mb"] for r in memory[m]], "{:.0f}"),
                      C.spread([r["extra_mb"] for r in memory[m]], "{:.0f}"), vs("trl"), vs("naive"),
                      f"{losses[m][0]:.6f}"])

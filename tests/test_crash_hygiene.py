@@ -96,6 +96,7 @@ def killed_launch(tmp_path, tmp_path_factory, tiny_model_dir, monkeypatch):
     return load_config(tmp_path / "params.yaml"), items, out, work, proc.stdout.split()[0]
 
 
+@pytest.mark.slow  # a training process killed mid-round, then resumed
 def test_the_next_start_cleans_up_and_the_round_resumes_exactly(killed_launch, tiny_model_dir, tmp_path):
     cfg, items, out, work, token = killed_launch
     assert owner_gone(token) and not owner_gone(process_token())
@@ -158,6 +159,7 @@ def test_sweep_removes_only_what_ended_processes_left_on_this_machine(tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(n for n, kept in names.items() if kept)
 
 
+@pytest.mark.slow  # a flow in a process that is killed, then a second start
 def test_flow_runs_of_a_killed_process_are_marked_crashed(tmp_path, monkeypatch):
     from prefect import flow, task
     from prefect.client.orchestration import get_client

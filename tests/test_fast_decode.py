@@ -159,6 +159,7 @@ def test_peft_wrapped_models_are_refused(tiny_model_dir):
     assert fd.unsupported(model.merge_and_unload()) is None
 
 
+@pytest.mark.slow  # converts and runs the real embedded model
 def test_real_model_prompts(real_model_dir):
     tok = load_tokenizer(real_model_dir)
     model = load_model(real_model_dir, device="cpu")

@@ -55,7 +55,7 @@ def test_served_deployment_runs_and_caches(tmp_path, tiny_model_dir, monkeypatch
         server = subprocess.Popen([str(BIN / "unisd"), "serve", "--params", str(project / "params.yaml")],
                                   cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
-            for attempt in range(2):
+            for _attempt in range(2):
                 deadline = time.monotonic() + 60
                 while True:  # the deployment appears once `serve` has registered it
                     run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "pipeline/unisd-full",

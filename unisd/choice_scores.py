@@ -48,7 +48,7 @@ class AnswerEncoder:
     here already fits in its original order, and its rotations differ by a few tokens.
     """
 
-    def __init__(self, builder: PromptBuilder):
+    def __init__(self, builder: PromptBuilder) -> None:
         self.builder = replace(builder, max_prompt_tokens=sys.maxsize)
 
     def _ids(self, text: str, answer: str = "") -> list[int]:

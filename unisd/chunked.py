@@ -92,7 +92,8 @@ def _per_token_gradients(fn: Callable[..., tuple[Tensor, ...]], hidden: Tensor, 
     jacobians = {}
     for n, i in enumerate(needs):
         (jacobians[i],) = torch.autograd.grad(outs[i].sum(), leaf, retain_graph=n < len(needs) - 1)
-    return tuple(_KnownGradient.apply(hidden, out.detach(), jacobians[i]) if i in jacobians else out.detach()
+    return tuple(_KnownGradient.apply(hidden, out.detach(), jacobians[i])  # type: ignore[no-untyped-call]
+                 if i in jacobians else out.detach()
                  for i, out in enumerate(outs))
 
 

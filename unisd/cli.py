@@ -24,12 +24,16 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unisd import console
 from unisd.config import Config, load_config, parse_override, profile_overrides
 from unisd.data.schema import DataError, decode_utf8
 from unisd.errors import INPUT_ERRORS
 from unisd.registry import COMMANDS
+
+if TYPE_CHECKING:
+    from unisd.stages import StageContext
 
 log = logging.getLogger("unisd")
 
@@ -56,7 +60,7 @@ def _dvc_lock_tags(root: Path, stage: str) -> dict[str, str]:
             for out in entry.get("outs", [])}
 
 
-def _stage_context(cfg: Config):
+def _stage_context(cfg: Config) -> tuple[StageContext, str]:
     """Tracking for a stage launched from the shell; under `dvc repro` (DVC sets DVC_STAGE)
     the runs are tagged with the DVC stage, its upstream hashes and the experiment name."""
     from unisd.stages import StageContext

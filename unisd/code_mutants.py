@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import ast
 import copy
+from typing import Any, Callable, TypeGuard, cast, overload
 
 BUG_TYPES = ("off_by_one", "wrong_operator", "missing_edge_case", "wrong_return")
+Edit = tuple[ast.AST, ast.AST | list[ast.stmt]]  # (the node rewritten, what replaces it)
 
 
 def code_mutants(code: str, kind: str, entry_point: str = "") -> list[str]:
@@ -38,8 +40,8 @@ def code_mutants(code: str, kind: str, entry_point: str = "") -> list[str]:
     for target in range(counter.sites):
         tree = ast.parse(code)
         mutator = _MUTATORS[kind](target)
-        mutator.visit(_scope(tree, entry_point))
-        mutant = _render(code, tree, mutator.edit)
+        mutator.visit(cast(ast.AST, _scope(tree, entry_point)))  # found in the same code above
+        mutant = _render(code, tree, cast(Edit, mutator.edit))  # target < sites: the target was taken
         if mutant is not None and ast.dump(ast.parse(mutant)) != reference and mutant not in mutants:
             mutants.append(mutant)
     return mutants
@@ -52,7 +54,7 @@ def _scope(tree: ast.Module, entry_point: str) -> ast.AST | None:
                  and node.name == entry_point), None)
 
 
-def _render(source: str, tree: ast.Module, edit: tuple[ast.AST, ast.AST | list[ast.stmt]]) -> str | None:
+def _render(source: str, tree: ast.Module, edit: Edit) -> str | None:
     """The mutant's text: the reference with only the mutated span rewritten when that
     reproduces the mutated tree, else the whole tree unparsed; None if neither parses."""
     node, new = edit
@@ -72,8 +74,9 @@ def parse_dump(code: str) -> str | None:
         return None
 
 
-def _splice(source: str, node: ast.AST, text: str) -> str:
-    """`source` with `node`'s span replaced by `text`; an empty text removes the node's lines."""
+def _splice(source: str, node: Any, text: str) -> str:
+    """`source` with `node`'s span (a statement's or an expression's) replaced by `text`; an
+    empty text removes the node's lines."""
     raw = source.encode()  # ast columns count UTF-8 bytes
     starts = [0]
     for line in raw.split(b"\n"):
@@ -94,9 +97,9 @@ class _Mutator(ast.NodeTransformer):
     Function signatures are never visited, only bodies: tests call the signature.
     """
 
-    def __init__(self, target: int = -1):
+    def __init__(self, target: int = -1) -> None:
         self.target, self.sites = target, 0
-        self.edit: tuple[ast.AST, ast.AST | list[ast.stmt]] | None = None
+        self.edit: Edit | None = None
 
     def take(self, node: ast.AST, replacement: ast.AST | list[ast.stmt]) -> bool:
         hit = self.sites == self.target
@@ -111,7 +114,7 @@ class _Mutator(ast.NodeTransformer):
         node.body = body.body
         return node
 
-    visit_AsyncFunctionDef = visit_FunctionDef
+    visit_AsyncFunctionDef = visit_FunctionDef  # type: ignore[assignment]  # the same walk
 
 
 class _OffByOne(_Mutator):
@@ -139,7 +142,12 @@ class _OffByOne(_Mutator):
         node.comparators = [self.shifted(c, _is_int) for c in node.comparators]
         return node
 
-    def shifted(self, node: ast.expr | None, eligible) -> ast.expr | None:
+    @overload
+    def shifted(self, node: ast.expr, eligible: Callable[[ast.AST], bool]) -> ast.expr: ...
+    @overload
+    def shifted(self, node: ast.expr | None, eligible: Callable[[ast.AST], bool]) -> ast.expr | None: ...
+
+    def shifted(self, node: ast.expr | None, eligible: Callable[[ast.AST], bool]) -> ast.expr | None:
         if node is None or not eligible(node):
             return node
         for delta in (1, -1):
@@ -152,8 +160,8 @@ class _OffByOne(_Mutator):
 def _int_value(node: ast.AST) -> int | None:
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and _int_value(node.operand) is not None:
-        return -_int_value(node.operand)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and (inner := _int_value(node.operand)) is not None:
+        return -inner
     return None
 
 
@@ -165,7 +173,7 @@ def _is_int(node: ast.AST) -> bool:
     return _int_value(node) is not None
 
 
-def _plus_minus_int(node: ast.AST) -> bool:
+def _plus_minus_int(node: ast.AST) -> TypeGuard[ast.BinOp]:
     return isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)) and _is_int(node.right)
 
 
@@ -181,7 +189,7 @@ def _shift(node: ast.expr, delta: int) -> ast.expr:
     if (value := _int_value(node)) is not None:
         return _int_node(value + delta)
     if _plus_minus_int(node):
-        k = _int_value(node.right) * (1 if isinstance(node.op, ast.Add) else -1) + delta
+        k = cast(int, _int_value(node.right)) * (1 if isinstance(node.op, ast.Add) else -1) + delta
         if k == 0:
             return node.left
         return ast.BinOp(node.left, ast.Add() if k > 0 else ast.Sub(), _int_node(abs(k)))
@@ -224,7 +232,7 @@ class _WrongOperator(_Mutator):
                     return new
         return node
 
-    def swapped(self, node, table):
+    def swapped(self, node: Any, table: dict[Any, Any]) -> Any:
         if type(node.op) not in table:
             return node
         new = copy.copy(node)
@@ -263,7 +271,7 @@ class _WrongReturn(_Mutator):
     """A returned boolean negated; any other returned value replaced by the function's
     first argument or by None."""
 
-    def __init__(self, target: int = -1):
+    def __init__(self, target: int = -1) -> None:
         super().__init__(target)
         self.first_args: list[str | None] = []
 

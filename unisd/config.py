@@ -17,7 +17,8 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -39,7 +40,8 @@ class Section(BaseModel):
     @classmethod
     def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
         # pydantic would read `limit: true` (or YAML's `yes`) as 1.
-        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in (int, float):
+        annotation: Any = cls.model_fields[cast(str, info.field_name)].annotation
+        if isinstance(v, bool) and annotation in (int, float):
             raise ValueError("expected a number, not a boolean")
         return v
 
@@ -197,7 +199,7 @@ class StudyCfg(Section):
         known = RECIPES if info.field_name == "recipes" else COMPONENTS
         unknown = [name for name in v if name not in known]
         if unknown:
-            raise ValueError(f"unknown {info.field_name[:-1]} {unknown[0]!r}; known: {', '.join(known)}")
+            raise ValueError(f"unknown {cast(str, info.field_name)[:-1]} {unknown[0]!r}; known: {', '.join(known)}")
         return v
 
 
@@ -369,7 +371,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), _yaml(raw, f"override {key.strip()}") if raw.strip() else ""
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str] | dict[str, Any]) -> dict[str, Any]:
     """Apply `a.b=value` overrides (YAML-typed values) or a {"a.b": value} mapping."""
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
     for key, value in items:
@@ -406,7 +408,7 @@ def build_config(data: dict[str, Any], root: Path, source: str = "params") -> Co
         raise ConfigError(_format_errors(source, err)) from None
 
 
-def load_config(path: str | Path = "params.yaml", overrides: list[str] | dict[str, Any] = ()) -> Config:
+def load_config(path: str | Path = "params.yaml", overrides: Sequence[str] | dict[str, Any] = ()) -> Config:
     """Read, override and validate `params.yaml`; raise ConfigError before any work."""
     path = Path(path)
     if not path.is_file():

@@ -24,7 +24,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from unisd.choice_scores import Scoring, choice_scores
 from unisd.config import Config
@@ -133,7 +133,7 @@ def summarize(items: list[Item], n_dropped: int) -> dict[str, Any]:
     return summary
 
 
-def overall_metrics(benchmarks: dict[str, dict[str, Any]], tasks: dict[str, str],
+def overall_metrics(benchmarks: dict[str, dict[str, Any]], tasks: Mapping[str, str],
                     headline: str) -> dict[str, Any]:
     """Top-level means over benchmark summaries: overall (every `score`, the paper's
     metric), mcq_overall and mcq_rot_overall (`score` and `rot_acc` over MCQ benchmarks),

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 def unsupported(model) -> str | None:
     """Why the fast path cannot run `model` (a sentence), or None when it can."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     if hasattr(model, "peft_config"):
         return "the model is peft-wrapped: merge its adapter first (merge_and_unload)"
     if getattr(config, "model_type", None) != "llama":
@@ -102,7 +102,7 @@ class _Llama:
     flow as [b, t, hidden] in the embedding's dtype (the residual stream).
     """
 
-    def __init__(self, model, dtype: torch.dtype | None):
+    def __init__(self, model, dtype: torch.dtype | None) -> None:
         config, base = model.config, model.model
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -158,7 +158,7 @@ class KVCache:
     """Keys and values [layers, slots, KV, max_len, D] of the running sequences, allocated
     once; `lens` [slots] is how many positions of each slot hold a sequence's keys."""
 
-    def __init__(self, llama: _Llama, slots: int, max_len: int):
+    def __init__(self, llama: _Llama, slots: int, max_len: int) -> None:
         shape = (len(llama.layers), slots, llama.kv_heads, max_len, llama.head_dim)
         self.keys = torch.zeros(shape, dtype=llama.dtype, device=llama.device)
         self.values = torch.zeros_like(self.keys)
@@ -177,7 +177,7 @@ class _Decoder:
     """Continuous batching over a `KVCache`: the running sequences are slots 0..n-1,
     with their prompt indices (`rows`) and generated tokens (`tokens`)."""
 
-    def __init__(self, llama: _Llama, slots: int, max_len: int, sampling: Sampling):
+    def __init__(self, llama: _Llama, slots: int, max_len: int, sampling: Sampling) -> None:
         self.llama, self.sampling = llama, sampling
         self.cache = KVCache(llama, slots, max_len)
         self.cos, self.sin = llama.rope_tables(max_len)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -136,9 +136,9 @@ def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 class _Batch:
     """The running rows: their KV cache, attention mask, next positions and tokens."""
 
-    def __init__(self):
-        self.cache = None
-        self.mask: torch.Tensor | None = None  # [B, L]
+    def __init__(self) -> None:
+        self.cache: Any = None
+        self.mask: torch.Tensor = None  # type: ignore[assignment]  # [B, L], set by the first `add`
         self.rows: list[int] = []  # prompt index of each row
         self.tokens: list[list[int]] = []
         self.logprobs: list[list[float]] = []  # T=1 log-prob of each generated token

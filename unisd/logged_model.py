@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from importlib.metadata import version
 from pathlib import Path
+from typing import cast
 
 import mlflow.pyfunc
 from mlflow.models import set_model
@@ -27,7 +28,7 @@ from unisd.config import Config
 REQUIREMENTS = ("torch", "transformers", "peft", "mlflow")
 
 
-class TrainedModel(mlflow.pyfunc.PythonModel):
+class TrainedModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]  # not seen through mlflow.pyfunc's lazy exports
     """The pyfunc wrapper: prompts in, greedy answers out."""
 
     def load_context(self, context) -> None:
@@ -55,7 +56,7 @@ class TrainedModel(mlflow.pyfunc.PythonModel):
         prompts = [self.builder.encode(text) for text in model_input]
         if (too_long := [i for i, ids in enumerate(prompts) if ids is None]):
             raise ValueError(f"prompts {too_long} exceed {self.builder.max_prompt_tokens} tokens")
-        return [c.text for c in generate(self.model, self.tokenizer, prompts, Sampling(self.max_new_tokens),
+        return [c.text for c in generate(self.model, self.tokenizer, cast(list[list[int]], prompts), Sampling(self.max_new_tokens),
                                          stop_strings=self.builder.stop_strings, desc="pyfunc predict")]
 
 

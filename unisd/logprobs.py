@@ -10,7 +10,7 @@ no [B, T, V] logits for padding.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +32,14 @@ def pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
-def pack_left(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+def pack_left(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, Any]:
     """Batch (prompt, completion) pairs, left-padded; `keep` covers every completion."""
     ids, mask = pad_left([p + c for p, c in pairs], pad_id, device)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
             "keep": max(len(c) for _, c in pairs) + 1}
 
 
-def completion_hidden(lm, packed: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+def completion_hidden(lm: Any, packed: dict[str, Any], width: int) -> torch.Tensor:
     """Final-layer hidden states (after the final norm) at the positions that predict
     each completion token: [B, width, H], right-aligned like the batch's mask."""
     out = lm.get_decoder()(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],

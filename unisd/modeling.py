@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from unisd.assets import resolve_model_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(model_dir: str | Path):
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(model_dir))
@@ -34,13 +37,13 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
-def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "auto"):
+def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "auto") -> PreTrainedModel:
     """A causal LM in eval mode from a `model` stage output or a checkpoint folder."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    model.to(pick_device(device)).eval()
+    model.to(pick_device(device)).eval()  # type: ignore[arg-type]  # transformers' annotation of `to`
     log.debug("loaded %s (%.1fM parameters, %s, %s)", path, model.num_parameters() / 1e6, dtype, model.device)
     return model
 
@@ -62,7 +65,7 @@ def inference_autocast(model, enabled: bool) -> Iterator[None]:
     swapped = []
     with torch.inference_mode(False), torch.no_grad():
         for module in model.modules():
-            w = getattr(module, "weight", None)
+            w: Any = getattr(module, "weight", None)
             if isinstance(module, torch.nn.Linear) and w is not tied and w.dtype == torch.float32:
                 swapped.append((w, w.data))
                 w.data = w.data.to(torch.bfloat16)

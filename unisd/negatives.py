@@ -83,7 +83,7 @@ class _Pool:
     groups with the fewest verified negatives so far (seeded order on ties), so that a
     candidate that turns out not to be wrong is replaced by one of the same kind."""
 
-    def __init__(self, groups: list[list[Negative]]):
+    def __init__(self, groups: list[list[Negative]]) -> None:
         self.groups = [deque(group) for group in groups]
         self.counts = [0] * len(groups)
         self.kept: list[Negative] = []
@@ -205,7 +205,7 @@ def _tool_candidates(ex: Example, rng: random.Random) -> list[list[Negative]]:
     return groups
 
 
-def _tool_negative(kind: str, action: str, action_input: str, source: str = "programmatic",
+def _tool_negative(kind: str, action: str, action_input: str, source: Literal["programmatic", "self"] = "programmatic",
                    verified: bool = False) -> Negative:
     """Same layout as `gold_response` for tool use."""
     text = f"Thought: I should call {action}.\nAction: {action}\nAction Input: {action_input}"

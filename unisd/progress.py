@@ -10,7 +10,7 @@ log = logging.getLogger("unisd.progress")
 
 
 class Progress:
-    def __init__(self, desc: str, total: int, unit: str = "items", every_s: float = 15.0):
+    def __init__(self, desc: str, total: int, unit: str = "items", every_s: float = 15.0) -> None:
         self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
         self.done, self.tokens = 0, 0
         self.start = self.last = time.monotonic()

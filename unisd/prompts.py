@@ -19,7 +19,7 @@ same choice (`prompts.mcq_format`), which every caller passes on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from unisd.data.schema import LETTERS, Example
 
@@ -161,12 +161,13 @@ Template = Literal["chat", "plain"]
 class PromptBuilder:
     """Renders conversations with the model's template and applies the prompt-length budget."""
 
-    tokenizer: object
+    tokenizer: Any  # a Hugging Face tokenizer
     template: Template
     max_prompt_tokens: int
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, template: str = "auto", max_prompt_tokens: int = 1024) -> "PromptBuilder":
+    def for_tokenizer(cls, tokenizer: Any, template: Template | Literal["auto"] = "auto",
+                      max_prompt_tokens: int = 1024) -> PromptBuilder:
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if template == "auto":
             template = "chat" if has_chat else "plain"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 from unisd.artifacts import PACKAGE, code_files, code_version, content_digest, dir_digest
 from unisd.assets import local_model_folder
@@ -98,7 +98,7 @@ class StageSpec:
         """The version of the code this stage runs (part of its cache key)."""
         return code_version(self.function.__module__, (__name__,))
 
-    def key(self, cfg: Config, inputs: dict[str, Path | None], extra: dict[str, Any] | None = None) -> str:
+    def key(self, cfg: Config, inputs: Mapping[str, Path | None], extra: dict[str, Any] | None = None) -> str:
         """Content key of a run: code version, params, the digests of its inputs, extra arguments."""
         return digest_json({
             "stage": self.name, "code": self.code, "params": self.params(cfg), "extra": extra or {},

@@ -33,7 +33,8 @@ def _boot_means(rows: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.n
     patterns, counts = np.unique(rows, axis=0, return_counts=True)
     n = len(rows)
     draws = rng.multinomial(n, counts / n, size=n_boot)
-    return draws @ patterns / n
+    means: np.ndarray = draws @ patterns / n
+    return means
 
 
 def _estimate(mats: Sequence[np.ndarray], weights: Sequence[float]) -> float:
@@ -93,7 +94,7 @@ def mcnemar_exact(b01: int, b10: int) -> float:
     """Two-sided exact McNemar p-value: a binomial(b01 + b10, 1/2) test on the discordant pairs."""
     n = b01 + b10
     tail = sum(math.comb(n, k) for k in range(min(b01, b10) + 1))
-    return min(1.0, 2 * tail / 2**n)
+    return min(1.0, float(2 * tail / 2**n))
 
 
 def _sign_flip_p(mats: Sequence[np.ndarray], n_perm: int, rng: np.random.Generator) -> float:
@@ -146,16 +147,16 @@ def paired_overall_test(a: Suite, b: Suite, n_perm: int = 10000, seed: int = 0, 
 
 
 def paired_test(a: Correct, b: Correct, n_perm: int = 10000, seed: int = 0, n_boot: int = 10000,
-                level: float = 0.95) -> dict[str, float | int]:
+                level: float = 0.95) -> dict[str, float | int | None]:
     """Score difference a − b on one benchmark's examples: paired bootstrap [lo, hi],
     sign-flip p_value, McNemar counts b10 (a right, b wrong), b01 and their exact p
     (None when an outcome is a tie's share: McNemar's test needs 0/1 outcomes)."""
     result = paired_overall_test({"_": a}, {"_": b}, n_perm, seed, n_boot, level)
     binary = all(v in (0, 1) for v in (*a.values(), *b.values()))
-    return {**result, "mcnemar_p": mcnemar_exact(result["b01"], result["b10"]) if binary else None}
+    return {**result, "mcnemar_p": mcnemar_exact(int(result["b01"]), int(result["b10"])) if binary else None}
 
 
-def flip_counts(after: Correct, before: Correct) -> dict[str, int]:
+def flip_counts(after: Correct, before: Correct) -> dict[str, float | int]:
     """Examples that went wrong → right and right → wrong from `before` to `after`: the two
     sides of a net change, which a small net gain can hide when both are large. A tie's
     share counts as that share of an example (0 → ½ is half an example gained)."""

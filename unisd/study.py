@@ -29,7 +29,7 @@ from unisd.stages import Layout, stage_code
 log = logging.getLogger(__name__)
 
 # What removing one mechanism from unisd-full means (leave-one-out).
-WITHOUT = {
+WITHOUT: dict[str, dict[str, Any]] = {
     "agreement": {"agreement": {"enabled": False}},
     "ema": {"teacher": {"kind": "frozen"}},
     "contrastive": {"contrastive": {"enabled": False}},

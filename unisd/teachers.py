@@ -19,13 +19,13 @@ the adapter switched off instead: the same numbers, without the adapter's matmul
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator, cast
 
 import torch
 
 
 class Teacher:
-    def __init__(self, model: torch.nn.Module, kind: str = "frozen", every: int = 10, beta: float = 0.9):
+    def __init__(self, model: torch.nn.Module, kind: str = "frozen", every: int = 10, beta: float = 0.9) -> None:
         self.kind, self.every, self.beta = kind, every, beta
         self.model = model
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -47,7 +47,7 @@ class Teacher:
         self.model.eval()
         if self.is_base:
             try:
-                with torch.no_grad(), self.model.disable_adapter():
+                with torch.no_grad(), cast(Any, self.model).disable_adapter():  # a peft model
                     yield
             finally:
                 self.model.train(was_training)

@@ -66,7 +66,7 @@ def _flatten(prefix: str, data: Any, out: dict[str, Any]) -> dict[str, Any]:
 class Tracker:
     """Thin wrapper over MlflowClient bound to one project's experiment."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config) -> None:
         import mlflow
         from mlflow import MlflowClient
 
@@ -141,7 +141,8 @@ class Tracker:
         return [run.info.run_id for run in orphans]
 
     def _running(self) -> list:
-        runs, token = [], None
+        runs: list[Any] = []
+        token = None
         while True:
             page = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
                                            max_results=1000, page_token=token)
@@ -212,7 +213,7 @@ def _rows_class() -> type:
     class Rows(MetaDataset):
         """A dataset known by its file and digest, with its row count as its profile."""
 
-        def __init__(self, source, name: str, digest: str, n_rows: int):
+        def __init__(self, source, name: str, digest: str, n_rows: int) -> None:
             super().__init__(source, name=name, digest=digest)
             self._n_rows = n_rows
 
@@ -226,7 +227,7 @@ def _rows_class() -> type:
 class StageRun:
     model_id: str | None = None  # the model this run produced (`log_model` with weights)
 
-    def __init__(self, client, run_id: str, experiment_id: str):
+    def __init__(self, client, run_id: str, experiment_id: str) -> None:
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:

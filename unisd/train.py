@@ -86,7 +86,7 @@ class TeacherCache:
     their first batch, which differs from a recomputation in another batch only by
     float rounding (padding changes the batch shape)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.rows: dict[tuple[str, int], torch.Tensor] = {}
 
     def hidden(self, prompt: str, batch: dict[str, Any], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -107,27 +107,28 @@ class TeacherCache:
 # --------------------------------------------------------------------------- setup
 
 
-def build_student(cfg: Config, base_dir: Path, init_dir: Path | None):
-    """The student: the base model with a LoRA adapter (or all weights) trainable,
-    continuing from a previous round's output when `init_dir` is given."""
+def build_student(cfg: Config, base_dir: Path, init_dir: Path | None) -> Any:
+    """The student (a transformers model, peft-wrapped under LoRA): the base model with a
+    LoRA adapter (or all weights) trainable, continuing from a previous round's output
+    when `init_dir` is given."""
     from unisd.modeling import load_model
 
     lora = cfg.train.lora
     if not lora.enabled:
         start = init_dir / "model" if init_dir else base_dir
-        model = load_model(start, cfg.model.dtype, cfg.model.device)
-        model.train()
-        return model
+        full = load_model(start, cfg.model.dtype, cfg.model.device)
+        full.train()
+        return full
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    model = load_model(base_dir, cfg.model.dtype, cfg.model.device)
-    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    model: Any = load_model(base_dir, cfg.model.dtype, cfg.model.device)  # peft-wrapped below
+    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,  # type: ignore[arg-type]  # a float scale works
                           target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(model, peft_cfg)
     if init_dir is not None:
         state = load_file(init_dir / "adapter" / "adapter_model.safetensors", device=str(model.device))
-        result = set_peft_model_state_dict(model, state)
+        result: Any = set_peft_model_state_dict(model, state)  # peft's own annotation lacks unexpected_keys
         if result.unexpected_keys:
             raise TrainingError(f"{init_dir}/adapter does not fit this LoRA configuration "
                                 f"(unexpected {result.unexpected_keys[:2]})")
@@ -255,7 +256,8 @@ def train_round(cfg: Config, items: list[TrainItem], base_dir: Path, base_digest
     device_type = lm.device.type
     cache = _teacher_cache(cfg, items, lm, total * accum, len(batches) // cfg.train.epochs)
     while step < total:
-        started, n_tokens, terms_sum, loss_sum = time.monotonic(), 0, {}, 0.0
+        started, n_tokens, loss_sum = time.monotonic(), 0, 0.0
+        terms_sum: dict[str, float] = {}
         group = [batches[(step * accum + j) % len(batches)] for j in range(accum)]
         for j, idx in enumerate(group):
             batch = collate([items[i] for i in idx], tok.pad_token_id, lm.device) | {"ids": idx}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -76,14 +76,15 @@ def _gold(builder: PromptBuilder, ex: Example, ids: list[int], fmt: McqFormat, s
 
 
 def sample_trajectories(cfg: Config, model, tok, builder: PromptBuilder, examples: list[Example],
-                        seed: int) -> tuple[list[Trajectory], dict[str, int]]:
+                        seed: int) -> tuple[list[Trajectory], dict[str, Any]]:
     """Student samples (or gold completions) for `examples`, and the `gold_mix` share of
     them again as gold SFT items; returns them and counts."""
     method, gen, fmt = cfg.method, cfg.generation, cfg.prompts.mcq_format
     encoded = [(ex, builder.encode(task_text(ex, fmt))) for ex in examples]
     fitting = [(ex, ids) for ex, ids in encoded if ids is not None]
     rng = random.Random(f"{seed}:mix")
-    sampled, gold = [], []
+    sampled: list[tuple[Example, list[int]]] = []
+    gold: list[tuple[Example, list[int]]] = []
     for ex, ids in fitting:
         if method.data == "gold" or (method.data == "mixed" and rng.random() >= method.on_policy_fraction):
             gold.append((ex, ids))
@@ -125,7 +126,9 @@ def score_agreement(cfg: Config, teacher, tok, builder: PromptBuilder, trajector
     Trajectories whose context prompts exceed the budget are dropped and counted.
     """
     agreement = cfg.method.agreement
-    scored, pairs, dropped = [], [], 0
+    scored: list[Trajectory] = []
+    pairs: list[tuple[list[int], list[int]]] = []
+    dropped = 0
     for t in trajectories:
         texts = context_texts(by_id[t.example_id], records[t.example_id], by_id, cfg.prompts.mcq_format)
         prompts = [builder.encode(text) for text in texts]
@@ -133,7 +136,7 @@ def score_agreement(cfg: Config, teacher, tok, builder: PromptBuilder, trajector
             dropped += 1
             continue
         scored.append(t)
-        pairs.extend((p, t.completion_ids) for p in prompts[: agreement.k])
+        pairs.extend((cast(list[int], p), t.completion_ids) for p in prompts[: agreement.k])
     lps = completion_logprobs(teacher, pairs, tok.pad_token_id, cfg.generation.batch_size,
                               cfg.generation.bf16_autocast, desc="agreement scores",
                               max_tokens=cfg.generation.score_tokens)
@@ -188,7 +191,8 @@ def eos_calibration(cfg: Config, teacher, tok, builder: PromptBuilder, trajector
     prompts = {i: builder.encode_messages(privileged_messages(cfg, by_id[i])) for i in {t.example_id for t in ended}}
     scored = [t for t in ended if prompts[t.example_id] is not None]
     gen = cfg.generation
-    lps = completion_logprobs(teacher, [(prompts[t.example_id], t.completion_ids) for t in scored], tok.pad_token_id,
+    lps = completion_logprobs(teacher, [(cast(list[int], prompts[t.example_id]), t.completion_ids) for t in scored],
+                              tok.pad_token_id,
                               gen.batch_size, gen.bf16_autocast, desc="teacher end of turn",
                               max_tokens=gen.score_tokens)
     return {"eos_trajectories": len(scored), "teacher_eos_logp": _mean([float(lp[-1]) for lp in lps]),

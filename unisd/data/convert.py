@@ -68,7 +68,8 @@ def convert_rows(source: str, rows: Iterable[Row],
     ToolAlpaca API) gives a list. Two rows with one id are an error: predictions,
     contexts and negatives are matched to examples by id.
     """
-    out, first_row = [], {}
+    out: list[Example] = []
+    first_row: dict[str, int] = {}
     for i, row in enumerate(rows, start=1):
         try:
             ex = convert(i, row)

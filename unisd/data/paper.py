@@ -175,7 +175,7 @@ def load_paper(name: str, seed: int, override: str | None = None) -> dict[str, l
             splits[split] = toolalpaca_examples(where, rows, split)
         else:
             convert = CONVERTERS[name]
-            splits[split] = convert_rows(where, rows, lambda i, r, s=split: convert(i, r, s))
+            splits[split] = convert_rows(where, rows, lambda i, r, s=split: convert(i, r, s))  # type: ignore[misc]  # noqa: B023 - used in this iteration
     if "train" in splits and "validation" not in splits:
         n_val = min(VALIDATION_CARVE, len(splits["train"]) // 10 or 1)
         splits.update(split_off(splits["train"], {"validation": n_val}, seed))

@@ -32,7 +32,7 @@ from unisd.stages import StageContext, lineage_file, stage_source_run
 
 
 class StageRunner:
-    def __init__(self, cfg: Config, ctx: StageContext):
+    def __init__(self, cfg: Config, ctx: StageContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.cached: dict[str, bool] = {}
 

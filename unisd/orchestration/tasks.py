@@ -67,7 +67,8 @@ def _run_name(spec: StageSpec) -> Callable[..., str]:
     return name
 
 
-TASKS = {name: task(recorded(spec.function), name=name, task_run_name=_run_name(spec),
+# a retry delay of 0 or a backoff: no single overload of `task` takes both
+TASKS = {name: task(recorded(spec.function), name=name, task_run_name=_run_name(spec),  # type: ignore[call-overload]
                     cache_key_fn=stage_cache_key(spec), persist_result=True, retries=spec.retries,
                     retry_delay_seconds=exponential_backoff(backoff_factor=10) if spec.retries else 0,
                     retry_condition_fn=worth_retrying)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 
@@ -119,7 +119,7 @@ def headline(study: Study, hl: Headline, base: str | None, best: str | None) -> 
     for run in study.runs:
         row: dict[str, Any] = {"value": _ci(outcomes(run), kw), "generative": _ci(outcomes(run, GENERATIVE), kw)}
         for key, label in _references(run.kind, base, best).items():
-            ref = study.partner(study.labelled(label), run.seed)
+            ref = cast(Run, study.partner(study.labelled(label), run.seed))  # every reference has a run
             row[key] = {"reference": ref.name, **paired_test(outcomes(run), outcomes(ref), **paired)}
         runs[run.name] = row
     pooled = {}
@@ -127,9 +127,9 @@ def headline(study: Study, hl: Headline, base: str | None, best: str | None) -> 
         group = [outcomes(r) for r in study.labelled(label)]
         value, lo, hi = pooled_ci(group, **kw)
         row = {"seeds": len(group), "value": {"score": value, "lo": lo, "hi": hi}}
-        for key, ref in _references(study.labelled(label)[0].kind, base, best).items():
-            row[key] = {"reference": ref,
-                        **pooled_paired_test(group, [outcomes(r) for r in study.labelled(ref)], **paired)}
+        for key, ref_label in _references(study.labelled(label)[0].kind, base, best).items():
+            row[key] = {"reference": ref_label,
+                        **pooled_paired_test(group, [outcomes(r) for r in study.labelled(ref_label)], **paired)}
         pooled[label] = row
     return {"benchmark": hl.benchmark, "metric": hl.metric, "note": hl.note, "best_baseline": best, "runs": runs,
             "pooled": pooled}
@@ -231,7 +231,7 @@ def interactions(study: Study) -> tuple[dict[str, dict[str, Any]], list[str]]:
         if any(p is None for p in parts):
             skipped.append(f"{run.name}: missing one of sd, {', '.join(run.components)}")
             continue
-        sd, a, b = parts
+        sd, a, b = cast(list[Run], parts)
         result = interaction(sd.correct, a.correct, b.correct, run.correct, **study.stats_kw)
         out[run.name] = {"a": a.name, "b": b.name, "sd": sd.name, **result}
     return out, skipped
@@ -239,8 +239,7 @@ def interactions(study: Study) -> tuple[dict[str, dict[str, Any]], list[str]]:
 
 def agreement_variants(study: Study) -> dict[str, Any]:
     """Overall paired differences: token vs sequence per context, and between contexts per level."""
-    found = {AGREEMENT.match(r.label).groups(): study.labelled(r.label)[0]
-             for r in study.runs if AGREEMENT.match(r.label)}
+    found = {match.groups(): study.labelled(r.label)[0] for r in study.runs if (match := AGREEMENT.match(r.label))}
     pairs = [((("tok", ctx), ("seq", ctx)), f"token − sequence ({ctx})")
              for ctx in ("random", "retrieval", "induction")]
     pairs += [(((lvl, c1), (lvl, c2)), f"{c1} − {c2} ({lvl})") for lvl in ("tok", "seq")

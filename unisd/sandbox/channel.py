@@ -22,7 +22,7 @@ _CHUNK = 1 << 16
 
 
 class _Tail:
-    def __init__(self, cap: int):
+    def __init__(self, cap: int) -> None:
         self.cap, self.data = cap, bytearray()
 
     def add(self, chunk: bytes) -> None:
@@ -35,7 +35,7 @@ class _Tail:
 
 
 class _Lines:
-    def __init__(self, judge: Judge):
+    def __init__(self, judge: Judge) -> None:
         self.judge, self.partial, self.total = judge, bytearray(), 0
 
     def add(self, chunk: bytes) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+from typing import Any, Callable, cast
 from dataclasses import dataclass, field
 
 from .inside import codec
@@ -92,17 +93,17 @@ def plan(test: CodeTest) -> Plan:
 
 # ----------------------------------------------------------------------------- splitting
 
-_HOST_FUNCS = {f.__name__: f for f in (abs, len, set, frozenset, sorted, tuple, list, dict, bool, int, float, str,
+_HOST_FUNCS: dict[str, Callable[..., Any]] = {f.__name__: f for f in (abs, len, set, frozenset, sorted, tuple, list, dict, bool, int, float, str,
                                        min, max, sum, all, any)}
-_MATH_FUNCS = {f.__name__: f for f in (math.isclose, math.fabs, math.isnan, math.isinf, math.isfinite, math.floor,
+_MATH_FUNCS: dict[str, Callable[..., Any]] = {f.__name__: f for f in (math.isclose, math.fabs, math.isnan, math.isinf, math.isfinite, math.floor,
                                        math.ceil, math.sqrt)}
 _MATH_CONSTS = {"pi": math.pi, "e": math.e, "tau": math.tau, "inf": math.inf, "nan": math.nan}
-_UNARY = {ast.Not: operator.not_, ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Invert: operator.invert}
+_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.Not: operator.not_, ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Invert: operator.invert}
 # +/- also on probes; the others only on constants (the dataset's, never the sandbox's: 2 ** huge).
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub}
-_CONST_BINARY = {ast.Mult: operator.mul, ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv,
+_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {ast.Add: operator.add, ast.Sub: operator.sub}
+_CONST_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {ast.Mult: operator.mul, ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv,
                  ast.Mod: operator.mod, ast.Pow: operator.pow}
-_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
             ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not,
             ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
 # Values that are not plain (a function, a generator) cannot be probes: their parent is.
@@ -202,7 +203,7 @@ class _Split:
             return node
         if isinstance(node, ast.BinOp) and type(node.op) in _CONST_BINARY:
             mark = len(self.probes)
-            new = ast.BinOp(self.split(node.left), node.op, self.split(node.right))
+            new: ast.expr = ast.BinOp(self.split(node.left), node.op, self.split(node.right))
             if len(self.probes) > mark:
                 raise _Absorb
             return new
@@ -222,11 +223,13 @@ class _Split:
 class _Rewriter(ast.NodeTransformer):
     """Asserts -> `__report__(k, probes...)`; `candidate(...)` in check -> `__plain__(...)`."""
 
-    def __init__(self, names: _HostNames):
-        self.names, self.sites, self.conditional, self.candidate = names, [], 0, None
+    def __init__(self, names: _HostNames) -> None:
+        self.names, self.conditional = names, 0
+        self.sites: list[Site] = []
+        self.candidate: str | None = None
 
     def visit_Assert(self, node: ast.Assert) -> list[ast.stmt]:
-        node = self.generic_visit(node)
+        node = cast(ast.Assert, self.generic_visit(node))  # the same node, its children rewritten
         parts = node.test.values if isinstance(node.test, ast.BoolOp) and isinstance(node.test.op, ast.And) \
             else [node.test]
         return [self._site(part, node) for part in parts]
@@ -252,7 +255,7 @@ class _Rewriter(ast.NodeTransformer):
         return self._conditional(node)
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
-        node = self.generic_visit(node)
+        node = cast(ast.Call, self.generic_visit(node))  # the same node, its children rewritten
         if self.candidate and isinstance(node.func, ast.Name) and node.func.id == self.candidate:
             return ast.copy_location(ast.Call(ast.Name("__plain__", ast.Load()), [node], []), node)
         return node
@@ -273,7 +276,7 @@ class _Rewriter(ast.NodeTransformer):
 # ----------------------------------------------------------------------------- evaluating
 
 
-def evaluate(template: ast.expr, values: list[object]) -> object:
+def evaluate(template: ast.expr, values: list[Any]) -> Any:
     """The template's value with probe i = values[i]; only the constructs `_Split` keeps."""
     ev = lambda n: evaluate(n, values)  # noqa: E731
     if isinstance(template, ast.Constant):
@@ -305,8 +308,8 @@ def evaluate(template: ast.expr, values: list[object]) -> object:
         return _MATH_CONSTS[template.attr]
     if isinstance(template, ast.Call):
         func = template.func
-        fn = _MATH_FUNCS[func.attr] if isinstance(func, ast.Attribute) else _HOST_FUNCS[func.id]
-        return fn(*[ev(a) for a in template.args], **{k.arg: ev(k.value) for k in template.keywords})
+        fn = _MATH_FUNCS[func.attr] if isinstance(func, ast.Attribute) else _HOST_FUNCS[cast(ast.Name, func).id]
+        return fn(*[ev(a) for a in template.args], **{cast(str, k.arg): ev(k.value) for k in template.keywords})
     raise TypeError(f"not a template node: {type(template).__name__}")
 
 
@@ -322,7 +325,7 @@ class Judge:
     (`failure` is set, later lines are ignored: the caller stops the sandbox).
     """
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.ready = False
         self.failure = ""

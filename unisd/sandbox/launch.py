@@ -34,7 +34,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .inside import init, seccomp
 from .inside.init import SANDBOX_ID
@@ -89,7 +89,7 @@ def start(iso: Isolation, tmp_bytes: int, stdin: int, stdout: int, stderr: int, 
     common: dict = dict(stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
     if iso.level == "namespaces":
         binds, links = _runtime()
-        cfg = {"python": python(), "binds": binds, "links": links, "inside": LIB_PARENT + "/inside",
+        cfg: dict[str, Any] = {"python": python(), "binds": binds, "links": links, "inside": LIB_PARENT + "/inside",
                "mountpoint": os.path.realpath(tempfile.gettempdir()), "report_fd": report, "lifeline_fd": lifeline,
                "rootless": os.geteuid() != 0, "tmp_bytes": tmp_bytes, "label": label()}
         argv = _unshare(cfg["rootless"]) + [python(), "-I", "-S", "-B", "-c", INIT_BOOT, LIB_PARENT, json.dumps(cfg)]

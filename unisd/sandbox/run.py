@@ -127,7 +127,7 @@ def run_one(test: CodeTest, limits: Limits, iso: launch.Isolation, batch: _Batch
 class _Fds:
     """File descriptors closed exactly once (a second close could hit another thread's fd)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.open: set[int] = set()
 
     def pipe(self) -> tuple[int, int]:
@@ -145,7 +145,7 @@ class _Fds:
 class _Batch:
     """The live sandboxes of one `run_many`, so that an interruption can end them all."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.live: dict[int, launch.Started] = {}
         self.stopping = False
@@ -209,6 +209,7 @@ def _run(test: CodeTest, tests: Plan, limits: Limits, iso: launch.Isolation, rec
         fds.close(*list(fds.open))
     seconds = time.monotonic() - start
     reason = judge.failure or judge.verdict()
+    status: Status
     if timed_out and not judge.failure:
         status, reason = "timeout", f"timed out after {limits.timeout_s:g}s ({reason})"
     else:
@@ -234,7 +235,7 @@ def _stopped_on_termination(pool: ThreadPoolExecutor, batch: _Batch) -> Iterator
     if previous in (None, signal.SIG_IGN):  # not ours to handle (no Python handler can be restored)
         previous = None
     else:
-        def on_term(signum, frame):
+        def on_term(signum: int, frame: object) -> None:
             pool.shutdown(wait=False, cancel_futures=True)
             batch.stop()
             signal.signal(signal.SIGTERM, previous)

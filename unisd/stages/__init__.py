@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from unisd.artifacts import atomic_dir, dir_digest, write_json_atomic, write_text_atomic
 from unisd.config import Config, digest_json
@@ -74,7 +74,7 @@ class Layout:
 class _NullRun:
     run_id = model_id = None
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *a, **k: None
 
 
@@ -95,7 +95,7 @@ class StageContext:
             yield run
 
 
-def cache_key(stage: str, cfg: Config, inputs: dict[str, Path | None], extra: dict[str, Any] | None = None) -> str:
+def cache_key(stage: str, cfg: Config, inputs: Mapping[str, Path | None], extra: dict[str, Any] | None = None) -> str:
     """The cache key of a run of `stage` (`unisd.registry.StageSpec.key`)."""
     from unisd.registry import STAGES  # here, not at the top: the registry imports every stage module
 
@@ -121,7 +121,7 @@ def lineage_file(cfg: Config, out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def stage_output(ctx: StageContext, run_name: str, stage: str, cfg: Config, inputs: dict[str, Path], out: Path,
+def stage_output(ctx: StageContext, run_name: str, stage: str, cfg: Config, inputs: Mapping[str, Path | None], out: Path,
                  params: dict[str, Any], extra: dict[str, Any] | None = None) -> Iterator[tuple[Any, Path]]:
     """A logged stage run writing `out` atomically: yields (MLflow run, scratch dir)."""
     meta = {"stage": stage, "cache_key": cache_key(stage, cfg, inputs, extra), "code_version": stage_code(stage)}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from unisd.config import Config
 from unisd.data.schema import Example, write_jsonl
+from unisd.prompts import McqFormat, PromptBuilder
 from unisd.stages import StageContext, stage_output
 from unisd.stages.inputs import by_benchmark, log_train_splits, prompt_builder, train_examples
 
@@ -38,7 +39,7 @@ def contexts_stage(cfg: Config, model: Path, data: Path, out: Path, ctx: StageCo
     return out
 
 
-def _embedder():
+def _embedder() -> Callable[[list[str]], Any]:
     """all-MiniLM-L6-v2 from its pinned offline wheel, as a texts -> embeddings function."""
     from sentence_transformers import SentenceTransformer
 
@@ -67,7 +68,7 @@ def _induced(cfg: Config, model_dir: Path, groups: dict[str, list[Example]]) -> 
     return records
 
 
-def _fitting_request(builder, demos: list[Example], mcq_format: str) -> list[int]:
+def _fitting_request(builder: PromptBuilder, demos: list[Example], mcq_format: McqFormat) -> list[int]:
     """The induction request with as many of its demonstrations as fit the prompt budget."""
     from unisd.contexts import induction_request
 

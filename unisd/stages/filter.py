@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 from unisd.artifacts import write_json_atomic
 from unisd.config import Config
@@ -43,6 +45,7 @@ def filter_stage(cfg: Config, trajectories: Path, base: Path, data: Path, out: P
         with scope:
             diagnostics = teacher_diagnostics(cfg, model, tok, builder, trajs, by_id)
             if agreement.enabled:
+                assert contexts is not None  # checked above
                 records = {r["id"]: r for r in read_jsonl(contexts / "contexts.jsonl")}
                 distilled, scoring = score_agreement(cfg, model, tok, builder, distilled, records, by_id)
             else:
@@ -63,7 +66,7 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _round_teacher(cfg: Config, base: Path, previous: Path | None):
+def _round_teacher(cfg: Config, base: Path, previous: Path | None) -> tuple[Any, AbstractContextManager[None]]:
     """The round's starting teacher and the scope its passes run in: the EMA teacher of
     the previous round swapped into the student, or the base model."""
     import contextlib

@@ -4,11 +4,14 @@ JSON lines."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unisd.config import Config
 from unisd.data.schema import Example, iter_jsonl, read_examples
 from unisd.stages import log_read
+
+if TYPE_CHECKING:
+    from unisd.prompts import PromptBuilder
 
 
 def train_examples(cfg: Config, data: Path) -> list[Example]:
@@ -28,7 +31,7 @@ def by_benchmark(examples: list[Example]) -> dict[str, list[Example]]:
     return groups
 
 
-def prompt_builder(cfg: Config, model_dir: Path):
+def prompt_builder(cfg: Config, model_dir: Path) -> tuple[Any, PromptBuilder]:
     """The tokenizer of `model_dir` and the prompt builder over it."""
     from unisd.modeling import load_tokenizer
     from unisd.prompts import PromptBuilder

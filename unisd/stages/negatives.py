@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from unisd.artifacts import write_json_atomic
 from unisd.config import Config
@@ -55,7 +56,7 @@ def _self_generated(cfg: Config, model_dir: Path, examples: list[Example], limit
         group = [a for a in asks if a[0].task == task]
         sampling = Sampling(getattr(cfg.generation.max_new_tokens, task), do_sample=True,
                             temperature=cfg.generation.temperature, seed=cfg.run.seed)
-        outs = generate(model, tok, [ids for _, _, ids in group], sampling, cfg.generation.batch_size,
+        outs = generate(model, tok, [cast(list[int], ids) for _, _, ids in group], sampling, cfg.generation.batch_size,
                         builder.stop_strings, desc=f"negatives {task}", backend=cfg.generation.backend)
         for (ex, i, _), c in zip(group, outs):
             if (neg := negatives.clean_self_generated(ex, i, c.text, fmt)) is not None:

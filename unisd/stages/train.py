@@ -6,11 +6,15 @@ import functools
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from unisd.artifacts import dir_digest, write_json_atomic
 from unisd.config import Config
 from unisd.stages import Layout, StageContext, cache_key, log_read, stage_output
 from unisd.stages.inputs import prompt_builder, read_jsonl, train_examples
+
+if TYPE_CHECKING:
+    from unisd.train import TrainItem
 
 
 def train_stage(cfg: Config, filtered: Path, base: Path, data: Path, out: Path, ctx: StageContext, round_idx: int,
@@ -44,7 +48,8 @@ def train_stage(cfg: Config, filtered: Path, base: Path, data: Path, out: Path, 
     return out
 
 
-def _train_items(cfg: Config, trajs: list, base: Path, data: Path, negatives: Path | None):
+def _train_items(cfg: Config, trajs: list[Any], base: Path, data: Path, negatives: Path | None
+                 ) -> tuple[list[TrainItem], dict[str, int]]:
     """TrainItems with the teacher's privileged prompt, a negative and agreement scores
     (gold_mix items: only prompt and completion, for the cross-entropy)."""
     from unisd.train import TrainItem

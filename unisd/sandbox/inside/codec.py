@@ -23,16 +23,20 @@ import collections
 import json
 import math
 
+TYPE_CHECKING = False  # the sandbox's interpreter imports no `typing`; type checkers read this as true
+if TYPE_CHECKING:
+    from typing import Any
+
 MAX_DEPTH = 100
 
-_SEQUENCES = {tuple: "tuple", set: "set", frozenset: "frozenset", collections.deque: "deque"}
-_MAPPINGS = {dict: "dict", collections.OrderedDict: "odict", collections.Counter: "counter",
+_SEQUENCES: dict[type, str] = {tuple: "tuple", set: "set", frozenset: "frozenset", collections.deque: "deque"}
+_MAPPINGS: dict[type, str] = {dict: "dict", collections.OrderedDict: "odict", collections.Counter: "counter",
              collections.defaultdict: "dict"}
 _BUILD = {"tuple": tuple, "set": set, "frozenset": frozenset, "deque": collections.deque, "dict": dict,
           "odict": collections.OrderedDict, "counter": collections.Counter}
 
 
-def encode(value: object, depth: int = 0) -> object:
+def encode(value: Any, depth: int = 0) -> object:
     """The JSON-ready form of a plain value; TypeError for anything else."""
     if depth > MAX_DEPTH:
         raise ValueError("value nested too deeply")
@@ -55,7 +59,7 @@ def encode(value: object, depth: int = 0) -> object:
     raise TypeError(f"not a plain value: {kind.__module__}.{kind.__qualname__}")
 
 
-def decode(data: object, depth: int = 0) -> object:
+def decode(data: Any, depth: int = 0) -> object:
     """The value `encode` made `data` from (already parsed JSON)."""
     if depth > MAX_DEPTH:
         raise ValueError("value nested too deeply")

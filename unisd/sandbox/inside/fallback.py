@@ -16,6 +16,10 @@ import sys
 
 from . import linux
 
+TYPE_CHECKING = False  # the sandbox's interpreter imports no `typing`; type checkers read this as true
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
 
 def die_with_parent(parent: int) -> None:
     """Be killed when the evaluator dies (seccomp then forbids undoing it)."""
@@ -31,8 +35,9 @@ def install_audit_hook(workdir: str) -> None:
         del sys.modules[name]  # imported by the runner: make the candidate's import go through the hook
 
 
-def _hook(workdir, read_roots, realpath=os.path.realpath, fspath=os.fspath, sep=os.sep):
-    def inside(path, roots):
+def _hook(workdir, read_roots, realpath=os.path.realpath, fspath=os.fspath,
+          sep=os.sep) -> Callable[[str, tuple[Any, ...]], None]:
+    def inside(path, roots) -> bool:
         try:
             p = realpath(fspath(path))
         except Exception:
@@ -55,7 +60,7 @@ def _hook(workdir, read_roots, realpath=os.path.realpath, fspath=os.fspath, sep=
                                "code.__new__", "os.setuid", "os.setgid", "os.chroot", "sqlite3.connect"})
     denied_prefixes = ("socket.", "ctypes.", "_posixsubprocess", "mmap.")
 
-    def hook(event, args):
+    def hook(event: str, args: tuple[Any, ...]) -> None:
         if event == "open":
             path, mode, flags = args
             if path is None or isinstance(path, int):

@@ -62,8 +62,8 @@ def program(machine: str | None = None) -> list[tuple[int, int, int, int]]:
     if col == 0:  # x32 system calls share x86_64's audit arch
         ins += [(_JGE, 0, 1, _X32_BIT), (_RET, 0, 0, KILL_PROCESS)]
     for nrs in _DENIED.values():
-        if nrs[col] is not None:
-            ins += [(_JEQ, 0, 1, nrs[col]), (_RET, 0, 0, eperm)]
+        if (nr := nrs[col]) is not None:
+            ins += [(_JEQ, 0, 1, nr), (_RET, 0, 0, eperm)]
     ins += [(_JEQ, 0, 1, _CLONE3[col]), (_RET, 0, 0, _ERRNO | errno.ENOSYS)]
     # clone: allowed only for threads; prctl: all but PR_SET_PDEATHSIG. Each block ends in a return.
     ins += [(_JEQ, 0, 4, _CLONE[col]), (_LD_W_ABS, 0, 0, _ARG0), (_JSET, 1, 0, CLONE_THREAD),
