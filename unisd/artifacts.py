@@ -301,6 +301,7 @@ def check_output(path: str | Path, digest: str | None = None) -> str | None:
         manifest = read_manifest(path)
         if problem := _manifest_problem(path, manifest, digest):
             return problem
+        assert manifest is not None  # a missing manifest is a problem reported above
         for rel, info in sorted(manifest["files"].items()):
             f = path / rel
             try:
@@ -342,6 +343,7 @@ def reuse_output(src: str | Path, dest: str | Path, digest: str | None = None) -
             manifest = read_manifest(src)
             if problem := _manifest_problem(src, manifest, digest):
                 raise IntegrityError(f"{src}: {problem}")
+            assert manifest is not None  # a missing manifest is a problem reported above
             for rel, info in sorted(manifest["files"].items()):
                 if _copy_hashing(src / rel, tmp / rel) != info["sha256"]:
                     raise IntegrityError(f"{src}: {rel}: content changed since the stage wrote it")

@@ -142,7 +142,7 @@ class _Batch:
         self.rows: list[int] = []  # prompt index of each row
         self.tokens: list[list[int]] = []
         self.logprobs: list[list[float]] = []  # T=1 log-prob of each generated token
-        self.next_pos: torch.Tensor | None = None  # [B]
+        self.next_pos: torch.Tensor = None  # type: ignore[assignment]  # [B], set by the first `add`
 
     def add(self, cache, mask: torch.Tensor, rows: list[int], first: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Merge freshly prefilled rows (with their first tokens) into the batch."""

@@ -111,7 +111,7 @@ class TrackingServer:
     enter, stopped on exit whatever happened inside.
     """
 
-    def __init__(self, spec: ServerSpec, log: Path | None = None):
+    def __init__(self, spec: ServerSpec, log: Path | None = None) -> None:
         self.spec, self.log = spec, log
         self.proc: subprocess.Popen | None = None
         self._log_fh: IO[bytes] | None = None
@@ -129,7 +129,7 @@ class TrackingServer:
             Path(self.spec.backend_store_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         if self.log is not None:
             self.log.parent.mkdir(parents=True, exist_ok=True)
-            self._log_fh = open(self.log, "ab")
+            self._log_fh = open(self.log, "ab")  # noqa: SIM115 - the server's log for its lifetime, closed in stop()
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)  # the server's own store is --backend-store-uri
         self.proc = subprocess.Popen(self.spec.command(), env=env, stdin=subprocess.DEVNULL,
@@ -236,4 +236,5 @@ def serve(args: argparse.Namespace) -> None:
         print(f"workers: export MLFLOW_TRACKING_URI={server.uri}   (Ctrl-C stops the server)", flush=True)
         while server.alive():
             time.sleep(1.0)
+        assert server.proc is not None  # started on entering the block
         raise ServerError(f"mlflow server exited with status {server.proc.returncode}")

@@ -74,7 +74,7 @@ class VllmUnavailable(ConfigError):
     """The vllm backend was asked for where it cannot run (one line: what is missing)."""
 
 
-def require_vllm():
+def require_vllm() -> Any:
     """The `vllm` module, or VllmUnavailable saying in one line why it cannot be used."""
     try:
         import vllm
@@ -179,7 +179,7 @@ def same_weights(model, folder: Path) -> bool:
     seen: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - a safetensors file handle, not a dict
                 if name not in state:
                     return False
                 mine = state[name]
@@ -247,7 +247,7 @@ def _release() -> None:
     _ENGINE.clear()
     if llm is None:
         return
-    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    core: Any = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if callable(getattr(core, "shutdown", None)):
         core.shutdown()
     del llm
@@ -256,7 +256,7 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def engine(vllm, model_dir: Path, tokenizer_dir: Path, dtype: str):
+def engine(vllm: Any, model_dir: Path, tokenizer_dir: Path, dtype: str) -> Any:
     """The process's vLLM engine for these weights and dtype (made on first use)."""
     args = engine_args()
     key = json.dumps([str(model_dir), str(tokenizer_dir), dtype, args], sort_keys=True)
