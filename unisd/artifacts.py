@@ -379,8 +379,8 @@ def code_files(module: str, exclude: tuple[str, ...] = (), package: Path = PACKA
     path = _module_file(package, module)
     finder = modulefinder.ModuleFinder(path=[str(package.parent)], excludes=list(exclude))
     finder.run_script(str(path))
-    found = {Path(m.__file__) for name, m in finder.modules.items()  # type: ignore[attr-defined]  # not in typeshed
-             if name.split(".")[0] == package.name and m.__file__} | {path}  # type: ignore[attr-defined]
+    modules: dict[str, Any] = finder.modules  # typeshed's Module has no __file__
+    found = {Path(m.__file__) for name, m in modules.items() if name.split(".")[0] == package.name and m.__file__} | {path}
     parts = [f.relative_to(package).parts for f in found]
     whole = {p[0] for p in parts if len(p) > 1} - set(BY_MODULE)
     return tuple(sorted(found | {f for sub in whole for f in (package / sub).rglob("*.py")}))

@@ -123,7 +123,8 @@ def build_student(cfg: Config, base_dir: Path, init_dir: Path | None) -> Any:
     from safetensors.torch import load_file
 
     model: Any = load_model(base_dir, cfg.model.dtype, cfg.model.device)  # peft-wrapped below
-    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,  # type: ignore[arg-type]  # a float scale works
+    alpha: Any = lora.alpha  # peft annotates an int; the float scale works as it always has
+    peft_cfg = LoraConfig(r=lora.r, lora_alpha=alpha, lora_dropout=lora.dropout,
                           target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(model, peft_cfg)
     if init_dir is not None:
