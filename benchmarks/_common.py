@@ -36,8 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # unisd without an install; the tests' tiny model and project copy
@@ -72,12 +73,24 @@ def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
 def environment() -> dict[str, Any]:
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
 
 
-def report(title: str, headers: list[str], rows: list[list[Any]], results: dict[str, Any], json_out: Path | None,
-           notes: Iterable[str] = ()) -> None:
+def report(
+    title: str,
+    headers: list[str],
+    rows: list[list[Any]],
+    results: dict[str, Any],
+    json_out: Path | None,
+    notes: Iterable[str] = (),
+) -> None:
     """Print a markdown table (and notes); write `results` with the environment to `json_out`."""
     print(f"\n### {title}\n")
     print(markdown_table(headers, rows))
@@ -127,7 +140,7 @@ def interleaved(variants: dict[str, Callable[[], Any]], reps: int, warmup: int =
             variants[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             start = time.perf_counter()
             variants[name]()
             times[name].append(time.perf_counter() - start)
@@ -171,8 +184,16 @@ def _child(script: str, factory: str, kwargs: str, save: str) -> None:
         import torch
 
         torch.save(result, save)
-    print(json.dumps({"baseline_mb": baseline / 1024, "peak_mb": peak / 1024, "extra_mb": (peak - baseline) / 1024,
-                      "seconds": seconds}))
+    print(
+        json.dumps(
+            {
+                "baseline_mb": baseline / 1024,
+                "peak_mb": peak / 1024,
+                "extra_mb": (peak - baseline) / 1024,
+                "seconds": seconds,
+            }
+        )
+    )
 
 
 # --------------------------------------------------------------------------- models and prompts
@@ -218,14 +239,36 @@ def mixed_examples(n_mcq: int, n_code: int, quick: bool) -> list:
 
     if (DATA / "sciq" / "test.jsonl").is_file():
         mcq = read_examples(DATA / "sciq" / "test.jsonl")[:n_mcq]
-        code = [ex for pair in zip(read_examples(DATA / "mbpp" / "test.jsonl"),
-                                   read_examples(DATA / "humaneval" / "test.jsonl")) for ex in pair][:n_code]
+        code = [
+            ex
+            for pair in zip(
+                read_examples(DATA / "mbpp" / "test.jsonl"), read_examples(DATA / "humaneval" / "test.jsonl")
+            )
+            for ex in pair
+        ][:n_code]
     elif quick:
-        mcq = [Example(id=f"m{i}", benchmark="sciq", task="mcq", question="Which gas do plants absorb? " * (1 + i % 3),
-                       choices=["oxygen", "carbon dioxide", "nitrogen", "helium"], answer="B") for i in range(n_mcq)]
-        code = [Example(id=f"c{i}", benchmark="mbpp", task="code", question="Write a function that adds numbers. " * (4 + i),
-                        answer="def add(a, b):\n    return a + b\n", tests=["assert add(1, 2) == 3"])
-                for i in range(n_code)]
+        mcq = [
+            Example(
+                id=f"m{i}",
+                benchmark="sciq",
+                task="mcq",
+                question="Which gas do plants absorb? " * (1 + i % 3),
+                choices=["oxygen", "carbon dioxide", "nitrogen", "helium"],
+                answer="B",
+            )
+            for i in range(n_mcq)
+        ]
+        code = [
+            Example(
+                id=f"c{i}",
+                benchmark="mbpp",
+                task="code",
+                question="Write a function that adds numbers. " * (4 + i),
+                answer="def add(a, b):\n    return a + b\n",
+                tests=["assert add(1, 2) == 3"],
+            )
+            for i in range(n_code)
+        ]
     else:
         sys.exit(f"{DATA} is missing: run `unisd prepare` first (or use --quick)")
     examples = mcq + code

@@ -55,13 +55,20 @@ def run_twice(p: dict) -> tuple[float, float, int, int]:
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         project = copy_project(Path(tmp) / "project", p)
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-        env.update(PREFECT_HOME=str(Path(tmp) / "prefect-home"),
-                   PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(Path(tmp) / "prefect-results"))
+        env.update(
+            PREFECT_HOME=str(Path(tmp) / "prefect-home"),
+            PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(Path(tmp) / "prefect-results"),
+        )
         walls, logs = [], []
         for _ in range(2):
             start = time.perf_counter()
-            out = subprocess.run([str(Path(sys.executable).parent / "unisd"), "run"], cwd=project, env=env,
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [str(Path(sys.executable).parent / "unisd"), "run"],
+                cwd=project,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             walls.append(time.perf_counter() - start)
             if out.returncode != 0:
                 raise RuntimeError(f"unisd run failed:\n{out.stderr[-3000:]}")
@@ -76,13 +83,30 @@ def main() -> None:
     runs = [run_twice(p) for _ in range(reps)]
     first, second, stages, cached = ([r[i] for r in runs] for i in range(4))
     share = C.ratios(second, first)
-    rows = [[p["recipe"], C.spread(first), C.spread(second), C.spread([100 * s for s in share], "{:.1f}%"),
-             f"{min(cached)}/{max(stages)}", "yes" if max(share) <= TARGET else "no"]]
-    C.report("Second, unchanged pipeline run", ["recipe", "first run s", "second run s", "second / first",
-                                                "stages cached (2nd)", f"≤ {TARGET:.0%}"], rows,
-             {"config": {"quick": args.quick, "reps": reps, "params": p}, "first_s": first, "second_s": second,
-              "stages": stages, "cached_stages": cached}, args.json,
-             [f"model {Path(p['model']['name']).name}; median (min–max) over {reps} fresh project copies."])
+    rows = [
+        [
+            p["recipe"],
+            C.spread(first),
+            C.spread(second),
+            C.spread([100 * s for s in share], "{:.1f}%"),
+            f"{min(cached)}/{max(stages)}",
+            "yes" if max(share) <= TARGET else "no",
+        ]
+    ]
+    C.report(
+        "Second, unchanged pipeline run",
+        ["recipe", "first run s", "second run s", "second / first", "stages cached (2nd)", f"≤ {TARGET:.0%}"],
+        rows,
+        {
+            "config": {"quick": args.quick, "reps": reps, "params": p},
+            "first_s": first,
+            "second_s": second,
+            "stages": stages,
+            "cached_stages": cached,
+        },
+        args.json,
+        [f"model {Path(p['model']['name']).name}; median (min–max) over {reps} fresh project copies."],
+    )
 
 
 if __name__ == "__main__":

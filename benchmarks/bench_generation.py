@@ -49,12 +49,28 @@ from dataclasses import asdict
 import _common as C
 import bench_utilisation as U
 
-FULL = {"mcq": 16, "code": 16, "max_new_tokens": 128, "batch_size": 16, "fast_batch_size": 32, "reps": 3,
-        "matmul": 4096, "matmul_reps": 5,
-        "decode": {"mcq": 64, "code": 64, "max_new_tokens": 256, "batch_size": 16, "fast_batch_size": 128}}
-QUICK = {"mcq": 4, "code": 4, "max_new_tokens": 12, "batch_size": 4, "fast_batch_size": 8, "reps": 1,
-         "matmul": 512, "matmul_reps": 2,
-         "decode": {"mcq": 4, "code": 4, "max_new_tokens": 16, "batch_size": 4, "fast_batch_size": 8}}
+FULL = {
+    "mcq": 16,
+    "code": 16,
+    "max_new_tokens": 128,
+    "batch_size": 16,
+    "fast_batch_size": 32,
+    "reps": 3,
+    "matmul": 4096,
+    "matmul_reps": 5,
+    "decode": {"mcq": 64, "code": 64, "max_new_tokens": 256, "batch_size": 16, "fast_batch_size": 128},
+}
+QUICK = {
+    "mcq": 4,
+    "code": 4,
+    "max_new_tokens": 12,
+    "batch_size": 4,
+    "fast_batch_size": 8,
+    "reps": 1,
+    "matmul": 512,
+    "matmul_reps": 2,
+    "decode": {"mcq": 4, "code": 4, "max_new_tokens": 16, "batch_size": 4, "fast_batch_size": 8},
+}
 HF_BATCH = 32
 
 
@@ -63,12 +79,23 @@ def variants(workload: str, cfg: dict) -> dict[str, tuple[str | None, bool, int]
     "hf default" and "per-call casts" are special-cased in `run`."""
     if workload == "decode":
         b, f = cfg["decode"]["batch_size"], cfg["decode"]["fast_batch_size"]
-        return {"hf, bf16": ("hf", True, b), "fast, bf16": ("fast", True, b), f"fast, bf16, batch {f}": ("fast", True, f)}
+        return {
+            "hf, bf16": ("hf", True, b),
+            "fast, bf16": ("fast", True, b),
+            f"fast, bf16, batch {f}": ("fast", True, f),
+        }
     b, f = cfg["batch_size"], cfg["fast_batch_size"]
-    return {"fast, bf16": ("fast", True, b), f"fast, bf16, batch {f}": ("fast", True, f), "fast, fp32": ("fast", False, b),
-            "hf, bf16": ("hf", True, b), "hf, bf16, per-call casts": ("hf", True, b), "hf, fp32": ("hf", False, b),
-            "plain (sorted), bf16": (None, True, b), "plain (sorted), fp32": (None, False, b),
-            "hf default, fp32": (None, False, HF_BATCH)}
+    return {
+        "fast, bf16": ("fast", True, b),
+        f"fast, bf16, batch {f}": ("fast", True, f),
+        "fast, fp32": ("fast", False, b),
+        "hf, bf16": ("hf", True, b),
+        "hf, bf16, per-call casts": ("hf", True, b),
+        "hf, fp32": ("hf", False, b),
+        "plain (sorted), bf16": (None, True, b),
+        "plain (sorted), fp32": (None, False, b),
+        "hf default, fp32": (None, False, HF_BATCH),
+    }
 
 
 def prompts_of(workload: str, cfg: dict, quick: bool, builder) -> list[list[int]]:
@@ -122,7 +149,7 @@ def hf_default(model, tok, prompts: list[list[int]], max_new_tokens: int) -> lis
         for first in range(0, len(prompts), HF_BATCH):
             batch = tok.pad({"input_ids": prompts[first : first + HF_BATCH]}, padding=True, return_tensors="pt")
             seqs = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-            for row in seqs[:, batch["input_ids"].shape[1]:].tolist():
+            for row in seqs[:, batch["input_ids"].shape[1] :].tolist():
                 cut = next((k for k, t in enumerate(row) if t in eos), None)
                 ids.append(row if cut is None else row[: cut + 1])
     return ids
@@ -136,18 +163,23 @@ def memory_call(quick: bool, workload: str, name: str):
     return lambda: run(name, workload, cfg, model, tok, prompts)
 
 
-def measure(workload: str, names: list[str], cfg: dict, reps: int, quick: bool, memory: bool, model, tok,
-            prompts) -> dict:
+def measure(
+    workload: str, names: list[str], cfg: dict, reps: int, quick: bool, memory: bool, model, tok, prompts
+) -> dict:
     """Per path: seconds and results of each timed call (interleaved, after a warm-up call
     when reps > 1) and the peak memory of one more call in a fresh process."""
     results: dict[str, list[dict]] = {name: [] for name in names}
-    calls = {name: (lambda name=name: results[name].append(run(name, workload, cfg, model, tok, prompts)))
-             for name in names}
+    calls = {
+        name: (lambda name=name: results[name].append(run(name, workload, cfg, model, tok, prompts))) for name in names
+    }
     times = C.interleaved(calls, reps, warmup=1 if reps > 1 else 0)
-    peaks = {name: C.peak_memory(__file__, "memory_call", quick=quick, workload=workload, name=name)["peak_mb"]
-             if memory else None for name in names}
-    return {name: {"seconds": times[name], "results": results[name][-reps:], "peak_mb": peaks[name]}
-            for name in names}
+    peaks = {
+        name: C.peak_memory(__file__, "memory_call", quick=quick, workload=workload, name=name)["peak_mb"]
+        if memory
+        else None
+        for name in names
+    }
+    return {name: {"seconds": times[name], "results": results[name][-reps:], "peak_mb": peaks[name]} for name in names}
 
 
 def table(measured: dict, n_params: int, peaks: dict[str, float], prompts) -> tuple[list[list], dict[str, int]]:
@@ -163,12 +195,20 @@ def table(measured: dict, n_params: int, peaks: dict[str, float], prompts) -> tu
         generated = len_sum(m["results"][-1])
         flops = 2 * n_params * (prompt_tokens + generated - len(prompts))  # the last token never goes in
         peak = peaks["bf16" if "bf16" in name else "fp32"]
-        rows.append([name, C.spread(speed[name]), C.spread(C.ratios(speed[name], speed["hf, bf16"]), "{:.2f}×"),
-                     rates(phase_rates(m, "prefill")), rates(decode[name]),
-                     rates(decode[name] and C.ratios(decode[name], decode["hf, bf16"]), "{:.2f}×"),
-                     C.spread([100 * flops / t / peak for t in m["seconds"]], "{:.1f}%"),
-                     "—" if m["peak_mb"] is None else f"{m['peak_mb']:.0f}", generated,
-                     f"{same[name]}/{len(prompts)}"])
+        rows.append(
+            [
+                name,
+                C.spread(speed[name]),
+                C.spread(C.ratios(speed[name], speed["hf, bf16"]), "{:.2f}×"),
+                rates(phase_rates(m, "prefill")),
+                rates(decode[name]),
+                rates(decode[name] and C.ratios(decode[name], decode["hf, bf16"]), "{:.2f}×"),
+                C.spread([100 * flops / t / peak for t in m["seconds"]], "{:.1f}%"),
+                "—" if m["peak_mb"] is None else f"{m['peak_mb']:.0f}",
+                generated,
+                f"{same[name]}/{len(prompts)}",
+            ]
+        )
     return rows, same
 
 
@@ -178,8 +218,11 @@ def len_sum(result: dict) -> int:
 
 def phase_rates(m: dict, phase: str) -> list[float]:
     """tokens/s of a phase in each timed call; empty for `model.generate`, which does not split."""
-    return [] if m["results"][-1]["phases"] is None else [
-        r["phases"][f"{phase}_tokens"] / r["phases"][f"{phase}_s"] for r in m["results"]]
+    return (
+        []
+        if m["results"][-1]["phases"] is None
+        else [r["phases"][f"{phase}_tokens"] / r["phases"][f"{phase}_s"] for r in m["results"]]
+    )
 
 
 def rates(values: list[float], fmt: str = "{:.1f}") -> str:
@@ -198,30 +241,55 @@ def main() -> None:
     model_dir = C.model_dir(args.quick)
     model, tok, builder = C.lm(args.quick, max_prompt_tokens=4096)
     n_params = U.non_embedding_params(model)
-    peaks = {name: U.matmul_peak(cfg["matmul"], dtype, cfg["matmul_reps"])
-             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    headers = ["path", "tokens/s", "× hf bf16", "prefill tok/s", "decode tok/s", "decode × hf bf16",
-               "share of peak", "peak MiB", "tokens", "same as hf (same precision)"]
+    peaks = {
+        name: U.matmul_peak(cfg["matmul"], dtype, cfg["matmul_reps"])
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
+    headers = [
+        "path",
+        "tokens/s",
+        "× hf bf16",
+        "prefill tok/s",
+        "decode tok/s",
+        "decode × hf bf16",
+        "share of peak",
+        "peak MiB",
+        "tokens",
+        "same as hf (same precision)",
+    ]
     results, same = {}, {}
     for workload, runs in (("mixed", reps), ("decode", 1)):
         if args.workload not in (workload, "both"):
             continue
         sizes = cfg if workload == "mixed" else cfg["decode"]
         prompts = prompts_of(workload, cfg, args.quick, builder)
-        results[workload] = measure(workload, list(variants(workload, cfg)), cfg, runs, args.quick,
-                                    not args.no_memory, model, tok, prompts)
+        results[workload] = measure(
+            workload, list(variants(workload, cfg)), cfg, runs, args.quick, not args.no_memory, model, tok, prompts
+        )
         rows, same[workload] = table(results[workload], n_params, peaks, prompts)
         lengths = sorted(map(len, prompts))
-        C.report(f"Generation throughput, {workload} workload (greedy)", headers, rows,
-                 {"config": cfg | {"reps": reps, "model": str(model_dir)}, "peak_flops": peaks,
-                  "non_embedding_params": n_params, "results": results, "same_as_hf": same},
-                 args.json, [f"{len(prompts)} prompts of {lengths[0]}–{lengths[-1]} tokens (median "
-                             f"{lengths[len(lengths) // 2]}), max_new_tokens {sizes['max_new_tokens']}"
-                             f"{' (no EOS)' if workload == 'decode' else ''}; model {model_dir.name}; median "
-                             f"(min–max) over {runs} interleaved runs; share of the {peaks['bf16'] / 1e9:.0f} (bf16) "
-                             f"/ {peaks['fp32'] / 1e9:.0f} (fp32) GFLOP/s matmul peak, N = {n_params / 1e6:.1f}M; "
-                             f"{torch.get_num_threads()} threads. Targets: fast bf16 ≥ 35% of the bf16 peak "
-                             f"(mixed), decode ≥ 5× hf bf16's (decode)."])
+        C.report(
+            f"Generation throughput, {workload} workload (greedy)",
+            headers,
+            rows,
+            {
+                "config": cfg | {"reps": reps, "model": str(model_dir)},
+                "peak_flops": peaks,
+                "non_embedding_params": n_params,
+                "results": results,
+                "same_as_hf": same,
+            },
+            args.json,
+            [
+                f"{len(prompts)} prompts of {lengths[0]}–{lengths[-1]} tokens (median "
+                f"{lengths[len(lengths) // 2]}), max_new_tokens {sizes['max_new_tokens']}"
+                f"{' (no EOS)' if workload == 'decode' else ''}; model {model_dir.name}; median "
+                f"(min–max) over {runs} interleaved runs; share of the {peaks['bf16'] / 1e9:.0f} (bf16) "
+                f"/ {peaks['fp32'] / 1e9:.0f} (fp32) GFLOP/s matmul peak, N = {n_params / 1e6:.1f}M; "
+                f"{torch.get_num_threads()} threads. Targets: fast bf16 ≥ 35% of the bf16 peak "
+                f"(mixed), decode ≥ 5× hf bf16's (decode)."
+            ],
+        )
     if "mixed" in same:
         n = len(results["mixed"]["hf, fp32"]["results"][-1]["ids"])
         assert same["mixed"]["plain (sorted), fp32"] == n, "continuous batching changed the greedy completions"

@@ -26,8 +26,15 @@ from pathlib import Path
 
 import _common as C
 
-FULL = {"vocabs": [49_152, 151_936], "seq": 1024, "batch": 1, "hidden": 576, "chunk": 128,
-        "kinds": ["forward_kl", "jsd"], "reps": 3}
+FULL = {
+    "vocabs": [49_152, 151_936],
+    "seq": 1024,
+    "batch": 1,
+    "hidden": 576,
+    "chunk": 128,
+    "kinds": ["forward_kl", "jsd"],
+    "reps": 3,
+}
 QUICK = {"vocabs": [8_192], "seq": 256, "batch": 1, "hidden": 64, "chunk": 64, "kinds": ["jsd"], "reps": 1}
 TEMPERATURE = 0.7
 TOLERANCE = 1e-5
@@ -54,8 +61,9 @@ def setup(variant: str, vocab: int, seq: int, batch: int, hidden: int, chunk: in
 
     def call(student, teacher, head):
         if variant == "ours":
-            ell = chunked_divergence(student, head, teacher, head, kind=kind, temperature=TEMPERATURE,
-                                     chunk_size=chunk).divergence
+            ell = chunked_divergence(
+                student, head, teacher, head, kind=kind, temperature=TEMPERATURE, chunk_size=chunk
+            ).divergence
         else:
             with torch.no_grad():
                 teacher_logits = head(teacher)
@@ -79,26 +87,57 @@ def main() -> None:
                 shape = {k: cfg[k] for k in ("seq", "batch", "hidden", "chunk")} | {"vocab": vocab, "kind": kind}
                 runs = {"naive": [], "ours": []}
                 for rep in range(reps):
-                    for variant in (["naive", "ours"] if rep % 2 == 0 else ["ours", "naive"]):
+                    for variant in ["naive", "ours"] if rep % 2 == 0 else ["ours", "naive"]:
                         save = Path(tmp, f"{variant}.pt") if rep == 0 else None
                         runs[variant].append(C.peak_memory(__file__, "setup", save, variant=variant, **shape))
                 value_diff, grad_diff = _differences(Path(tmp, "naive.pt"), Path(tmp, "ours.pt"))
                 extra = {v: [r["extra_mb"] for r in runs[v]] for v in runs}
                 share = C.ratios(extra["ours"], extra["naive"])
                 logits_mb = cfg["batch"] * cfg["seq"] * vocab * 4 / C.MB
-                rows.append([f"{vocab:,}", cfg["seq"], cfg["batch"], kind, f"{logits_mb:.0f}",
-                             C.spread(extra["naive"], "{:.0f}"), C.spread(extra["ours"], "{:.0f}"),
-                             C.spread([100 * s for s in share], "{:.1f}%"),
-                             f"{value_diff:.1e} / {grad_diff:.1e}"])
-                results.append({**shape, "logits_mb": logits_mb, "runs": runs,
-                                "ours_over_naive": C.summary(share), "max_abs_diff_values": value_diff,
-                                "max_abs_diff_grads": grad_diff})
-    C.report("Divergence memory, forward + backward (MiB above the inputs)",
-             ["V", "T", "B", "divergence", "one B×T×V fp32 tensor", "naive extra", "ours extra", "ours / naive",
-              "max abs Δ values / grads"],
-             rows, {"config": cfg | {"reps": reps, "temperature": TEMPERATURE}, "results": results}, args.json,
-             notes=[f"H={cfg['hidden']}, chunk={cfg['chunk']}, fp32; median (min–max) over {reps} fresh processes "
-                    "per variant. Target: ours ≤ 25% of naive at V=151,936, T=1,024."])
+                rows.append(
+                    [
+                        f"{vocab:,}",
+                        cfg["seq"],
+                        cfg["batch"],
+                        kind,
+                        f"{logits_mb:.0f}",
+                        C.spread(extra["naive"], "{:.0f}"),
+                        C.spread(extra["ours"], "{:.0f}"),
+                        C.spread([100 * s for s in share], "{:.1f}%"),
+                        f"{value_diff:.1e} / {grad_diff:.1e}",
+                    ]
+                )
+                results.append(
+                    {
+                        **shape,
+                        "logits_mb": logits_mb,
+                        "runs": runs,
+                        "ours_over_naive": C.summary(share),
+                        "max_abs_diff_values": value_diff,
+                        "max_abs_diff_grads": grad_diff,
+                    }
+                )
+    C.report(
+        "Divergence memory, forward + backward (MiB above the inputs)",
+        [
+            "V",
+            "T",
+            "B",
+            "divergence",
+            "one B×T×V fp32 tensor",
+            "naive extra",
+            "ours extra",
+            "ours / naive",
+            "max abs Δ values / grads",
+        ],
+        rows,
+        {"config": cfg | {"reps": reps, "temperature": TEMPERATURE}, "results": results},
+        args.json,
+        notes=[
+            f"H={cfg['hidden']}, chunk={cfg['chunk']}, fp32; median (min–max) over {reps} fresh processes "
+            "per variant. Target: ours ≤ 25% of naive at V=151,936, T=1,024."
+        ],
+    )
     worst = max(max(r["max_abs_diff_values"], r["max_abs_diff_grads"]) for r in results)
     assert worst <= TOLERANCE, f"ours differs from naive by {worst:.2e} (> {TOLERANCE}): see the table"
 

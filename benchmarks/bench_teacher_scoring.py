@@ -73,26 +73,44 @@ def main() -> None:
     def one_by_one():
         out["one by one"] = [completion_logprobs(model, [pair], pad, 1, bf16)[0] for pair in pairs]
 
-    times = C.interleaved({"token budget": budget, "rows only": rows_only, "one by one": one_by_one}, reps,
-                          warmup=1)
+    times = C.interleaved({"token budget": budget, "rows only": rows_only, "one by one": one_by_one}, reps, warmup=1)
     deltas = [(a - b).abs() for name in ("token budget", "rows only") for a, b in zip(out[name], out["one by one"])]
     diff, mean_diff = max(float(d.max()) for d in deltas), sum(float(d.mean()) for d in deltas) / len(deltas)
     n = len(examples)
     speed = {name: [n / t for t in ts] for name, ts in times.items()}
-    table = [[name, C.spread(speed[name], "{:.2f}"), C.spread(C.ratios(speed[name], speed["one by one"]), "{:.2f}×"),
-              C.spread(C.ratios(speed[name], speed["rows only"]), "{:.2f}×")] for name in times]
+    table = [
+        [
+            name,
+            C.spread(speed[name], "{:.2f}"),
+            C.spread(C.ratios(speed[name], speed["one by one"]), "{:.2f}×"),
+            C.spread(C.ratios(speed[name], speed["rows only"]), "{:.2f}×"),
+        ]
+        for name in times
+    ]
     tokens = [len(p) + len(c) for p, c in pairs]
-    C.report("Teacher scoring (K+2 contexts per trajectory)",
-             ["path", "trajectories/s", "vs one by one", "vs rows only"], table,
-             {"config": cfg | {"reps": reps, "model": str(model_dir)}, "trajectories": n, "sequences": len(pairs),
-              "sequence_tokens": tokens, "seconds": times, "max_abs_diff": diff,
-              "mean_abs_diff": mean_diff},
-             args.json, [f"{n} trajectories × {cfg['k'] + 2} contexts = {len(pairs)} sequences of "
-                         f"{min(tokens)}–{max(tokens)} tokens; at most {rows} rows and (token budget) "
-                         f"{cfg['score_tokens']} padded tokens per batch; model {model_dir.name}, "
-                         f"{'bf16 autocast' if bf16 else 'fp32'}, {torch.get_num_threads()} threads; "
-                         f"|Δ log p| max {diff:.1e}, mean {mean_diff:.1e}; median (min–max) over "
-                         f"{reps} interleaved runs."])
+    C.report(
+        "Teacher scoring (K+2 contexts per trajectory)",
+        ["path", "trajectories/s", "vs one by one", "vs rows only"],
+        table,
+        {
+            "config": cfg | {"reps": reps, "model": str(model_dir)},
+            "trajectories": n,
+            "sequences": len(pairs),
+            "sequence_tokens": tokens,
+            "seconds": times,
+            "max_abs_diff": diff,
+            "mean_abs_diff": mean_diff,
+        },
+        args.json,
+        [
+            f"{n} trajectories × {cfg['k'] + 2} contexts = {len(pairs)} sequences of "
+            f"{min(tokens)}–{max(tokens)} tokens; at most {rows} rows and (token budget) "
+            f"{cfg['score_tokens']} padded tokens per batch; model {model_dir.name}, "
+            f"{'bf16 autocast' if bf16 else 'fp32'}, {torch.get_num_threads()} threads; "
+            f"|Δ log p| max {diff:.1e}, mean {mean_diff:.1e}; median (min–max) over "
+            f"{reps} interleaved runs."
+        ],
+    )
     # bf16 matmuls round differently with the batch shape: a rare token moves by tenths,
     # the mean by hundredths; a misaligned row would move by nats
     worst, tolerance = (mean_diff, 5e-2) if bf16 else (diff, 1e-4)

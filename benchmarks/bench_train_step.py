@@ -91,10 +91,22 @@ def _unisd_student(model_dir: Path, cfg):
     from unisd.teachers import Teacher
     from unisd.train import build_student
 
-    ucfg = load_config(C.REPO / "params.yaml", {
-        "model.name": str(model_dir), "model.device": "cpu", "recipe": "gkd", "components": {"temperature": TEMPERATURE},
-        "train.lora": {"enabled": True, "r": cfg["lora_r"], "alpha": cfg["lora_alpha"], "dropout": 0.0,
-                       "target_modules": TARGETS}})
+    ucfg = load_config(
+        C.REPO / "params.yaml",
+        {
+            "model.name": str(model_dir),
+            "model.device": "cpu",
+            "recipe": "gkd",
+            "components": {"temperature": TEMPERATURE},
+            "train.lora": {
+                "enabled": True,
+                "r": cfg["lora_r"],
+                "alpha": cfg["lora_alpha"],
+                "dropout": 0.0,
+                "target_modules": TARGETS,
+            },
+        },
+    )
     model = build_student(ucfg, model_dir, None)
     teacher = Teacher(model, "frozen")  # the adapter is still zero: the teacher is the base model
     _perturb_lora(model)
@@ -131,9 +143,13 @@ def build(method: str, model_dir: Path, cfg, bf16: bool = False) -> tuple:
         return loss.item()
 
     def logits(inputs):
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    position_ids=inputs["position_ids"], use_cache=False)
-        return out.logits[:, -(width + 1):-1]
+        out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            use_cache=False,
+        )
+        return out.logits[:, -(width + 1) : -1]
 
     def naive() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -159,15 +175,33 @@ def _trl_step(model_dir: Path, tok, pairs, cfg, bf16: bool):
 
     from unisd.modeling import load_model
 
-    args = GKDConfig(output_dir=str(Path(tempfile.gettempdir()) / "unisd-bench-trl"), per_device_train_batch_size=cfg["batch"],
-                     lmbda=0.0, beta=BETA, seq_kd=False, learning_rate=LR, max_grad_norm=1.0, use_cpu=True,
-                     bf16=bf16, gradient_checkpointing=False, disable_dropout=True, report_to=[],
-                     max_length=cfg["prompt"] + cfg["completion"])
+    args = GKDConfig(
+        output_dir=str(Path(tempfile.gettempdir()) / "unisd-bench-trl"),
+        per_device_train_batch_size=cfg["batch"],
+        lmbda=0.0,
+        beta=BETA,
+        seq_kd=False,
+        learning_rate=LR,
+        max_grad_norm=1.0,
+        use_cpu=True,
+        bf16=bf16,
+        gradient_checkpointing=False,
+        disable_dropout=True,
+        report_to=[],
+        max_length=cfg["prompt"] + cfg["completion"],
+    )
     dummy = Dataset.from_dict({"messages": [[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]]})
-    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0, target_modules=TARGETS,
-                      task_type="CAUSAL_LM")
-    trainer = GKDTrainer(model=load_model(model_dir, device="cpu"), teacher_model=load_model(model_dir, device="cpu"),
-                         args=args, train_dataset=dummy, processing_class=tok, peft_config=lora)
+    lora = LoraConfig(
+        r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
+    )
+    trainer = GKDTrainer(
+        model=load_model(model_dir, device="cpu"),
+        teacher_model=load_model(model_dir, device="cpu"),
+        args=args,
+        train_dataset=dummy,
+        processing_class=tok,
+        peft_config=lora,
+    )
     _perturb_lora(trainer.model)
     trainer.current_gradient_accumulation_steps = 1  # set by train()'s loop, which we bypass
     params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -202,29 +236,53 @@ def main() -> None:
     steps = {m: (lambda m=m: losses[m].append(built[m][0]())) for m in methods}  # noqa: F821 - run before the del
     times = C.interleaved(steps, reps, warmup=1)
     del built, steps  # free the models before the memory children load theirs
-    memory = {m: [C.peak_memory(__file__, "setup_memory", method=m, model_dir=str(model_dir), cfg=cfg,
-                                  bf16=args.bf16)
-                  for _ in range(max(1, reps // 2))] for m in methods}
+    memory = {
+        m: [
+            C.peak_memory(__file__, "setup_memory", method=m, model_dir=str(model_dir), cfg=cfg, bf16=args.bf16)
+            for _ in range(max(1, reps // 2))
+        ]
+        for m in methods
+    }
 
     speed = {m: [tokens / t for t in times[m]] for m in methods}
     rows = []
     for m in methods:
         vs = lambda ref: C.spread(C.ratios(speed[m], speed[ref]), "{:.2f}×") if ref in methods else "—"  # noqa: E731, B023
-        rows.append([m, C.spread(speed[m]), C.spread([r["peak_mb"] for r in memory[m]], "{:.0f}"),
-                     C.spread([r["extra_mb"] for r in memory[m]], "{:.0f}"), vs("trl"), vs("naive"),
-                     f"{losses[m][0]:.6f}"])
+        rows.append(
+            [
+                m,
+                C.spread(speed[m]),
+                C.spread([r["peak_mb"] for r in memory[m]], "{:.0f}"),
+                C.spread([r["extra_mb"] for r in memory[m]], "{:.0f}"),
+                vs("trl"),
+                vs("naive"),
+                f"{losses[m][0]:.6f}",
+            ]
+        )
     first = [losses[m][0] for m in methods]
-    notes = [f"model {model_dir.name}, B={cfg['batch']}, prompt {cfg['prompt']} + completion {cfg['completion']} "
-             f"tokens, LoRA r={cfg['lora_r']}, {'bf16 autocast' if args.bf16 else 'fp32'}, {C.environment()['threads']} threads; median (min–max) over "
-             f"{reps} interleaved steps (memory: {len(memory['ours'])} fresh processes). First losses agree within "
-             f"{(max(first) - min(first)) / abs(max(first)):.1e} (relative): the methods compute the same thing."]
+    notes = [
+        f"model {model_dir.name}, B={cfg['batch']}, prompt {cfg['prompt']} + completion {cfg['completion']} "
+        f"tokens, LoRA r={cfg['lora_r']}, {'bf16 autocast' if args.bf16 else 'fp32'}, {C.environment()['threads']} threads; median (min–max) over "
+        f"{reps} interleaved steps (memory: {len(memory['ours'])} fresh processes). First losses agree within "
+        f"{(max(first) - min(first)) / abs(max(first)):.1e} (relative): the methods compute the same thing."
+    ]
     if "trl" not in methods:
         notes.append("TRL is not installed (pip install 'unisd[bench]'): its row is missing.")
-    C.report("Distillation training step", ["method", "tokens/s", "peak RSS MiB", "step extra MiB", "vs trl",
-                                            "vs naive", "first loss"], rows,
-             {"config": cfg | {"reps": reps, "model": str(model_dir), "beta": BETA, "temperature": TEMPERATURE,
-                             "bf16": args.bf16},
-              "tokens_per_step": tokens, "seconds": times, "memory": memory, "losses": losses}, args.json, notes)
+    C.report(
+        "Distillation training step",
+        ["method", "tokens/s", "peak RSS MiB", "step extra MiB", "vs trl", "vs naive", "first loss"],
+        rows,
+        {
+            "config": cfg
+            | {"reps": reps, "model": str(model_dir), "beta": BETA, "temperature": TEMPERATURE, "bf16": args.bf16},
+            "tokens_per_step": tokens,
+            "seconds": times,
+            "memory": memory,
+            "losses": losses,
+        },
+        args.json,
+        notes,
+    )
 
 
 if __name__ == "__main__":

@@ -64,41 +64,74 @@ def main() -> None:
     scorer = load_model(model_dir, device="cpu")
     n_params = non_embedding_params(scorer)
     g = torch.Generator().manual_seed(0)
-    pairs = [(torch.randint(3, len(tok), (cfg["score_len"] // 2,), generator=g).tolist(),
-              torch.randint(3, len(tok), (cfg["score_len"] // 2,), generator=g).tolist())
-             for _ in range(cfg["score_batch"])]
+    pairs = [
+        (
+            torch.randint(3, len(tok), (cfg["score_len"] // 2,), generator=g).tolist(),
+            torch.randint(3, len(tok), (cfg["score_len"] // 2,), generator=g).tolist(),
+        )
+        for _ in range(cfg["score_batch"])
+    ]
     score_tokens = cfg["score_batch"] * cfg["score_len"]
     train_tokens = cfg["train"]["batch"] * (cfg["train"]["prompt"] + cfg["train"]["completion"])
     train_flops = 8 * n_params * train_tokens  # 6·N student + 2·N teacher, equal lengths in bench_train_step
 
-    peaks = {name: matmul_peak(cfg["matmul"], dtype, cfg["matmul_reps"])
-             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peaks = {
+        name: matmul_peak(cfg["matmul"], dtype, cfg["matmul_reps"])
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
     variants = {}
     for precision in peaks:
         bf16 = precision == "bf16"
         variants[f"train {precision}"] = T.build("ours", model_dir, cfg["train"], bf16)[0]
-        variants[f"scoring {precision}"] = (
-            lambda bf16=bf16: completion_logprobs(scorer, pairs, tok.pad_token_id, cfg["score_batch"], bf16))
+        variants[f"scoring {precision}"] = lambda bf16=bf16: completion_logprobs(
+            scorer, pairs, tok.pad_token_id, cfg["score_batch"], bf16
+        )
     times = C.interleaved(variants, reps, warmup=1)
 
     rows, results = [], []
     for name, secs in times.items():
         workload, precision = name.split()
-        flops, tokens = (train_flops, train_tokens) if workload == "train" else (2 * n_params * score_tokens,
-                                                                                  score_tokens)
+        flops, tokens = (
+            (train_flops, train_tokens) if workload == "train" else (2 * n_params * score_tokens, score_tokens)
+        )
         achieved = [flops / t for t in secs]
-        rows.append([workload, precision, C.spread([tokens / t for t in secs]), C.spread([a / 1e9 for a in achieved]),
-                     f"{peaks[precision] / 1e9:.0f}", C.spread([100 * a / peaks[precision] for a in achieved], "{:.1f}%")])
-        results.append({"workload": workload, "precision": precision, "seconds": secs, "flops_per_call": flops,
-                        "tokens_per_call": tokens})
-    C.report("Utilisation of the measured matmul peak", ["workload", "precision", "tokens/s", "achieved GFLOP/s",
-                                                         "peak GFLOP/s", "share of peak"], rows,
-             {"config": cfg | {"reps": reps, "model": str(model_dir)}, "non_embedding_params": n_params,
-              "peak_flops": peaks, "results": results}, args.json,
-             [f"model {model_dir.name}: N = {n_params / 1e6:.1f}M non-embedding parameters; train = 6·N per student "
-              f"token + 2·N per teacher token ({train_tokens} each per step), scoring = 2·N per token ({score_tokens} "
-              f"per call); peak = best {cfg['matmul']}² matmul; {torch.get_num_threads()} threads; median (min–max) "
-              f"over {reps} interleaved runs."])
+        rows.append(
+            [
+                workload,
+                precision,
+                C.spread([tokens / t for t in secs]),
+                C.spread([a / 1e9 for a in achieved]),
+                f"{peaks[precision] / 1e9:.0f}",
+                C.spread([100 * a / peaks[precision] for a in achieved], "{:.1f}%"),
+            ]
+        )
+        results.append(
+            {
+                "workload": workload,
+                "precision": precision,
+                "seconds": secs,
+                "flops_per_call": flops,
+                "tokens_per_call": tokens,
+            }
+        )
+    C.report(
+        "Utilisation of the measured matmul peak",
+        ["workload", "precision", "tokens/s", "achieved GFLOP/s", "peak GFLOP/s", "share of peak"],
+        rows,
+        {
+            "config": cfg | {"reps": reps, "model": str(model_dir)},
+            "non_embedding_params": n_params,
+            "peak_flops": peaks,
+            "results": results,
+        },
+        args.json,
+        [
+            f"model {model_dir.name}: N = {n_params / 1e6:.1f}M non-embedding parameters; train = 6·N per student "
+            f"token + 2·N per teacher token ({train_tokens} each per step), scoring = 2·N per token ({score_tokens} "
+            f"per call); peak = best {cfg['matmul']}² matmul; {torch.get_num_threads()} threads; median (min–max) "
+            f"over {reps} interleaved runs."
+        ],
+    )
 
 
 if __name__ == "__main__":

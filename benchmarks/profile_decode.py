@@ -24,17 +24,32 @@ import contextlib
 import functools
 import statistics
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import _common as C
 
 FULL = {"batches": [32, 128], "context": 256, "steps": 5}
 QUICK = {"batches": [4], "context": 16, "steps": 2}
-OPS = {"matmuls": ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm"),
-       "attention (SDPA)": ("aten::scaled_dot_product_attention",), "cache write": ("aten::index_put_",),
-       "casts": ("aten::to", "aten::_to_copy")}
-CATEGORIES = ["matmuls", "attention (SDPA)", "cache update (HF: cat)", "cache write", "attention mask", "RoPE",
-              "norms", "casts", "sampling", "stop checks", "other ops", "Python and dispatch"]
+OPS = {
+    "matmuls": ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm"),
+    "attention (SDPA)": ("aten::scaled_dot_product_attention",),
+    "cache write": ("aten::index_put_",),
+    "casts": ("aten::to", "aten::_to_copy"),
+}
+CATEGORIES = [
+    "matmuls",
+    "attention (SDPA)",
+    "cache update (HF: cat)",
+    "cache write",
+    "attention mask",
+    "RoPE",
+    "norms",
+    "casts",
+    "sampling",
+    "stop checks",
+    "other ops",
+    "Python and dispatch",
+]
 
 
 @contextlib.contextmanager
@@ -47,6 +62,7 @@ def scopes(targets: list[tuple[object, str, str]]) -> Iterator[None]:
         def scoped(*args, **kwargs):
             with record_function(f"scope:{name}"):
                 return fn(*args, **kwargs)
+
         return scoped
 
     saved = [(owner, attr, owner.__dict__[attr]) for owner, attr, _ in targets]
@@ -99,18 +115,33 @@ def hf_step(model, tok, builder, batch: int, context: int):
         shape = (batch, layer.keys.shape[1], context, layer.keys.shape[3])
         cache.update(torch.randn(shape).to(layer.keys.dtype), torch.randn(shape).to(layer.values.dtype), i)
     state = _Batch()
-    state.add(cache, torch.ones(batch, context, dtype=torch.long), list(range(batch)),
-              (torch.randint(3, len(tok), (batch,)), torch.zeros(batch)))
-    sampling, gen, eos, stops = Sampling(10**6), torch.Generator().manual_seed(0), _eos_ids(model, tok), builder.stop_strings
+    state.add(
+        cache,
+        torch.ones(batch, context, dtype=torch.long),
+        list(range(batch)),
+        (torch.randint(3, len(tok), (batch,)), torch.zeros(batch)),
+    )
+    sampling, gen, eos, stops = (
+        Sampling(10**6),
+        torch.Generator().manual_seed(0),
+        _eos_ids(model, tok),
+        builder.stop_strings,
+    )
 
     def step():
         _decode_step(model, state, sampling, gen)
         for tokens, logprobs in zip(state.tokens, state.logprobs):
             g._check(tokens, logprobs, tok, eos, stops, sampling)
 
-    targets = [(cu.DynamicLayer, "update", "cache update (HF: cat)"), (ml, "create_causal_mask", "attention mask"),
-               (ml, "apply_rotary_pos_emb", "RoPE"), (ml.LlamaRotaryEmbedding, "forward", "RoPE"),
-               (ml.LlamaRMSNorm, "forward", "norms"), (g, "_pick", "sampling"), (g, "_check", "stop checks")]
+    targets = [
+        (cu.DynamicLayer, "update", "cache update (HF: cat)"),
+        (ml, "create_causal_mask", "attention mask"),
+        (ml, "apply_rotary_pos_emb", "RoPE"),
+        (ml.LlamaRotaryEmbedding, "forward", "RoPE"),
+        (ml.LlamaRMSNorm, "forward", "norms"),
+        (g, "_pick", "sampling"),
+        (g, "_check", "stop checks"),
+    ]
     return step, targets
 
 
@@ -136,8 +167,13 @@ def fast_step(model, tok, builder, batch: int, context: int):
             fd._check(tokens, logprobs, tok, eos, stops, sampling)
         decoder.cache.lens[:] = context  # every step decodes at the same length
 
-    targets = [(fd, "_rope", "RoPE"), (fd._Llama, "_norm", "norms"), (fd._Decoder, "_step_masks", "attention mask"),
-               (fd, "_pick", "sampling"), (fd, "_check", "stop checks")]
+    targets = [
+        (fd, "_rope", "RoPE"),
+        (fd._Llama, "_norm", "norms"),
+        (fd._Decoder, "_step_masks", "attention mask"),
+        (fd, "_pick", "sampling"),
+        (fd, "_check", "stop checks"),
+    ]
     return step, targets
 
 
@@ -177,16 +213,31 @@ def main() -> None:
             for path, build in (("hf", hf_step), ("fast", fast_step)):
                 results[f"{path}, batch {batch}"] = measure(*build(model, tok, builder, batch, cfg["context"]), steps)
     names = list(results)
-    rows = [[cat] + [f"{results[n]['ms'][cat]:.1f} ({100 * results[n]['ms'][cat] / results[n]['profiled_ms']:.0f}%)"
-                     for n in names] for cat in CATEGORIES]
-    rows += [["step, profiled"] + [f"{results[n]['profiled_ms']:.1f}" for n in names],
-             ["top-level ops per step"] + [f"{results[n]['ops']:.0f}" for n in names],
-             ["**step, not profiled**"] + [f"{results[n]['wall_ms']:.1f}" for n in names],
-             ["tokens/s, not profiled"] + [f"{1e3 * int(n.split()[-1]) / results[n]['wall_ms']:.0f}" for n in names]]
-    C.report("One decode step, bf16 (ms per step, share of the profiled step)", ["", *names], rows,
-             {"config": cfg | {"steps": steps}, "results": results}, args.json,
-             [f"context {cfg['context']} cached positions per row; median of {steps} steps; "
-              f"{torch.get_num_threads()} threads; model {C.model_dir(args.quick).name}."])
+    rows = [
+        [cat]
+        + [
+            f"{results[n]['ms'][cat]:.1f} ({100 * results[n]['ms'][cat] / results[n]['profiled_ms']:.0f}%)"
+            for n in names
+        ]
+        for cat in CATEGORIES
+    ]
+    rows += [
+        ["step, profiled"] + [f"{results[n]['profiled_ms']:.1f}" for n in names],
+        ["top-level ops per step"] + [f"{results[n]['ops']:.0f}" for n in names],
+        ["**step, not profiled**"] + [f"{results[n]['wall_ms']:.1f}" for n in names],
+        ["tokens/s, not profiled"] + [f"{1e3 * int(n.split()[-1]) / results[n]['wall_ms']:.0f}" for n in names],
+    ]
+    C.report(
+        "One decode step, bf16 (ms per step, share of the profiled step)",
+        ["", *names],
+        rows,
+        {"config": cfg | {"steps": steps}, "results": results},
+        args.json,
+        [
+            f"context {cfg['context']} cached positions per row; median of {steps} steps; "
+            f"{torch.get_num_threads()} threads; model {C.model_dir(args.quick).name}."
+        ],
+    )
 
 
 if __name__ == "__main__":

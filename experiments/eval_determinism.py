@@ -42,9 +42,12 @@ def main(n: int = 8, max_new_tokens: int = 24) -> None:
                 lps = torch.stack(next_token_logprobs(model, prompts, [letters] * n, tok.pad_token_id, batch, bf16))
                 ids = [c.ids for c in outs]
                 ref = ref or (ids, lps)
-                print(f"{'bf16' if bf16 else 'fp32'} threads={threads} batch={batch}: answers differing "
-                      f"{sum(a != b for a, b in zip(ref[0], ids))}/{n}, max |Δ letter log-prob| "
-                      f"{(lps - ref[1]).abs().max().item():.2e}", flush=True)
+                print(
+                    f"{'bf16' if bf16 else 'fp32'} threads={threads} batch={batch}: answers differing "
+                    f"{sum(a != b for a, b in zip(ref[0], ids))}/{n}, max |Δ letter log-prob| "
+                    f"{(lps - ref[1]).abs().max().item():.2e}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

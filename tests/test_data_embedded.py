@@ -56,8 +56,9 @@ def test_same_seed_same_splits_other_seed_other_splits(suite):
         again, other = load_benchmark("embedded", name, SEED), load_benchmark("embedded", name, 7)
         assert again == suite[name]
         assert {e.id for e in other["test"]} != {e.id for e in suite[name]["test"]}
-        assert {e.id for e in other["test"]} | {e.id for e in other["train"]} | {e.id for e in other["validation"]} \
-            == set(by_id(suite[name]))
+        assert {e.id for e in other["test"]} | {e.id for e in other["train"]} | {
+            e.id for e in other["validation"]
+        } == set(by_id(suite[name]))
     # Evaluation-only benchmarks keep their examples; only the order follows the seed.
     arc = load_benchmark("embedded", "arc_challenge", 7)
     assert sorted(e.id for e in arc["test"]) == sorted(e.id for e in suite["arc_challenge"]["test"])
@@ -77,12 +78,18 @@ def test_humaneval_rows(suite):
 
 def test_mbpp_row(suite):
     ex = by_id(suite["mbpp"])["mbpp-11"]
-    assert ex.question == ("Write a python function to remove first and last occurrence of a given character "
-                           "from the string.")
-    assert ex.tests == ['assert remove_Occ("hello","l") == "heo"', 'assert remove_Occ("abcda","a") == "bcd"',
-                        'assert remove_Occ("PHP","P") == "H"']
-    assert ex.meta["challenge_tests"] == ['assert remove_Occ("hellolloll","l") == "helollol"',
-                                         'assert remove_Occ("","l") == ""']
+    assert ex.question == (
+        "Write a python function to remove first and last occurrence of a given character from the string."
+    )
+    assert ex.tests == [
+        'assert remove_Occ("hello","l") == "heo"',
+        'assert remove_Occ("abcda","a") == "bcd"',
+        'assert remove_Occ("PHP","P") == "H"',
+    ]
+    assert ex.meta["challenge_tests"] == [
+        'assert remove_Occ("hellolloll","l") == "helollol"',
+        'assert remove_Occ("","l") == ""',
+    ]
     assert ex.answer.startswith("def remove_Occ(s,ch):") and "\r" not in ex.answer
     assert by_id(suite["mbpp"])["mbpp-367"].test_setup.startswith("root = Node(1)")
 
@@ -101,16 +108,26 @@ def assert_rotated(ex: Example, source: list[str], gold: str) -> None:
 def test_arc_test_rows_are_parsed_from_the_formatted_query(suite):
     ex = by_id(suite["arc_challenge"])
     mercury = ex["arc_challenge-Mercury_7175875"]
-    assert mercury.question == ("An astronomer observes that a planet rotates faster after a meteorite impact. "
-                                "Which is the most likely effect of this increase in rotation?")
-    assert_rotated(mercury, ["Planetary density will decrease.", "Planetary years will become longer.",
-                             "Planetary days will become shorter.", "Planetary gravity will become stronger."],
-                   "Planetary days will become shorter.")  # source: gold C
+    assert mercury.question == (
+        "An astronomer observes that a planet rotates faster after a meteorite impact. "
+        "Which is the most likely effect of this increase in rotation?"
+    )
+    assert_rotated(
+        mercury,
+        [
+            "Planetary density will decrease.",
+            "Planetary years will become longer.",
+            "Planetary days will become shorter.",
+            "Planetary gravity will become stronger.",
+        ],
+        "Planetary days will become shorter.",
+    )  # source: gold C
     assert_rotated(ex["arc_challenge-NYSEDREGENTS_2010_4_4"], ["slower", "faster", "at the same speed"], "slower")
     five = ex["arc_challenge-TIMSS_1995_8_J7"]
     assert len(five.choices) == 5  # source: gold D, this text
-    assert five.choices[five.gold_index] == ("Warm-blooded animals normally maintain a fairly constant internal "
-                                             "temperature at all air temperatures.")
+    assert five.choices[five.gold_index] == (
+        "Warm-blooded animals normally maintain a fairly constant internal temperature at all air temperatures."
+    )
     counts = sorted(len(e.choices) for e in suite["arc_challenge"]["test"])
     assert (counts.count(3), counts.count(4), counts.count(5)) == (4, 1165, 3)
     assert not any("Answer:" in c or "\n" in c for e in suite["arc_challenge"]["test"] for c in e.choices)
@@ -163,12 +180,15 @@ def test_sciq_row(suite):
     assert sum(bool(e.context) for e in suite["sciq"]["train"]) > 400  # the support paragraph, when there is one
 
 
-@pytest.mark.parametrize("file, words", [
-    ("examples_answer_out_of_range.jsonl", ["row 3", "answer 'E' is not one of the 4 option letters"]),
-    ("examples_not_json.jsonl", ["row 3", "not valid JSON"]),
-    ("examples_missing_field.jsonl", ["row 1", "question", "Field required"]),
-    ("examples_code_without_tests.jsonl", ["row 2", "code example without tests"]),
-])
+@pytest.mark.parametrize(
+    "file, words",
+    [
+        ("examples_answer_out_of_range.jsonl", ["row 3", "answer 'E' is not one of the 4 option letters"]),
+        ("examples_not_json.jsonl", ["row 3", "not valid JSON"]),
+        ("examples_missing_field.jsonl", ["row 1", "question", "Field required"]),
+        ("examples_code_without_tests.jsonl", ["row 2", "code example without tests"]),
+    ],
+)
 def test_read_examples_names_file_and_row(file, words):
     with pytest.raises(DataError) as err:
         read_examples(BAD / file)

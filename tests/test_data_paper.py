@@ -32,6 +32,7 @@ def gold_text(ex: Example) -> str:
 
 # ------------------------------------------------------------------ ScienceQA
 
+
 def test_scienceqa_splits_skip_image_rows():
     splits = load("scienceqa")
     assert {k: sorted(e.id for e in v) for k, v in splits.items()} == {
@@ -70,19 +71,25 @@ def test_scienceqa_context_and_rationale():
     guide = ex["scienceqa-train-00005"]
     assert guide.context.split("\n")[0] == "Use alphabetical order."  # the hint, then the lecture
     assert guide.context.split("\n")[1].startswith("Guide words appear on each page")
-    assert guide.question == ("Which word would you find on a dictionary page with the following guide words?"
-                              "\nlever - loose")
+    assert guide.question == (
+        "Which word would you find on a dictionary page with the following guide words?\nlever - loose"
+    )
     assert guide.task == "mcq" and guide.benchmark == "scienceqa"
 
 
 # ------------------------------------------------------------------ GPQA
+
 
 def test_gpqa_options_are_shuffled_and_stripped():
     splits = load("gpqa")
     assert list(splits) == ["test"] and len(splits["test"]) == 4
     ex = by_id(splits)
     assert sorted(ex) == [
-        "gpqa-recFx1Spin00001", "gpqa-recFx2Pcc000002", "gpqa-recFx3Pol000003", "gpqa-recFx4Par000004"]
+        "gpqa-recFx1Spin00001",
+        "gpqa-recFx2Pcc000002",
+        "gpqa-recFx3Pol000003",
+        "gpqa-recFx4Par000004",
+    ]
     assert gold_text(ex["gpqa-recFx1Spin00001"]) == "4/5"
     assert gold_text(ex["gpqa-recFx2Pcc000002"]) == "Pyridinium chlorochromate (PCC) in dichloromethane"
     assert gold_text(ex["gpqa-recFx3Pol000003"]) == "DNA polymerase I"
@@ -117,14 +124,26 @@ def test_cos_e_splits_gold_and_explanations():
     assert gold_text(ex["cos_e-c39cafb7a9dae8facbacfdfedfdac789"]) == "cash"
     assert ex["cos_e-4b1a27f9e1b8c0d2a3f4e5d6c7b8a901"].rationale == "dirty plates are washed in the sink"
     assert sorted(ex["cos_e-9a6f7ce4d6adb5c7f8e9dacbacadf456"].choices) == sorted(
-        ["it boils", "it becomes ice", "it evaporates", "it burns", "it melts"])
+        ["it boils", "it becomes ice", "it evaporates", "it burns", "it melts"]
+    )
 
 
-@pytest.mark.parametrize("name, train_ids", [
-    ("cos_e", set(COS_E_TRAIN_GOLD)),
-    ("toolalpaca", {"toolalpaca-train-0001-01", "toolalpaca-train-0001-02", "toolalpaca-train-0002-01",
-                    "toolalpaca-train-0002-02", "toolalpaca-train-0002-03"}),
-])
+@pytest.mark.parametrize(
+    "name, train_ids",
+    [
+        ("cos_e", set(COS_E_TRAIN_GOLD)),
+        (
+            "toolalpaca",
+            {
+                "toolalpaca-train-0001-01",
+                "toolalpaca-train-0001-02",
+                "toolalpaca-train-0002-01",
+                "toolalpaca-train-0002-02",
+                "toolalpaca-train-0002-03",
+            },
+        ),
+    ],
+)
 def test_validation_is_carved_from_train_deterministically(name, train_ids):
     picks = []
     for seed in range(6):
@@ -164,6 +183,7 @@ def test_example_order_follows_the_seed():
 
 # ------------------------------------------------------------------ balanced gold letters
 
+
 def is_rotation(choices: list[str], source: list[str]) -> bool:
     """Brute force: some cyclic shift of `source` is `choices`."""
     return any(source[s:] + source[:s] == choices for s in range(len(source)))
@@ -191,7 +211,7 @@ def test_balance_letters_follows_permutation_blocks_per_option_count():
         group = [e for e in out if e.task == "mcq" and len(e.choices) == n]
         letters = [e.answer for e in group]
         for start in range(0, len(letters) - n + 1, n):  # each aligned block is a permutation of the letters
-            assert sorted(letters[start:start + n]) == list("ABCD"[:n]), (n, letters)
+            assert sorted(letters[start : start + n]) == list("ABCD"[:n]), (n, letters)
         for e in group:
             assert is_rotation(e.choices, list(source)) and e.choices[e.gold_index] == source[0 if n == 3 else 3]
     assert balance_letters(items, "key") == [e for e in out if e.task == "mcq"]  # deterministic
@@ -207,10 +227,14 @@ def test_paper_splits_have_balanced_gold_letters():
 
 # ------------------------------------------------------------------ MBPP
 
+
 def test_mbpp_full_and_sanitized_schemas():
     splits = load("mbpp")
     assert {k: sorted(int(e.id.split("-")[1]) for e in v) for k, v in splits.items()} == {
-        "train": [601, 602, 603, 604], "validation": [511, 512, 513], "test": [11, 12, 139]}
+        "train": [601, 602, 603, 604],
+        "validation": [511, 512, 513],
+        "test": [11, 12, 139],
+    }
     ex = by_id(splits)
     first = ex["mbpp-601"]
     assert first.question == "Write a function to return the sum of the squares of the first n natural numbers."
@@ -233,12 +257,16 @@ def test_mbpp_and_humaneval_references_pass_their_tests():
 
 # ------------------------------------------------------------------ HumanEval
 
+
 def test_humaneval_entry_points_and_tests():
     splits = load("humaneval")
     assert list(splits) == ["test"]
     ex = by_id(splits)
     assert {k: v.entry_point for k, v in ex.items()} == {
-        "HumanEval-0": "has_close_elements", "HumanEval-2": "truncate_number", "HumanEval-10": "make_palindrome"}
+        "HumanEval-0": "has_close_elements",
+        "HumanEval-2": "truncate_number",
+        "HumanEval-10": "make_palindrome",
+    }
     zero = ex["HumanEval-0"]
     assert zero.code_prompt.startswith("from typing import List\n\n\ndef has_close_elements(")
     assert zero.question == zero.code_prompt
@@ -249,17 +277,20 @@ def test_humaneval_entry_points_and_tests():
 
 # ------------------------------------------------------------------ ToolAlpaca
 
+
 def test_toolalpaca_train_format():
     splits = load("toolalpaca")
     assert {k: len(v) for k, v in splits.items()} == {"train": 4, "validation": 1, "test": 3}
     ex = {e.question: e for e in splits["train"] + splits["validation"]}
-    assert sorted(ex) == sorted([
-        "What's the weather in Paris right now?",
-        "Will it rain in Tokyo in the next three days?",  # the "Hint:" line is cut
-        "Find books by Jane Austen.",
-        "Give me details on the book with ISBN 9780141439518.",
-        "Find 5 science fiction books published after 2010.",
-    ])  # the run without steps and the run starting with getDetails are skipped
+    assert sorted(ex) == sorted(
+        [
+            "What's the weather in Paris right now?",
+            "Will it rain in Tokyo in the next three days?",  # the "Hint:" line is cut
+            "Find books by Jane Austen.",
+            "Give me details on the book with ISBN 9780141439518.",
+            "Find 5 science fiction books published after 2010.",
+        ]
+    )  # the run without steps and the run starting with getDetails are skipped
     paris = ex["What's the weather in Paris right now?"]
     assert paris.answer == "getCurrentWeather"
     assert json.loads(paris.action_input) == {"city": "Paris", "units": "metric"}
@@ -294,17 +325,21 @@ def test_ids_are_unique_across_splits():
 
 # ------------------------------------------------------------------ malformed files
 
-@pytest.mark.parametrize("name, case, file, words", [
-    ("cos_e", "cos_e_answer_not_in_choices", "train.jsonl", ["row 3", "'freezer'", "not one of the choices"]),
-    ("cos_e", "cos_e_no_test", "", ["no test.jsonl"]),
-    ("scienceqa", "scienceqa_not_json", "train.jsonl", ["row 2", "not valid JSON"]),
-    ("scienceqa", "scienceqa_answer_out_of_range", "train.jsonl", ["row 3", "IndexError"]),
-    ("gpqa", "gpqa_missing_field", "test.jsonl", ["row 2", "missing field", "Incorrect Answer 3"]),
-    ("mbpp", "mbpp_missing_tests", "train.jsonl", ["row 2", "missing field", "test_list"]),
-    ("toolalpaca", "toolalpaca_missing_doc", "train.json", ["row 2", "missing field", "NLDocumentation"]),
-    ("toolalpaca", "toolalpaca_not_json", "train.json", ["not valid JSON"]),
-    ("toolalpaca", "toolalpaca_gold_mismatch", "train.json", ["row 1", "ValueError"]),
-])
+
+@pytest.mark.parametrize(
+    "name, case, file, words",
+    [
+        ("cos_e", "cos_e_answer_not_in_choices", "train.jsonl", ["row 3", "'freezer'", "not one of the choices"]),
+        ("cos_e", "cos_e_no_test", "", ["no test.jsonl"]),
+        ("scienceqa", "scienceqa_not_json", "train.jsonl", ["row 2", "not valid JSON"]),
+        ("scienceqa", "scienceqa_answer_out_of_range", "train.jsonl", ["row 3", "IndexError"]),
+        ("gpqa", "gpqa_missing_field", "test.jsonl", ["row 2", "missing field", "Incorrect Answer 3"]),
+        ("mbpp", "mbpp_missing_tests", "train.jsonl", ["row 2", "missing field", "test_list"]),
+        ("toolalpaca", "toolalpaca_missing_doc", "train.json", ["row 2", "missing field", "NLDocumentation"]),
+        ("toolalpaca", "toolalpaca_not_json", "train.json", ["not valid JSON"]),
+        ("toolalpaca", "toolalpaca_gold_mismatch", "train.json", ["row 1", "ValueError"]),
+    ],
+)
 def test_malformed_rows_name_file_and_row(name, case, file, words):
     with pytest.raises(DataError) as err:
         load(name, folder=BAD / case)

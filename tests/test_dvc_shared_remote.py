@@ -18,8 +18,14 @@ import pytest
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-       "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+ENV = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+    "DVC_NO_ANALYTICS": "1",
+}
 
 
 def run(cwd: Path, *args: str) -> str:
@@ -62,8 +68,10 @@ def test_two_workers_push_to_one_remote_folder_and_a_third_pulls_both(tmp_path):
             (clone / f"w{w}" / "out" / rel).write_bytes(data)
         run(clone, *dvc(clone, "add", "-q", f"w{w}/out"))
         workers.append(clone)
-    pushes = [subprocess.Popen(dvc(c, "push"), cwd=c, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-              for c in workers]  # at the same time, with one object in common
+    pushes = [
+        subprocess.Popen(dvc(c, "push"), cwd=c, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for c in workers
+    ]  # at the same time, with one object in common
     for p in pushes:
         out = p.communicate(timeout=180)[0].decode()
         assert p.returncode == 0, out
@@ -84,7 +92,10 @@ def test_two_workers_push_to_one_remote_folder_and_a_third_pulls_both(tmp_path):
     run(third, *dvc(third, "remote", "modify", "--local", "shared", "url", str(remote)))
     run(third, *dvc(third, "pull"))
     for w in range(2):
-        got = {p.relative_to(third / f"w{w}" / "out").as_posix(): p.read_bytes()
-               for p in (third / f"w{w}" / "out").rglob("*") if p.is_file()}
+        got = {
+            p.relative_to(third / f"w{w}" / "out").as_posix(): p.read_bytes()
+            for p in (third / f"w{w}" / "out").rglob("*")
+            if p.is_file()
+        }
         assert got == files_of(w)
     assert "up to date" in run(third, *dvc(third, "status"))

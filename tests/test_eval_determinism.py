@@ -53,8 +53,13 @@ def data_dir(tmp_path_factory):
 
 def evaluate(tmp_path, model_dir, data_dir, limit: int, batch_size: int, threads: int) -> dict[str, dict]:
     params = tiny_params(model_dir)
-    params["eval"].update(split="validation", limit=limit, batch_size=batch_size, score_tokens=4096,
-                          max_new_tokens={"mcq": 12, "code": 12, "tool": 12})
+    params["eval"].update(
+        split="validation",
+        limit=limit,
+        batch_size=batch_size,
+        score_tokens=4096,
+        max_new_tokens={"mcq": 12, "code": 12, "tool": 12},
+    )
     cfg = build_config(params, root=tmp_path)
     out = tmp_path / f"eval-{limit}-{batch_size}-{threads}"
     before = torch.get_num_threads()

@@ -7,16 +7,33 @@ from unisd.evaluate import Item, overall_metrics, summarize
 
 
 def item(n_choices: int, gold: str, parsed: str | None, finished: bool, **choice_fields) -> Item:
-    ex = Example(id=f"q{gold}{parsed}", benchmark="sciq", task="mcq", question="q?",
-                 choices=[f"option {i}" for i in range(n_choices)], answer=gold)
-    record = {"gold": gold, "parsed": parsed, "correct": parsed == gold, "finished": finished,
-              "completion_tokens": 10, **choice_fields}
+    ex = Example(
+        id=f"q{gold}{parsed}",
+        benchmark="sciq",
+        task="mcq",
+        question="q?",
+        choices=[f"option {i}" for i in range(n_choices)],
+        answer=gold,
+    )
+    record = {
+        "gold": gold,
+        "parsed": parsed,
+        "correct": parsed == gold,
+        "finished": finished,
+        "completion_tokens": 10,
+        **choice_fields,
+    }
     return Item(ex, [1, 2, 3], record)
 
 
 def choice(rot: float, gold_prob: float, circular: bool, ll: float, ll_norm: float) -> dict:
-    return {"rot_correct": rot, "rot_gold_prob": gold_prob, "circular_correct": circular, "ll_correct": ll,
-            "ll_norm_correct": ll_norm}
+    return {
+        "rot_correct": rot,
+        "rot_gold_prob": gold_prob,
+        "circular_correct": circular,
+        "ll_correct": ll,
+        "ll_norm_correct": ll_norm,
+    }
 
 
 ITEMS = [
@@ -52,16 +69,26 @@ TASKS = {"sciq": "mcq", "arc_challenge": "mcq", "mbpp": "code", "humaneval": "co
 
 
 def test_overall_metrics_group_means_and_headline():
-    benchmarks = {"sciq": {"score": 20.0, "rot_acc": 50.0}, "arc_challenge": {"score": 40.0, "rot_acc": 30.0},
-                  "mbpp": {"score": 10.0}, "humaneval": {"score": 0.0}}
+    benchmarks = {
+        "sciq": {"score": 20.0, "rot_acc": 50.0},
+        "arc_challenge": {"score": 40.0, "rot_acc": 30.0},
+        "mbpp": {"score": 10.0},
+        "humaneval": {"score": 0.0},
+    }
     assert overall_metrics(benchmarks, TASKS, "sciq") == {
-        "overall": pytest.approx(17.5), "mcq_overall": pytest.approx(30.0), "mcq_rot_overall": pytest.approx(40.0),
-        "code_overall": pytest.approx(5.0), "headline": {"benchmark": "sciq", "metric": "rot_acc", "value": 50.0}}
+        "overall": pytest.approx(17.5),
+        "mcq_overall": pytest.approx(30.0),
+        "mcq_rot_overall": pytest.approx(40.0),
+        "code_overall": pytest.approx(5.0),
+        "headline": {"benchmark": "sciq", "metric": "rot_acc", "value": 50.0},
+    }
 
 
 def test_overall_metrics_leave_out_groups_without_numbers():
     code_only = {"mbpp": {"score": 10.0}, "humaneval": {"score": 0.0}}
-    assert overall_metrics(code_only, TASKS, "sciq") == {"overall": pytest.approx(5.0),
-                                                         "code_overall": pytest.approx(5.0)}
+    assert overall_metrics(code_only, TASKS, "sciq") == {
+        "overall": pytest.approx(5.0),
+        "code_overall": pytest.approx(5.0),
+    }
     no_rot = {"sciq": {"score": 20.0}}  # eval.choice_scores off: no rot_acc, no headline
     assert overall_metrics(no_rot, TASKS, "sciq") == {"overall": 20.0, "mcq_overall": 20.0}

@@ -112,6 +112,7 @@ def test_decode_steps_allocate_nothing_that_stays(chaotic):
     from transformers import DynamicCache
 
     from unisd.logprobs import pad_left
+
     cache, (ids_, mask) = DynamicCache(), pad_left(prompts[:4], tok.pad_token_id, "cpu")
     model(input_ids=ids_, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache)
     ref.add(cache, mask, [0, 1, 2, 3], (torch.zeros(4, dtype=torch.long), torch.zeros(4)))
@@ -139,8 +140,7 @@ def test_one_cache_per_call_whatever_the_refills(chaotic, monkeypatch):
 def test_unsupported_models_fall_back_to_hf(chaotic, monkeypatch, caplog):
     model, tok, prompts = chaotic
     assert fd.unsupported(model) is None
-    monkeypatch.setattr(model.config, "rope_parameters", {"rope_type": "dynamic", "rope_theta": 10000.0,
-                                                          "factor": 2.0})
+    monkeypatch.setattr(model.config, "rope_parameters", {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     assert "dynamic" in fd.unsupported(model)
     with caplog.at_level(logging.INFO, "unisd.fast_decode"):
         fast = generate(model, tok, prompts[:5], Sampling(8), 2, backend="fast")
@@ -164,9 +164,15 @@ def test_real_model_prompts(real_model_dir):
     tok = load_tokenizer(real_model_dir)
     model = load_model(real_model_dir, device="cpu")
     builder = PromptBuilder.for_tokenizer(tok, max_prompt_tokens=1024)
-    prompts = [builder.encode(q) for q in ["Which gas do plants absorb from the air?", "What is the capital of France?",
-                                           "Write a Python function that returns the square of a number.",
-                                           "Name a primary colour."]]
+    prompts = [
+        builder.encode(q)
+        for q in [
+            "Which gas do plants absorb from the air?",
+            "What is the capital of France?",
+            "Write a Python function that returns the square of a number.",
+            "Name a primary colour.",
+        ]
+    ]
     fast = generate(model, tok, prompts, Sampling(24), 3, builder.stop_strings, backend="fast")
     hf = generate(model, tok, prompts, Sampling(24), 3, builder.stop_strings, continuous=True)
     assert [(c.ids, c.text, c.finished) for c in fast] == [(c.ids, c.text, c.finished) for c in hf]
@@ -180,8 +186,9 @@ def test_logprobs_of_sampled_tokens_are_the_models_at_temperature_one(chaotic, b
     """Each completion's log-probs equal log softmax of one fp32 forward over prompt +
     completion, gathered at the sampled tokens — whatever T and top-p drew them."""
     model, tok, prompts = chaotic
-    outs = generate(model, tok, prompts[:6], Sampling(15, True, 0.7, 0.9, seed=1), 3, continuous=continuous,
-                    backend=backend)
+    outs = generate(
+        model, tok, prompts[:6], Sampling(15, True, 0.7, 0.9, seed=1), 3, continuous=continuous, backend=backend
+    )
     for prompt, c in zip(prompts, outs):
         seq = torch.tensor([prompt + c.ids])
         with torch.no_grad():

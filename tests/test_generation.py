@@ -74,7 +74,6 @@ def test_sampled_generation_is_deterministic_for_a_seed(lm):
 def test_backends_by_name():
     from unisd.fast_decode import fast_generate
     from unisd.generation import get_backend, hf_generate
-
     from unisd.vllm_backend import vllm_generate
 
     assert get_backend("hf") is hf_generate and get_backend("fast") is fast_generate

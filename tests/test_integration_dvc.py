@@ -13,13 +13,21 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
-
 from project import copy_project, tiny_params
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-STAGES = ("model", "prepare", "evaluate-base", "contexts", "negatives", "generate-r1", "filter-r1", "train-r1",
-          "evaluate-unisd-full")
+STAGES = (
+    "model",
+    "prepare",
+    "evaluate-base",
+    "contexts",
+    "negatives",
+    "generate-r1",
+    "filter-r1",
+    "train-r1",
+    "evaluate-unisd-full",
+)
 
 
 def dvc(project: Path, *args: str) -> str:
@@ -47,8 +55,13 @@ def changed_by(project: Path, path: str, edit) -> set[str]:
 
 
 def git(project: Path, *args: str) -> None:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     subprocess.run(["git", *args], cwd=project, check=True, env=env, capture_output=True)
 
 
@@ -66,11 +79,16 @@ def test_dvc_repro_matches_the_prefect_flow(tmp_path, tiny_model_dir, monkeypatc
 
     # a param, or the code of some stages, marks exactly the stages that read it
     assert changed_by(project, "params.yaml", lambda t: t.replace("limit: 2", "limit: 1")) == {
-        "evaluate_base", "evaluate"}
+        "evaluate_base",
+        "evaluate",
+    }
     assert changed_by(project, "unisd/stages/model.py", lambda t: t + "# an edit\n") == {"model"}
     assert changed_by(project, "unisd/teachers.py", lambda t: t + "# an edit\n") == {"distill"}
     assert changed_by(project, "unisd/losses.py", lambda t: t + "# an edit\n") == {
-        "evaluate_base", "distill", "evaluate"}  # not the model conversion
+        "evaluate_base",
+        "distill",
+        "evaluate",
+    }  # not the model conversion
 
     # a second clone pulls every output from the remote, and has nothing to run
     remote = tmp_path / "dvc-remote"  # in place of the default, ~/.cache/unisd/dvc-remote
@@ -85,7 +103,8 @@ def test_dvc_repro_matches_the_prefect_flow(tmp_path, tiny_model_dir, monkeypatc
     assert changed_stages(clone) == set()
     assert not (clone / "mlflow.db").exists()  # no stage ran there
     assert (clone / "artifacts" / "eval" / "base" / "metrics.json").read_bytes() == (
-        project / "artifacts" / "eval" / "base" / "metrics.json").read_bytes()
+        project / "artifacts" / "eval" / "base" / "metrics.json"
+    ).read_bytes()
 
     # the Prefect flow on the same params writes the same bytes: DVC has nothing to redo
     run = subprocess.run([str(BIN / "unisd"), "run"], cwd=project, capture_output=True, text=True)
@@ -105,8 +124,9 @@ def test_dvc_repro_matches_the_prefect_flow(tmp_path, tiny_model_dir, monkeypatc
     runs = client.search_runs([client.get_experiment_by_name("unisd").experiment_id])
     dvc_stages = {r.data.tags.get("dvc.stage") for r in runs if r.data.tags.get("unisd.launcher") == "dvc"}
     assert {"model", "prepare", "evaluate_base"} <= dvc_stages
-    evaluate = next(r for r in runs if r.data.tags.get("dvc.stage") == "evaluate_base"
-                    and "mlflow.parentRunId" in r.data.tags)
+    evaluate = next(
+        r for r in runs if r.data.tags.get("dvc.stage") == "evaluate_base" and "mlflow.parentRunId" in r.data.tags
+    )
     assert evaluate.data.tags["dvc.prepare.artifacts/data"].endswith(".dir")
 
     # a param change through `dvc exp run -S` re-runs only what depends on it

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from project import REPO, copy_project
 
 pytestmark = pytest.mark.integration

@@ -11,14 +11,23 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from project import copy_project, tiny_params
 
 from unisd.orchestration.serve import local_prefect_server
-from project import copy_project, tiny_params
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-STAGES = {"model", "prepare", "evaluate-base", "contexts", "negatives", "generate-r1", "filter-r1", "train-r1",
-          "evaluate-unisd-full"}
+STAGES = {
+    "model",
+    "prepare",
+    "evaluate-base",
+    "contexts",
+    "negatives",
+    "generate-r1",
+    "filter-r1",
+    "train-r1",
+    "evaluate-unisd-full",
+}
 
 
 def free_port() -> int:
@@ -52,15 +61,32 @@ def test_served_deployment_runs_and_caches(tmp_path, tiny_model_dir, monkeypatch
     port = free_port()
     with local_prefect_server(port) as api:
         env = {**os.environ, "PREFECT_API_URL": api}
-        server = subprocess.Popen([str(BIN / "unisd"), "serve", "--params", str(project / "params.yaml")],
-                                  cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [str(BIN / "unisd"), "serve", "--params", str(project / "params.yaml")],
+            cwd=project,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         try:
             for _attempt in range(2):
                 deadline = time.monotonic() + 60
                 while True:  # the deployment appears once `serve` has registered it
-                    run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "pipeline/unisd-full",
-                                          "--watch", "--watch-timeout", "300"], cwd=project, env=env,
-                                         capture_output=True, text=True)
+                    run = subprocess.run(
+                        [
+                            str(BIN / "prefect"),
+                            "deployment",
+                            "run",
+                            "pipeline/unisd-full",
+                            "--watch",
+                            "--watch-timeout",
+                            "300",
+                        ],
+                        cwd=project,
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                    )
                     if run.returncode == 0 or time.monotonic() > deadline or "not found" not in run.stdout + run.stderr:
                         break
                     time.sleep(2)
@@ -97,9 +123,15 @@ def test_served_deployment_runs_and_caches(tmp_path, tiny_model_dir, monkeypatch
     assert artifacts == {"predictions/sciq.jsonl", "predictions/mbpp.jsonl"}
     # training curves, the trained model as a LoggedModel, trajectories as a dataset input
     train = ran["train-r1"]
-    assert {"train/loss", "train/divergence", "train/feature", "train/contrastive", "train/lr"} <= set(train.data.metrics)
-    assert [m.name for m in client.search_logged_models([train.info.experiment_id],
-                                                        filter_string=f"source_run_id = '{train.info.run_id}'")]
+    assert {"train/loss", "train/divergence", "train/feature", "train/contrastive", "train/lr"} <= set(
+        train.data.metrics
+    )
+    assert [
+        m.name
+        for m in client.search_logged_models(
+            [train.info.experiment_id], filter_string=f"source_run_id = '{train.info.run_id}'"
+        )
+    ]
     assert {d.dataset.name for d in ran["generate-r1"].inputs.dataset_inputs} == {"sciq/train", "mbpp/train"}
     assert {d.dataset.name for d in ran["filter-r1"].inputs.dataset_inputs} == {"trajectories/round-1"}
     # the recipe's model is registered once: the second, cached run trained nothing
@@ -119,12 +151,21 @@ def test_a_stopped_run_stops_its_temporary_prefect_server(tmp_path, tiny_model_d
     process); SIGTERM or Ctrl-C mid-flow must end the run with a message and stop it."""
     project = copy_project(tmp_path / "project", tiny_params(tiny_model_dir))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONUNBUFFERED="1",
-               PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "prefect-results"))
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PYTHONUNBUFFERED="1",
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "prefect-results"),
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
-    run = subprocess.Popen([str(BIN / "unisd"), "run"], cwd=project, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True,
-                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell would
+    run = subprocess.Popen(
+        [str(BIN / "unisd"), "run"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # as a shell would
     try:
         deadline, log = time.monotonic() + 240, []
         while time.monotonic() < deadline and run.poll() is None:
@@ -142,4 +183,6 @@ def test_a_stopped_run_stops_its_temporary_prefect_server(tmp_path, tiny_model_d
     assert run.returncode == code, "".join(log) + rest
     assert f"unisd: {word}" in rest
     time.sleep(2)
-    assert not [pid for pid in servers if Path(f"/proc/{pid}").exists()], "the temporary Prefect server outlived the run"
+    assert not [pid for pid in servers if Path(f"/proc/{pid}").exists()], (
+        "the temporary Prefect server outlived the run"
+    )

@@ -57,13 +57,16 @@ def test_a_same_size_edit_is_found(tmp_path):
     assert check_output(out) == "gpqa/test.jsonl: content changed since the stage wrote it"
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda out: (out / "extra.txt").write_text("x"), "extra.txt: not in the manifest"),
-    (lambda out: (out / "splits.json").unlink(), "splits.json: missing"),
-    (lambda out: (out / "manifest.json").unlink(), "no readable manifest.json"),
-    (lambda out: (out / "manifest.json").write_text("{"), "no readable manifest.json"),
-    (lambda out: (out / "manifest.json").write_text('{"files": 3}'), "manifest.json is malformed"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda out: (out / "extra.txt").write_text("x"), "extra.txt: not in the manifest"),
+        (lambda out: (out / "splits.json").unlink(), "splits.json: missing"),
+        (lambda out: (out / "manifest.json").unlink(), "no readable manifest.json"),
+        (lambda out: (out / "manifest.json").write_text("{"), "no readable manifest.json"),
+        (lambda out: (out / "manifest.json").write_text('{"files": 3}'), "manifest.json is malformed"),
+    ],
+)
 def test_added_missing_or_unreadable_files_are_found(tmp_path, change, words):
     out = stage_output(tmp_path, FILES)
     change(out)
@@ -120,8 +123,11 @@ def local_model(root: Path) -> Path:
 
 def project(root: Path, model: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    params = {"model": {"name": str(model)}, "eval": {"split": "test"},
-              "data": {"suite": "paper", "benchmarks": ["gpqa"], "sources": {"gpqa": str(FIXTURES / "gpqa")}}}
+    params = {
+        "model": {"name": str(model)},
+        "eval": {"split": "test"},
+        "data": {"suite": "paper", "benchmarks": ["gpqa"], "sources": {"gpqa": str(FIXTURES / "gpqa")}},
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root / "params.yaml"
 

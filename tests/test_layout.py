@@ -42,8 +42,9 @@ def test_every_module_and_subpackage_is_in_the_module_map():
     packages = {f"unisd/{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert sorted((modules | packages) - listed) == []
     # a folder whose files the map lists one by one lists all of them
-    for folder in {p.rsplit("/", 1)[0] + "/" for p in listed if p.startswith("unisd/") and p.count("/") > 1
-                   and not p.endswith("/")}:
+    for folder in {
+        p.rsplit("/", 1)[0] + "/" for p in listed if p.startswith("unisd/") and p.count("/") > 1 and not p.endswith("/")
+    }:
         files = {f"{folder}{p.name}" for p in (REPO / folder).glob("*.py") if p.name != "__init__.py"}
         assert sorted(files - listed) == [], folder
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from tiny import build_tiny_model
+
 from unisd.logprobs import completion_logprobs, length_batches, next_token_logprobs, perplexity, retention
 from unisd.modeling import inference_autocast, load_model, load_tokenizer
 
@@ -63,8 +63,7 @@ def test_retention_gives_base_logprobs_and_jsd(models):
     model, base, pad = models
     for (prompt, completion), (lp, jsd) in zip(PAIRS, retention(model, base, PAIRS, pad, batch_size=3)):
         lp_base, lp_model = reference(base, prompt, completion), reference(model, prompt, completion)
-        assert torch.allclose(lp.double(), lp_base.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1),
-                              atol=1e-5)
+        assert torch.allclose(lp.double(), lp_base.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1), atol=1e-5)
         p, q = lp_model.exp(), lp_base.exp()
         m = (p + q) / 2
         expected = (0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)).mean()
@@ -75,7 +74,7 @@ def test_retention_gives_base_logprobs_and_jsd(models):
 
 
 def test_perplexity_is_exp_of_mean_nll():
-    assert perplexity(torch.tensor([math.log(0.5), math.log(0.25)])) == pytest.approx(2 ** 1.5)
+    assert perplexity(torch.tensor([math.log(0.5), math.log(0.25)])) == pytest.approx(2**1.5)
     assert math.isnan(perplexity(torch.tensor([])))
 
 

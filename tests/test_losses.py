@@ -9,8 +9,7 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 
 from unisd.chunked import chunked_divergence
-from unisd.losses import (clip_divergence, contrastive_loss, feature_matching_loss, token_divergence,
-                          weighted_token_loss)
+from unisd.losses import clip_divergence, contrastive_loss, feature_matching_loss, token_divergence, weighted_token_loss
 
 KINDS = ["forward_kl", "reverse_kl", "jsd"]
 
@@ -67,8 +66,9 @@ def test_hand_worked_two_token_vocabulary():
 def test_temperature_scales_both_sides():
     s, t = logits(4, 9, seed=5), logits(4, 9, seed=6)
     for kind in KINDS:
-        torch.testing.assert_close(token_divergence(s, t, kind, temperature=2.0),
-                                   token_divergence(s / 2, t / 2, kind, temperature=1.0))
+        torch.testing.assert_close(
+            token_divergence(s, t, kind, temperature=2.0), token_divergence(s / 2, t / 2, kind, temperature=1.0)
+        )
     assert not torch.allclose(token_divergence(s, t, temperature=2.0), token_divergence(s / 2, t))
 
 
@@ -77,10 +77,12 @@ def test_jsd_limits_are_the_two_kls():
     # O(α) error; symmetrically at α → 1. Moderate logits keep that χ² term small.
     s, t = logits(3, 4, 13, scale=1.0, seed=7), logits(3, 4, 13, scale=1.0, seed=8)
     eps = 1e-4
-    torch.testing.assert_close(token_divergence(s, t, "jsd", alpha=eps) / eps,
-                               token_divergence(s, t, "forward_kl"), rtol=5e-3, atol=1e-6)
-    torch.testing.assert_close(token_divergence(s, t, "jsd", alpha=1 - eps) / eps,
-                               token_divergence(s, t, "reverse_kl"), rtol=5e-3, atol=1e-6)
+    torch.testing.assert_close(
+        token_divergence(s, t, "jsd", alpha=eps) / eps, token_divergence(s, t, "forward_kl"), rtol=5e-3, atol=1e-6
+    )
+    torch.testing.assert_close(
+        token_divergence(s, t, "jsd", alpha=1 - eps) / eps, token_divergence(s, t, "reverse_kl"), rtol=5e-3, atol=1e-6
+    )
 
 
 def test_forward_kl_gradient_is_the_closed_form():
@@ -145,8 +147,17 @@ def test_chunked_equals_unchunked_values_and_gradients(kind, chunk_size, frozen_
     full = token_divergence(student(h_s), teacher(h_t), kind, alpha=0.3, temperature=temperature)
     lp_s = torch.log_softmax(student(h_s) / temperature, -1).gather(-1, targets[..., None])[..., 0]
     lp_t = torch.log_softmax(teacher(h_t) / temperature, -1).gather(-1, targets[..., None])[..., 0]
-    out = chunked_divergence(h_s, student, h_t, teacher, kind=kind, alpha=0.3, temperature=temperature,
-                             targets=targets, chunk_size=chunk_size)
+    out = chunked_divergence(
+        h_s,
+        student,
+        h_t,
+        teacher,
+        kind=kind,
+        alpha=0.3,
+        temperature=temperature,
+        targets=targets,
+        chunk_size=chunk_size,
+    )
     torch.testing.assert_close(out.divergence, full, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.student_logprobs, lp_s, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.teacher_logprobs, lp_t, atol=1e-5, rtol=0)
@@ -322,8 +333,11 @@ def test_contrastive_matches_loops():
     margin = 0.5
     per_seq = []
     for b in range(3):
-        terms = [max(0.0, margin + abs(lp_s[b, t] - lp_pos[b, t]).item() - abs(lp_s[b, t] - lp_neg[b, t]).item())
-                 for t in range(6) if mask[b, t]]
+        terms = [
+            max(0.0, margin + abs(lp_s[b, t] - lp_pos[b, t]).item() - abs(lp_s[b, t] - lp_neg[b, t]).item())
+            for t in range(6)
+            if mask[b, t]
+        ]
         if terms:
             per_seq.append(sum(terms) / len(terms))
     got = contrastive_loss(lp_s, lp_pos, lp_neg, mask, margin)

@@ -8,7 +8,6 @@ Oracles: answers from the train stage's merged model decoded with plain
 `transformers` greedy generation; digests with hashlib."""
 
 import hashlib
-from pathlib import Path
 
 import pytest
 from mlflow_db import empty_mlflow_db
@@ -20,8 +19,10 @@ from unisd.stages import Layout, StageContext
 from unisd.tracking import Tracker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-PROMPTS = ["Question: Which gas do plants absorb? Options: A. oxygen B. carbon dioxide",
-           "Write a function that adds two numbers."]
+PROMPTS = [
+    "Question: Which gas do plants absorb? Options: A. oxygen B. carbon dioxide",
+    "Write a function that adds two numbers.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +55,14 @@ def test_the_registered_model_loads_with_one_call_and_answers_like_the_trained_w
     merged = Layout(cfg).round(1, "train") / "model"
     tok, model = AutoTokenizer.from_pretrained(merged), AutoModelForCausalLM.from_pretrained(merged).eval()
     for prompt, answer in zip(PROMPTS, answers):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=cfg.eval.max_new_tokens.mcq, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        assert answer == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                ids, max_new_tokens=cfg.eval.max_new_tokens.mcq, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+        assert answer == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_the_evaluation_is_linked_to_the_model_it_evaluated(tracked_run):
@@ -78,8 +81,10 @@ def test_stages_log_the_files_they_read_as_mlflow_datasets(tracked_run):
     layout = Layout(cfg)
     expected = {
         "evaluate-base": {"sciq/test": layout.data / "sciq" / "test.jsonl"},
-        "generate-r1": {"sciq/train": layout.data / "sciq" / "train.jsonl",
-                        "mbpp/train": layout.data / "mbpp" / "train.jsonl"},
+        "generate-r1": {
+            "sciq/train": layout.data / "sciq" / "train.jsonl",
+            "mbpp/train": layout.data / "mbpp" / "train.jsonl",
+        },
         "filter-r1": {"trajectories/round-1": layout.round(1, "generate") / "trajectories.jsonl"},
         "train-r1": {"filtered/round-1": layout.round(1, "filter") / "filtered.jsonl"},
     }

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from unisd.data.schema import Example
 from unisd.code_mutants import BUG_TYPES, code_mutants
+from unisd.data.schema import Example
 from unisd.negatives import Negative, clean_self_generated, negative_request, programmatic_negatives, verify_negatives
 from unisd.prompts import gold_response
 from unisd.sandbox import Limits, run_many
@@ -15,13 +15,25 @@ from unisd.scoring import code_program, parse_mcq, tool_scores
 
 FAST = Limits(timeout_s=3, memory_mb=256)
 
-MCQ_PLAIN = Example(id="q1", benchmark="t", task="mcq", question="Which gas do plants give off?",
-                    choices=["nitrogen", "oxygen", "helium", "argon"], answer="B")
-MCQ_RATIONALE = Example(id="q2", benchmark="t", task="mcq", question="Which gas do plants give off?",
-                        choices=["carbon dioxide", "oxygen", "helium"], answer="B",
-                        rationale="Photosynthesis releases Oxygen as a by-product.")
+MCQ_PLAIN = Example(
+    id="q1",
+    benchmark="t",
+    task="mcq",
+    question="Which gas do plants give off?",
+    choices=["nitrogen", "oxygen", "helium", "argon"],
+    answer="B",
+)
+MCQ_RATIONALE = Example(
+    id="q2",
+    benchmark="t",
+    task="mcq",
+    question="Which gas do plants give off?",
+    choices=["carbon dioxide", "oxygen", "helium"],
+    answer="B",
+    rationale="Photosynthesis releases Oxygen as a by-product.",
+)
 
-COUNT_EVEN = '''def count_even(nums):
+COUNT_EVEN = """def count_even(nums):
     # an empty list has no even numbers
     if not nums:
         return 0
@@ -30,10 +42,19 @@ COUNT_EVEN = '''def count_even(nums):
         if n % 2 == 0:
             count += 1
     return count
-'''
-MBPP = Example(id="mbpp-1", benchmark="mbpp", task="code", question="Count the even numbers in a list.",
-               answer=COUNT_EVEN, tests=["assert count_even([1, 2, 4]) == 2", "assert count_even([]) == 0",
-                                         "assert count_even([3, 5, 6, 8, 10]) == 3"])
+"""
+MBPP = Example(
+    id="mbpp-1",
+    benchmark="mbpp",
+    task="code",
+    question="Count the even numbers in a list.",
+    answer=COUNT_EVEN,
+    tests=[
+        "assert count_even([1, 2, 4]) == 2",
+        "assert count_even([]) == 0",
+        "assert count_even([3, 5, 6, 8, 10]) == 3",
+    ],
+)
 # Dropping the guard is an equivalent mutant: the loop already gives 0 for an empty list.
 EQUIVALENT = COUNT_EVEN.replace("    if not nums:\n        return 0\n", "")
 
@@ -44,24 +65,39 @@ HE_PROMPT = '''def _bump(x):
 def add_above(xs: list, k: int = 1) -> int:
     """Sum of the elements greater than k."""
 '''
-HUMANEVAL = Example(id="HumanEval-0", benchmark="humaneval", task="code", question=HE_PROMPT, code_prompt=HE_PROMPT,
-                    answer=HE_PROMPT + "    total = 0\n    for x in xs:\n        if x > k:\n"
-                                       "            total += x\n    return total\n",
-                    entry_point="add_above",
-                    tests=["def check(candidate):\n    assert candidate([1, 2, 3], 1) == 5\n"
-                           "    assert candidate([5], 5) == 0\n    assert candidate([-1, 0], -1) == 0\n"
-                           "    assert candidate([2, 2]) == 4\n"])
+HUMANEVAL = Example(
+    id="HumanEval-0",
+    benchmark="humaneval",
+    task="code",
+    question=HE_PROMPT,
+    code_prompt=HE_PROMPT,
+    answer=HE_PROMPT + "    total = 0\n    for x in xs:\n        if x > k:\n            total += x\n    return total\n",
+    entry_point="add_above",
+    tests=[
+        "def check(candidate):\n    assert candidate([1, 2, 3], 1) == 5\n"
+        "    assert candidate([5], 5) == 0\n    assert candidate([-1, 0], -1) == 0\n"
+        "    assert candidate([2, 2]) == 4\n"
+    ],
+)
 
-TOOLS = ("WeatherAPI: Weather data.\n"
-         "getCurrent: Current weather of a city.\n"
-         'Parameters: {"city": "Required. string.", "units": "string."}\n'
-         "Output: The weather.\n - Format: application/json\n"
-         "getForecast: Forecast for a city.\n"
-         'Parameters: {"city": "Required. string.", "days": "integer."}\n'
-         "Output: The forecast.\n")
-TOOL = Example(id="tool-1", benchmark="toolalpaca", task="tool", question="What's the weather in New York now?",
-               tools=TOOLS, answer="getCurrent", action_input=json.dumps({"city": "New York", "units": "metric"},
-                                                                          sort_keys=True))
+TOOLS = (
+    "WeatherAPI: Weather data.\n"
+    "getCurrent: Current weather of a city.\n"
+    'Parameters: {"city": "Required. string.", "units": "string."}\n'
+    "Output: The weather.\n - Format: application/json\n"
+    "getForecast: Forecast for a city.\n"
+    'Parameters: {"city": "Required. string.", "days": "integer."}\n'
+    "Output: The forecast.\n"
+)
+TOOL = Example(
+    id="tool-1",
+    benchmark="toolalpaca",
+    task="tool",
+    question="What's the weather in New York now?",
+    tools=TOOLS,
+    answer="getCurrent",
+    action_input=json.dumps({"city": "New York", "units": "metric"}, sort_keys=True),
+)
 
 
 def norm(code: str) -> str:
@@ -73,6 +109,7 @@ def passes(ex: Example, texts: list[str]) -> list[bool]:
 
 
 # ------------------------------------------------------------------------------- MCQ
+
 
 def test_mcq_negatives_cover_the_wrong_letters_round_robin_in_the_gold_format():
     negs = programmatic_negatives([MCQ_PLAIN, MCQ_RATIONALE], per_example=5, seed=3)
@@ -102,14 +139,16 @@ def test_mcq_requests_and_self_generated_cleaning():
     assert "option D (argon)" in negative_request(MCQ_PLAIN, 2) and "'Answer: A'" in negative_request(MCQ_PLAIN, 3)
     reply = "**Reasoning:** Nitrogen makes up most\nof the air plants breathe out.\n\n**Answer:** A"
     neg = clean_self_generated(MCQ_PLAIN, 0, reply)
-    assert neg == Negative("Reasoning: Nitrogen makes up most of the air plants breathe out.\nAnswer: A",
-                           "wrong_option:A", True, "self")
+    assert neg == Negative(
+        "Reasoning: Nitrogen makes up most of the air plants breathe out.\nAnswer: A", "wrong_option:A", True, "self"
+    )
     assert clean_self_generated(MCQ_PLAIN, 0, "Reasoning: Plants release oxygen.\nAnswer: B") is None  # gold
     assert clean_self_generated(MCQ_PLAIN, 1, reply) is None  # asked for C, argued for A
     assert clean_self_generated(MCQ_PLAIN, 0, "Answer: A") is None  # no argument at all
 
 
 # ------------------------------------------------------------------------------- code mutations
+
 
 def mutants(src: str, kind: str) -> set[str]:
     return {norm(m) for m in code_mutants(src, kind)}
@@ -127,9 +166,10 @@ def test_off_by_one_moves_range_bounds_indices_and_compared_constants():
 
 def test_wrong_operator_swaps_one_operator():
     src = "def f(a, b):\n    if a < b and a != 0:\n        return a + b\n    return a * b\n"
-    assert mutants(src, "wrong_operator") == {norm(src.replace(old, new, 1)) for old, new in
-                                              [("<", "<="), ("!=", "=="), (" and ", " or "),
-                                               ("a + b", "a - b"), ("a * b", "a // b")]}
+    assert mutants(src, "wrong_operator") == {
+        norm(src.replace(old, new, 1))
+        for old, new in [("<", "<="), ("!=", "=="), (" and ", " or "), ("a + b", "a - b"), ("a * b", "a // b")]
+    }
     assert code_mutants("def g(s):\n    return s + '!'\n", "wrong_operator") == []  # would only crash
 
 
@@ -147,10 +187,14 @@ def test_missing_edge_case_drops_guards_or_inverts_conditions():
 
 def test_wrong_return_negates_booleans_or_returns_the_argument_or_none():
     src = "def f(n, m):\n    if n < 0:\n        return False\n    return n % m == 0\n"
-    assert mutants(src, "wrong_return") == {norm(src.replace("return False", "return True")),
-                                            norm(src.replace("return n % m == 0", "return not n % m == 0"))}
+    assert mutants(src, "wrong_return") == {
+        norm(src.replace("return False", "return True")),
+        norm(src.replace("return n % m == 0", "return not n % m == 0")),
+    }
     assert mutants("def g(x, y):\n    return x + y\n", "wrong_return") == {
-        norm("def g(x, y):\n    return x\n"), norm("def g(x, y):\n    return None\n")}
+        norm("def g(x, y):\n    return x\n"),
+        norm("def g(x, y):\n    return None\n"),
+    }
 
 
 def test_mutants_keep_the_reference_text_outside_the_bug():
@@ -167,6 +211,7 @@ def test_humaneval_mutates_only_the_entry_point_body():
 
 
 # ------------------------------------------------------------------------------- verified code negatives
+
 
 def test_code_negatives_fail_a_test_the_reference_passes_and_equivalent_mutants_are_dropped():
     negs = programmatic_negatives([MBPP, HUMANEVAL], per_example=20, seed=0, limits=FAST)
@@ -195,11 +240,17 @@ def test_a_reference_that_fails_its_own_tests_gets_no_negatives():
 
 # ------------------------------------------------------------------------------- tool use
 
+
 def test_tool_negatives_use_another_function_or_wrong_arguments():
     negs = programmatic_negatives([TOOL], per_example=10, seed=1)["tool-1"]
     kinds = {n.kind for n in negs}
-    assert kinds == {"wrong_action:getForecast", "dropped_argument:city", "dropped_argument:units",
-                     "altered_argument:city", "altered_argument:units"}  # the API's own name is no function
+    assert kinds == {
+        "wrong_action:getForecast",
+        "dropped_argument:city",
+        "dropped_argument:units",
+        "altered_argument:city",
+        "altered_argument:units",
+    }  # the API's own name is no function
     for n in negs:
         assert not tool_scores(TOOL, n.text)["full"]
         assert n.text.startswith("Thought: I should call ") and "\nAction: " in n.text
@@ -221,6 +272,7 @@ def test_tool_requests_and_self_generated_cleaning():
 
 # ------------------------------------------------------------------------------- self-generated code
 
+
 def test_code_requests_round_robin_over_bug_types():
     assert ["off-by-one" in negative_request(MBPP, i) for i in (0, 4)] == [True, True]
     assert "wrong operator" in negative_request(MBPP, 1) and "missing edge case" in negative_request(MBPP, 2)
@@ -237,13 +289,18 @@ def test_self_generated_code_is_kept_only_when_it_fails_a_test():
     body_only = clean_self_generated(HUMANEVAL, 0, "```python\n    return sum(xs)\n```")
     assert body_only.text.startswith("```python\n" + HE_PROMPT.strip())  # completed like scoring does
     kept = verify_negatives([MBPP, HUMANEVAL], {"mbpp-1": cleaned, "HumanEval-0": [body_only]}, FAST)
-    assert kept == {"mbpp-1": [Negative(cleaned[0].text, "off_by_one", True, "self")],
-                    "HumanEval-0": [Negative(body_only.text, "off_by_one", True, "self")]}
+    assert kept == {
+        "mbpp-1": [Negative(cleaned[0].text, "off_by_one", True, "self")],
+        "HumanEval-0": [Negative(body_only.text, "off_by_one", True, "self")],
+    }
 
 
 def test_unsupported_task_type_is_a_clear_error():
     odd = Example.model_construct(id="s1", task="summary", question="Summarise.", answer="x")
-    for call in (lambda: programmatic_negatives([odd]), lambda: negative_request(odd, 0),
-                 lambda: clean_self_generated(odd, 0, "x")):
+    for call in (
+        lambda: programmatic_negatives([odd]),
+        lambda: negative_request(odd, 0),
+        lambda: clean_self_generated(odd, 0, "x"),
+    ):
         with pytest.raises(ValueError, match="task type 'summary'"):
             call()

@@ -4,26 +4,55 @@ import pytest
 
 from unisd.data import Example
 from unisd.modeling import load_tokenizer
-from unisd.prompts import (PromptBuilder, assistant, gold_response, reference_text, task_text, teacher_messages,
-                           user)
+from unisd.prompts import PromptBuilder, assistant, gold_response, reference_text, task_text, teacher_messages, user
 from unisd.scoring import extract_code, parse_mcq, tool_scores
 
-MCQ = Example(id="sciq-0001", benchmark="sciq", task="mcq", question="Which gas do plants absorb?",
-              context="Plants make sugar from light.", choices=["oxygen", "carbon dioxide", "nitrogen", "helium"],
-              answer="B")
-MCQ_RATIONALE = Example(id="cos_e-1", benchmark="cos_e", task="mcq", question="Where would you put a dirty plate?",
-                        choices=["bed", "sink", "garage"], answer="B",
-                        rationale="Dirty plates are\n  washed in the sink.")
-MBPP = Example(id="mbpp-1", benchmark="mbpp", task="code", question="Write a function to add two numbers.",
-               answer="def add(a, b):\n    return a + b\n", tests=["assert add(1, 2) == 3", "assert add(0, 0) == 0"])
+MCQ = Example(
+    id="sciq-0001",
+    benchmark="sciq",
+    task="mcq",
+    question="Which gas do plants absorb?",
+    context="Plants make sugar from light.",
+    choices=["oxygen", "carbon dioxide", "nitrogen", "helium"],
+    answer="B",
+)
+MCQ_RATIONALE = Example(
+    id="cos_e-1",
+    benchmark="cos_e",
+    task="mcq",
+    question="Where would you put a dirty plate?",
+    choices=["bed", "sink", "garage"],
+    answer="B",
+    rationale="Dirty plates are\n  washed in the sink.",
+)
+MBPP = Example(
+    id="mbpp-1",
+    benchmark="mbpp",
+    task="code",
+    question="Write a function to add two numbers.",
+    answer="def add(a, b):\n    return a + b\n",
+    tests=["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
+)
 INC = 'def inc(x):\n    """Add one."""\n'
-HUMANEVAL = Example(id="HumanEval-9", benchmark="humaneval", task="code", question=INC, code_prompt=INC,
-                    entry_point="inc", answer=INC + "    return x + 1\n",
-                    tests=["def check(candidate):\n    assert candidate(1) == 2\n"])
-TOOL = Example(id="toolalpaca-train-0001-01", benchmark="toolalpaca", task="tool",
-               question="What's the weather in Paris right now?",
-               tools="WeatherNow: Current weather\ngetCurrentWeather: Get the current weather for a city.",
-               answer="getCurrentWeather", action_input='{"city": "Paris"}')
+HUMANEVAL = Example(
+    id="HumanEval-9",
+    benchmark="humaneval",
+    task="code",
+    question=INC,
+    code_prompt=INC,
+    entry_point="inc",
+    answer=INC + "    return x + 1\n",
+    tests=["def check(candidate):\n    assert candidate(1) == 2\n"],
+)
+TOOL = Example(
+    id="toolalpaca-train-0001-01",
+    benchmark="toolalpaca",
+    task="tool",
+    question="What's the weather in Paris right now?",
+    tools="WeatherNow: Current weather\ngetCurrentWeather: Get the current weather for a city.",
+    answer="getCurrentWeather",
+    action_input='{"city": "Paris"}',
+)
 
 
 @pytest.fixture
@@ -32,6 +61,7 @@ def tok(tiny_model_dir):
 
 
 # ------------------------------------------------------------------ rendering and budget
+
 
 def test_chat_template_is_used_when_present(tok):
     pb = PromptBuilder.for_tokenizer(tok)
@@ -77,6 +107,7 @@ def test_encode_response_ends_with_eos(tok):
 
 # ------------------------------------------------------------------ task texts
 
+
 def test_mcq_task_text():
     text = task_text(MCQ)
     assert text.startswith("Context: Plants make sugar from light.\nQuestion: Which gas do plants absorb?\n")
@@ -93,7 +124,7 @@ def test_code_task_texts():
     assert "assert add(1, 2) == 3" in mbpp and "```python code block" in mbpp
     assert "return a + b" not in mbpp
     humaneval = task_text(HUMANEVAL)
-    assert "```python\ndef inc(x):\n    \"\"\"Add one.\"\"\"\n```" in humaneval
+    assert '```python\ndef inc(x):\n    """Add one."""\n```' in humaneval
     assert "check(candidate)" not in humaneval and "return x + 1" not in humaneval
     assert "```python code block" in humaneval
 
@@ -107,6 +138,7 @@ def test_tool_task_text():
 
 
 # ------------------------------------------------------------------ gold, teacher and reference texts
+
 
 def test_gold_responses():
     assert gold_response(MCQ) == "Reasoning: The correct option is B: carbon dioxide.\nAnswer: B"
@@ -146,10 +178,12 @@ def test_worked_example_teacher_prompt_puts_the_demonstration_before_the_task():
     assert "This is an example for a response" not in text
 
 
-MCQ_TASK = ("Context: Plants make sugar from light.\nQuestion: Which gas do plants absorb?\n"
-            "Options:\nA. oxygen\nB. carbon dioxide\nC. nitrogen\nD. helium\n"
-            "Reason briefly, then give only the option letter on the last line, in this format:\n"
-            "Reasoning: <one or two sentences>\nAnswer: <letter>")
+MCQ_TASK = (
+    "Context: Plants make sugar from light.\nQuestion: Which gas do plants absorb?\n"
+    "Options:\nA. oxygen\nB. carbon dioxide\nC. nitrogen\nD. helium\n"
+    "Reason briefly, then give only the option letter on the last line, in this format:\n"
+    "Reasoning: <one or two sentences>\nAnswer: <letter>"
+)
 MCQ_GOLD = "Reasoning: The correct option is B: carbon dioxide.\nAnswer: B"
 AGAIN = "Solve the same problem again and reply in exactly the same format."
 
@@ -169,7 +203,8 @@ def test_assistant_turn_chat_rendering(tok):
         f"<|im_start|>user\n{MCQ_TASK}<|im_end|>\n"
         f"<|im_start|>assistant\n{MCQ_GOLD}<|im_end|>\n"
         f"<|im_start|>user\n{AGAIN}<|im_end|>\n"
-        "<|im_start|>assistant\n")
+        "<|im_start|>assistant\n"
+    )
     assert pb.render([user("Q")], "Answer:") == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nAnswer:"
 
 
@@ -183,14 +218,28 @@ def test_assistant_turn_token_layout(tok):
     def text(piece):
         return tok(piece, add_special_tokens=False)["input_ids"]
 
-    want = ([start] + text("user\n") + text(MCQ_TASK) + [end] + text("\n")
-            + [start] + text("assistant\n") + pb.encode_response(MCQ_GOLD) + text("\n")
-            + [start] + text("user\n") + text(AGAIN) + [end] + text("\n")
-            + [start] + text("assistant\n"))
+    want = (
+        [start]
+        + text("user\n")
+        + text(MCQ_TASK)
+        + [end]
+        + text("\n")
+        + [start]
+        + text("assistant\n")
+        + pb.encode_response(MCQ_GOLD)
+        + text("\n")
+        + [start]
+        + text("user\n")
+        + text(AGAIN)
+        + [end]
+        + text("\n")
+        + [start]
+        + text("assistant\n")
+    )
     assert pb.encode_messages(teacher_messages(MCQ, MCQ_GOLD, "assistant_turn")) == want
     assert pb.encode_messages([user(MCQ_TASK)], "Answer:") == (
-        [start] + text("user\n") + text(MCQ_TASK) + [end] + text("\n") + [start] + text("assistant\n")
-        + text("Answer:"))
+        [start] + text("user\n") + text(MCQ_TASK) + [end] + text("\n") + [start] + text("assistant\n") + text("Answer:")
+    )
 
 
 def test_prior_exchange_teacher_view_ends_exactly_as_the_student_prompt(tok):
@@ -198,16 +247,27 @@ def test_prior_exchange_teacher_view_ends_exactly_as_the_student_prompt(tok):
     exactly the student's prompt tokens."""
     pb = PromptBuilder.for_tokenizer(tok)
     assert teacher_messages(MCQ, MCQ_GOLD, "prior_exchange") == [
-        {"role": "user", "content": MCQ_TASK}, {"role": "assistant", "content": MCQ_GOLD},
-        {"role": "user", "content": MCQ_TASK}]
+        {"role": "user", "content": MCQ_TASK},
+        {"role": "assistant", "content": MCQ_GOLD},
+        {"role": "user", "content": MCQ_TASK},
+    ]
     start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
 
     def text(piece):
         return tok(piece, add_special_tokens=False)["input_ids"]
 
     student = [start] + text("user\n") + text(MCQ_TASK) + [end] + text("\n") + [start] + text("assistant\n")
-    earlier = ([start] + text("user\n") + text(MCQ_TASK) + [end] + text("\n")
-               + [start] + text("assistant\n") + pb.encode_response(MCQ_GOLD) + text("\n"))
+    earlier = (
+        [start]
+        + text("user\n")
+        + text(MCQ_TASK)
+        + [end]
+        + text("\n")
+        + [start]
+        + text("assistant\n")
+        + pb.encode_response(MCQ_GOLD)
+        + text("\n")
+    )
     assert pb.encode_messages([user(MCQ_TASK)]) == student
     assert pb.encode_messages(teacher_messages(MCQ, MCQ_GOLD, "prior_exchange")) == earlier + student
 
@@ -216,9 +276,11 @@ def test_plain_template_renders_a_conversation_as_turns(tok):
     tok.chat_template = None
     pb = PromptBuilder.for_tokenizer(tok)
     assert pb.render([user("Q?"), assistant("Answer: B"), user("Again.")], "Answer:") == (
-        "### Instruction\nQ?\n\n### Response\nAnswer: B\n\n### Instruction\nAgain.\n\n### Response\nAnswer:")
+        "### Instruction\nQ?\n\n### Response\nAnswer: B\n\n### Instruction\nAgain.\n\n### Response\nAnswer:"
+    )
     assert tok.decode(pb.encode_messages([user("Q?"), assistant("A"), user("Again.")])) == (
-        "### Instruction\nQ?\n\n### Response\nA\n\n### Instruction\nAgain.\n\n### Response\n")
+        "### Instruction\nQ?\n\n### Response\nA\n\n### Instruction\nAgain.\n\n### Response\n"
+    )
 
 
 def test_conversation_budget(tok):
@@ -230,11 +292,13 @@ def test_conversation_budget(tok):
 
 # ------------------------------------------------------------------ MCQ answer formats
 
+
 def test_answer_first_task_text_and_gold_response():
     text = task_text(MCQ, "answer_first")
     assert text.startswith("Context: Plants make sugar from light.\nQuestion: Which gas do plants absorb?\n")
-    assert text.endswith("Give the option letter first, then one short reason, in this format:\n"
-                         "Answer: <letter>\nReason: <one sentence>")
+    assert text.endswith(
+        "Give the option letter first, then one short reason, in this format:\nAnswer: <letter>\nReason: <one sentence>"
+    )
     assert gold_response(MCQ, "answer_first") == "Answer: B\nReason: The correct option is B: carbon dioxide."
     assert gold_response(MCQ_RATIONALE, "answer_first") == "Answer: B\nReason: Dirty plates are washed in the sink."
     assert parse_mcq(gold_response(MCQ_RATIONALE, "answer_first"), MCQ_RATIONALE.choices) == "B"
@@ -279,5 +343,7 @@ def test_reference_text_uses_other_examples_only():
 
 def test_reference_text_with_an_induced_instruction():
     text = reference_text(MBPP, "  Write small, tested functions.  ")
-    assert text == ("Here is reference material from related problems:\n\nWrite small, tested functions.\n\n"
-                    "Now solve this problem.\n" + task_text(MBPP))
+    assert text == (
+        "Here is reference material from related problems:\n\nWrite small, tested functions.\n\n"
+        "Now solve this problem.\n" + task_text(MBPP)
+    )

@@ -25,11 +25,14 @@ from unisd.scoring import extract_code, parse_mcq, parse_react
 # no example database: nothing is written into the repository
 SETTINGS = settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
-                    st.text(max_size=12))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-                      max_leaves=6)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=12)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=6,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +56,11 @@ def non_finite(obj) -> bool:
 
 # --------------------------------------------------------------------------- the params loader
 
-SECTIONS = {name: list(field.annotation.model_fields) if hasattr(field.annotation, "model_fields") else []
-            for name, field in Config.model_fields.items() if name != "root"}
+SECTIONS = {
+    name: list(field.annotation.model_fields) if hasattr(field.annotation, "model_fields") else []
+    for name, field in Config.model_fields.items()
+    if name != "root"
+}
 
 
 @st.composite
@@ -107,9 +113,18 @@ def test_a_section_given_twice_is_named(folder, section, first, second):
 
 
 @SETTINGS
-@given(st.sampled_from([("generation", "temperature"), ("generation", "top_p"), ("train", "lr"),
-                        ("eval", "code_timeout_s"), ("train", "max_grad_norm")]),
-       st.sampled_from([".inf", "-.inf", ".nan", "inf", "nan"]))
+@given(
+    st.sampled_from(
+        [
+            ("generation", "temperature"),
+            ("generation", "top_p"),
+            ("train", "lr"),
+            ("eval", "code_timeout_s"),
+            ("train", "max_grad_norm"),
+        ]
+    ),
+    st.sampled_from([".inf", "-.inf", ".nan", "inf", "nan"]),
+)
 def test_non_finite_numbers_are_refused_by_key(folder, field, value):
     section, key = field
     with pytest.raises(ConfigError, match=rf"{section}\.{key}: "):
@@ -124,15 +139,25 @@ texts = st.text(min_size=1, max_size=20).filter(str.strip)
 @st.composite
 def examples(draw) -> Example:
     task = draw(st.sampled_from(["mcq", "code", "tool"]))
-    base = {"id": draw(texts), "benchmark": draw(texts), "task": task, "question": draw(texts),
-            "context": draw(st.text(max_size=20))}
+    base = {
+        "id": draw(texts),
+        "benchmark": draw(texts),
+        "task": task,
+        "question": draw(texts),
+        "context": draw(st.text(max_size=20)),
+    }
     if task == "mcq":
         choices = draw(st.lists(st.text(max_size=10), min_size=2, max_size=len(LETTERS)))
         return Example(**base, choices=choices, answer=draw(st.sampled_from(LETTERS[: len(choices)])))
     if task == "code":
         return Example(**base, answer=draw(texts), tests=draw(st.lists(texts, min_size=1, max_size=3)))
-    return Example(**base, answer=draw(texts), tools=draw(texts), action_input=draw(st.text(max_size=20)),
-                   meta={"api": draw(st.text(max_size=8))})
+    return Example(
+        **base,
+        answer=draw(texts),
+        tools=draw(texts),
+        action_input=draw(st.text(max_size=20)),
+        meta={"api": draw(st.text(max_size=8))},
+    )
 
 
 @SETTINGS
@@ -192,8 +217,11 @@ def test_mbpp_ids_are_never_made_up(task_id):
 
 
 @SETTINGS
-@given(st.integers(2, len(LETTERS)).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n - 1))),
-       st.text(), st.sampled_from(["reason_first", "answer_first"]))
+@given(
+    st.integers(2, len(LETTERS)).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n - 1))),
+    st.text(),
+    st.sampled_from(["reason_first", "answer_first"]),
+)
 @example((4, 1), "not answer C, the answer is D", "answer_first")
 @example((4, 1), "Answer: C", "reason_first")
 def test_what_mcq_response_writes_parse_mcq_reads(n_gold, reasoning, fmt):
@@ -227,8 +255,9 @@ json_args = st.dictionaries(identifiers, st.one_of(st.integers(), st.text(max_si
 @given(identifiers, json_args)
 def test_parse_react_reads_the_gold_action_and_input(action, args):
     action_input = json.dumps(args, sort_keys=True)
-    ex = Example(id="x", benchmark="b", task="tool", question="q", answer=action, tools="doc",
-                 action_input=action_input)
+    ex = Example(
+        id="x", benchmark="b", task="tool", question="q", answer=action, tools="doc", action_input=action_input
+    )
     assert parse_react(gold_response(ex)) == (action, action_input)
 
 

@@ -15,8 +15,17 @@ from unisd.recipes import BASELINES, COMPONENTS, RECIPES, recipe_table
 # docs/method.md §1: plain on-policy self-distillation, the base every component ablation adds to:
 # student samples at T=0.7, frozen initial teacher with the gold demonstration, forward KL
 # at T=0.7, no agreement weights, no contrastive term, no feature matching, no clipping.
-PLAIN = {"loss": "distill", "data": "on_policy", "divergence": "forward_kl", "temperature": 0.7,
-         "teacher": "frozen", "agreement": None, "contrastive": None, "feature": None, "clip": None}
+PLAIN = {
+    "loss": "distill",
+    "data": "on_policy",
+    "divergence": "forward_kl",
+    "temperature": 0.7,
+    "teacher": "frozen",
+    "agreement": None,
+    "contrastive": None,
+    "feature": None,
+    "clip": None,
+}
 EMA_REFERENCE = ("ema", 10, 0.9)  # §2.2: every N=10 steps, β=0.9
 
 
@@ -31,16 +40,24 @@ EXPECTED = {
     "gkd": {**PLAIN, "divergence": ("jsd", 0.5), "data": ("mixed", 0.5)},  # JSD β=0.5, λ=0.5 on-policy, frozen
     "opsd": {**PLAIN, "divergence": ("jsd", 0.5)},  # JSD β=0.5 on student rollouts, fixed initial teacher
     # §2 components on top of plain SD
-    **{f"agreement_{lvl[:3]}_{ctx}": agreement(lvl, ctx)
-       for lvl in ("token", "sequence") for ctx in ("random", "retrieval", "induction")},
+    **{
+        f"agreement_{lvl[:3]}_{ctx}": agreement(lvl, ctx)
+        for lvl in ("token", "sequence")
+        for ctx in ("random", "retrieval", "induction")
+    },
     "ema": {**PLAIN, "teacher": EMA_REFERENCE},
     "contrastive": {**PLAIN, "contrastive": (0.1, 0.5)},  # §2.3 reference: λ_c=0.1, margin 0.5
     "match_joint": {**PLAIN, "feature": ("joint", 0.1)},  # §2.4: L_KL + 0.1·L_feat
     "match_repr": {**PLAIN, "feature": "repr"},  # §2.4: MSE only
     "clip": {**PLAIN, "clip": ("static", 10.0)},  # §2.5: static min(ℓ, τ), τ=10 nats
     # §2.6 UniSD*
-    "unisd-full": {**PLAIN, "agreement": ("token", "retrieval", 3, 0.001), "teacher": ("ema", 10, 0.98),
-                   "feature": ("joint", 0.01), "contrastive": (0.01, 0.1)},
+    "unisd-full": {
+        **PLAIN,
+        "agreement": ("token", "retrieval", 3, 0.001),
+        "teacher": ("ema", 10, 0.98),
+        "feature": ("joint", 0.01),
+        "contrastive": (0.01, 0.1),
+    },
 }
 
 
@@ -71,9 +88,9 @@ def summary(m) -> dict:
 def test_every_recipe_is_covered():
     assert set(RECIPES) == set(EXPECTED) | {"base", "sft", "ssd"}
     assert set(BASELINES) == {"base", "sft", "ssd", "sdft", "gkd", "opsd"}
-    assert set(COMPONENTS) == {f"agreement_{lvl}_{ctx}" for lvl in ("tok", "seq")
-                               for ctx in ("random", "retrieval", "induction")} | {
-        "ema", "contrastive", "match_joint", "match_repr", "clip"}
+    assert set(COMPONENTS) == {
+        f"agreement_{lvl}_{ctx}" for lvl in ("tok", "seq") for ctx in ("random", "retrieval", "induction")
+    } | {"ema", "contrastive", "match_joint", "match_repr", "clip"}
 
 
 @pytest.mark.parametrize("recipe", sorted(EXPECTED))
@@ -133,16 +150,19 @@ def test_recipe_from_params_yaml(tmp_path, tiny_model_dir):
 # --- components on top of a recipe ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("components, changed", [
-    ({"clip": {"mode": "static"}}, {"clip": ("static", 10.0)}),
-    ({"clip": {"mode": "quantile", "q": 0.95}}, {"clip": ("quantile", 0.95)}),
-    ({"agreement": {"enabled": False}}, {"agreement": None}),
-    ({"agreement": {"level": "sequence", "contexts": "random"}}, {"agreement": ("sequence", "random", 3, 0.001)}),
-    ({"teacher": {"ema_beta": 0.9}}, {"teacher": ("ema", 10, 0.9)}),  # merged: kind and N stay
-    ({"teacher": {"kind": "frozen"}}, {"teacher": "frozen"}),
-    ({"contrastive": {"enabled": False}, "feature": {"mode": "none"}}, {"contrastive": None, "feature": None}),
-    ({"divergence": "reverse_kl"}, {"divergence": "reverse_kl"}),
-])
+@pytest.mark.parametrize(
+    "components, changed",
+    [
+        ({"clip": {"mode": "static"}}, {"clip": ("static", 10.0)}),
+        ({"clip": {"mode": "quantile", "q": 0.95}}, {"clip": ("quantile", 0.95)}),
+        ({"agreement": {"enabled": False}}, {"agreement": None}),
+        ({"agreement": {"level": "sequence", "contexts": "random"}}, {"agreement": ("sequence", "random", 3, 0.001)}),
+        ({"teacher": {"ema_beta": 0.9}}, {"teacher": ("ema", 10, 0.9)}),  # merged: kind and N stay
+        ({"teacher": {"kind": "frozen"}}, {"teacher": "frozen"}),
+        ({"contrastive": {"enabled": False}, "feature": {"mode": "none"}}, {"contrastive": None, "feature": None}),
+        ({"divergence": "reverse_kl"}, {"divergence": "reverse_kl"}),
+    ],
+)
 def test_components_switch_on_and_off_on_top_of_unisd_full(tmp_path, tiny_model_dir, components, changed):
     m = config(tmp_path, tiny_model_dir, "unisd-full", components).method
     assert summary(m) == {**EXPECTED["unisd-full"], **changed}
@@ -154,7 +174,8 @@ def test_components_on_top_of_plain_sd(tmp_path, tiny_model_dir):
     assert s["teacher"] == EMA_REFERENCE
     assert s["agreement"][:3] == ("token", "retrieval", 3)
     assert {k: v for k, v in s.items() if k not in ("teacher", "agreement")} == {
-        k: v for k, v in PLAIN.items() if k not in ("teacher", "agreement")}
+        k: v for k, v in PLAIN.items() if k not in ("teacher", "agreement")
+    }
 
 
 def test_recipes_are_not_mutated_by_overrides(tmp_path, tiny_model_dir):
@@ -178,27 +199,30 @@ def test_format_components_are_off_by_default(tmp_path, tiny_model_dir):
 # --- bad input fails before any work, naming the key ----------------------------------------
 
 
-@pytest.mark.parametrize("recipe, components, words", [
-    ("nope", None, ["recipe", "unknown recipe 'nope'"]),
-    ("unisd-full", {"agreemnt": {"enabled": True}}, ["components.agreemnt", "Extra inputs"]),
-    ("unisd-full", {"agreement": {"k": 1}}, ["components.agreement", "at least 2"]),
-    ("agreement_seq_random", {"agreement": {"k": 0}}, ["components.agreement", "at least 2"]),
-    ("sd", {"agreement": {"enabled": True, "k": 1}}, ["components.agreement", "at least 2"]),
-    ("unisd-full", {"clip": {"mode": "sometimes"}}, ["components.clip.mode"]),
-    ("unisd-full", {"teacher": {"ema_beta": 1.5}}, ["components.teacher.ema_beta"]),
-    ("unisd-full", {"agreement": {"gamma": -1}}, ["components.agreement.gamma"]),
-    ("sft", {"contrastive": {"enabled": True}}, ["components", "contrastive", "needs a teacher"]),
-    ("sft", {"feature": {"mode": "joint"}}, ["components", "feature", "needs a teacher"]),
-    ("sft", {"teacher": {"kind": "ema"}}, ["components", "ema teacher", "needs a teacher"]),
-    ("sft", {"agreement": {"enabled": True}}, ["components", "agreement", "needs a teacher"]),
-    ("ssd", {"clip": {"mode": "static"}}, ["components", "clip", "needs a teacher"]),
-    ("base", {"agreement": {"enabled": True}}, ["components", "agreement", "needs a teacher"]),
-    ("sft", {"skip_first_tokens": 2}, ["components", "skip_first_tokens", "needs a teacher"]),
-    ("sd", {"skip_first_tokens": -1}, ["components.skip_first_tokens"]),
-    ("base", {"gold_mix": 0.5}, ["components", "gold_mix", "trains nothing"]),
-    ("gkd", {"gold_mix": 1.0}, ["components.gold_mix", "less than 1"]),
-    ("sd", {"gold_mix": -0.1}, ["components.gold_mix"]),
-])
+@pytest.mark.parametrize(
+    "recipe, components, words",
+    [
+        ("nope", None, ["recipe", "unknown recipe 'nope'"]),
+        ("unisd-full", {"agreemnt": {"enabled": True}}, ["components.agreemnt", "Extra inputs"]),
+        ("unisd-full", {"agreement": {"k": 1}}, ["components.agreement", "at least 2"]),
+        ("agreement_seq_random", {"agreement": {"k": 0}}, ["components.agreement", "at least 2"]),
+        ("sd", {"agreement": {"enabled": True, "k": 1}}, ["components.agreement", "at least 2"]),
+        ("unisd-full", {"clip": {"mode": "sometimes"}}, ["components.clip.mode"]),
+        ("unisd-full", {"teacher": {"ema_beta": 1.5}}, ["components.teacher.ema_beta"]),
+        ("unisd-full", {"agreement": {"gamma": -1}}, ["components.agreement.gamma"]),
+        ("sft", {"contrastive": {"enabled": True}}, ["components", "contrastive", "needs a teacher"]),
+        ("sft", {"feature": {"mode": "joint"}}, ["components", "feature", "needs a teacher"]),
+        ("sft", {"teacher": {"kind": "ema"}}, ["components", "ema teacher", "needs a teacher"]),
+        ("sft", {"agreement": {"enabled": True}}, ["components", "agreement", "needs a teacher"]),
+        ("ssd", {"clip": {"mode": "static"}}, ["components", "clip", "needs a teacher"]),
+        ("base", {"agreement": {"enabled": True}}, ["components", "agreement", "needs a teacher"]),
+        ("sft", {"skip_first_tokens": 2}, ["components", "skip_first_tokens", "needs a teacher"]),
+        ("sd", {"skip_first_tokens": -1}, ["components.skip_first_tokens"]),
+        ("base", {"gold_mix": 0.5}, ["components", "gold_mix", "trains nothing"]),
+        ("gkd", {"gold_mix": 1.0}, ["components.gold_mix", "less than 1"]),
+        ("sd", {"gold_mix": -0.1}, ["components.gold_mix"]),
+    ],
+)
 def test_bad_components_fail_with_config_error(tmp_path, tiny_model_dir, recipe, components, words):
     with pytest.raises(ConfigError) as err:
         config(tmp_path, tiny_model_dir, recipe, components)

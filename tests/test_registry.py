@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from project import REPO
+
 from unisd.artifacts import PACKAGE, code_version
 from unisd.config import build_config, load_config
 from unisd.registry import COMMANDS, STAGES, dvc_deps
@@ -49,21 +49,25 @@ def test_each_stage_runs_its_own_modules():
     assert all("registry.py" not in rel(spec.code_files) for spec in STAGES.values())
 
 
-@pytest.mark.parametrize("module, changed", [
-    ("stages/model.py", {"model"}),
-    ("stages/inputs.py", {"contexts", "negatives", "generate", "filter", "train"}),
-    ("losses.py", MODEL_FREE),  # before the registry, the model conversion too
-    ("teachers.py", {"filter", "train"}),
-    ("sandbox/inside/runner.py", MODEL_FREE - {"contexts"}),
-    ("data/paper.py", ALL),  # read by the params schema every stage uses
-    ("registry.py", set()),  # what it says about a stage enters the keys as values
-])
+@pytest.mark.parametrize(
+    "module, changed",
+    [
+        ("stages/model.py", {"model"}),
+        ("stages/inputs.py", {"contexts", "negatives", "generate", "filter", "train"}),
+        ("losses.py", MODEL_FREE),  # before the registry, the model conversion too
+        ("teachers.py", {"filter", "train"}),
+        ("sandbox/inside/runner.py", MODEL_FREE - {"contexts"}),
+        ("data/paper.py", ALL),  # read by the params schema every stage uses
+        ("registry.py", set()),  # what it says about a stage enters the keys as values
+    ],
+)
 def test_editing_a_module_changes_the_code_version_of_exactly_the_stages_that_run_it(tmp_path, module, changed):
     package = Path(shutil.copytree(PACKAGE, tmp_path / "unisd", ignore=shutil.ignore_patterns("__pycache__")))
 
     def versions() -> dict[str, str]:
-        return {name: code_version(spec.function.__module__, ("unisd.registry",), package)
-                for name, spec in STAGES.items()}
+        return {
+            name: code_version(spec.function.__module__, ("unisd.registry",), package) for name, spec in STAGES.items()
+        }
 
     before = versions()
     with open(package / module, "a") as fh:
@@ -76,21 +80,24 @@ def keys(cfg) -> dict[str, str]:
     return {name: spec.key(cfg, {}) for name, spec in STAGES.items()}
 
 
-@pytest.mark.parametrize("override, changed", [
-    ({"eval.limit": 7}, {"evaluate"}),
-    ({"eval.code_timeout_s": 3}, {"negatives", "evaluate"}),
-    ({"eval.code_isolation": "strict"}, {"negatives", "evaluate"}),
-    ({"train.lr": 3e-4}, {"train"}),
-    ({"train.lora.r": 8}, {"filter", "train"}),  # the EMA teacher is built on the adapter
-    ({"generation.score_tokens": 512}, {"negatives", "generate", "filter"}),
-    ({"generation.backend": "vllm"}, {"contexts", "negatives", "generate", "filter"}),  # induction samples too
-    ({"eval.backend": "vllm"}, {"evaluate"}),
-    ({"run.seed": 7}, {"contexts", "negatives", "generate", "train"}),
-    ({"run.name": "other"}, set()),
-    ({"components": {"clip": {"mode": "static", "tau": 5.0}}}, {"train"}),
-    ({"data.split_seed": 7}, {"prepare", "evaluate"}),
-    ({"model.dtype": "bfloat16"}, ALL - {"prepare"}),
-])
+@pytest.mark.parametrize(
+    "override, changed",
+    [
+        ({"eval.limit": 7}, {"evaluate"}),
+        ({"eval.code_timeout_s": 3}, {"negatives", "evaluate"}),
+        ({"eval.code_isolation": "strict"}, {"negatives", "evaluate"}),
+        ({"train.lr": 3e-4}, {"train"}),
+        ({"train.lora.r": 8}, {"filter", "train"}),  # the EMA teacher is built on the adapter
+        ({"generation.score_tokens": 512}, {"negatives", "generate", "filter"}),
+        ({"generation.backend": "vllm"}, {"contexts", "negatives", "generate", "filter"}),  # induction samples too
+        ({"eval.backend": "vllm"}, {"evaluate"}),
+        ({"run.seed": 7}, {"contexts", "negatives", "generate", "train"}),
+        ({"run.name": "other"}, set()),
+        ({"components": {"clip": {"mode": "static", "tau": 5.0}}}, {"train"}),
+        ({"data.split_seed": 7}, {"prepare", "evaluate"}),
+        ({"model.dtype": "bfloat16"}, ALL - {"prepare"}),
+    ],
+)
 def test_a_param_changes_the_key_of_exactly_the_stages_that_read_it(override, changed):
     base = load_config(REPO / "params.yaml")
     other = load_config(REPO / "params.yaml", override)
@@ -113,11 +120,15 @@ def test_one_byte_of_a_local_benchmark_file_changes_the_prepare_key_only(tmp_pat
 def test_tasks_retry_what_may_pass_next_time():
     from prefect.states import Failed
 
-    from unisd.orchestration.tasks import TASKS, worth_retrying
     from unisd.data.schema import DataError
+    from unisd.orchestration.tasks import TASKS, worth_retrying
 
     assert {name: task.retries for name, task in TASKS.items()} == {
-        **dict.fromkeys(STAGES, 0), "model": 2, "prepare": 2, "train": 1}  # downloads; a round that resumes
+        **dict.fromkeys(STAGES, 0),
+        "model": 2,
+        "prepare": 2,
+        "train": 1,
+    }  # downloads; a round that resumes
     assert TASKS["model"].retry_delay_seconds == [10, 20]  # growing
     assert not worth_retrying(TASKS["model"], None, Failed(data=DataError("row 3: not JSON")))
     assert worth_retrying(TASKS["model"], None, Failed(data=OSError("connection reset")))
@@ -131,9 +142,15 @@ def test_run_names_say_stage_round_and_label():
 
 STEPS = {"model", "prepare", "evaluate-base", "generate-r1", "filter-r1", "train-r1", "evaluate-sd"}
 # each step's upstream steps: the outputs passed to it (docs: the pipeline's DAG)
-UPSTREAM = {"model": set(), "prepare": set(), "evaluate-base": {"model", "prepare"},
-            "generate-r1": {"model", "prepare"}, "filter-r1": {"generate-r1", "model", "prepare"},
-            "train-r1": {"filter-r1", "model", "prepare"}, "evaluate-sd": {"train-r1", "model", "prepare"}}
+UPSTREAM = {
+    "model": set(),
+    "prepare": set(),
+    "evaluate-base": {"model", "prepare"},
+    "generate-r1": {"model", "prepare"},
+    "filter-r1": {"generate-r1", "model", "prepare"},
+    "train-r1": {"filter-r1", "model", "prepare"},
+    "evaluate-sd": {"train-r1", "model", "prepare"},
+}
 
 
 def task_runs_of(flow_run_id) -> dict[str, set[str]]:
@@ -145,12 +162,14 @@ def task_runs_of(flow_run_id) -> dict[str, set[str]]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     names = {run.id: run.name for run in runs}
-    return {run.name: {names[i.id] for inputs in run.task_inputs.values() for i in inputs if i.id in names}
-            for run in runs}
+    return {
+        run.name: {names[i.id] for inputs in run.task_inputs.values() for i in inputs if i.id in names} for run in runs
+    }
 
 
-def test_the_flow_reruns_exactly_the_stages_a_change_reaches(tmp_path, tmp_path_factory, tiny_model_dir,
-                                                             monkeypatch, one_thread, prefect_storage):
+def test_the_flow_reruns_exactly_the_stages_a_change_reaches(
+    tmp_path, tmp_path_factory, tiny_model_dir, monkeypatch, one_thread, prefect_storage
+):
     """Through Prefect's cache on the tiny model: nothing, then one byte of a benchmark
     file, one param, the code of one stage."""
     from mlflow_db import empty_mlflow_db
@@ -160,8 +179,9 @@ def test_the_flow_reruns_exactly_the_stages_a_change_reaches(tmp_path, tmp_path_
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     source = Path(shutil.copytree(FIXTURES / "scienceqa", tmp_path / "scienceqa"))
-    params = tiny_params(tiny_model_dir, data={"suite": "paper", "benchmarks": ["scienceqa"],
-                                               "sources": {"scienceqa": str(source)}})
+    params = tiny_params(
+        tiny_model_dir, data={"suite": "paper", "benchmarks": ["scienceqa"], "sources": {"scienceqa": str(source)}}
+    )
     params.update(recipe="sd")
     project = tmp_path / "project"
     project.mkdir()

@@ -24,23 +24,52 @@ MODELS = {
     "sd": ((0.45, 0.35, 0.35), (0.35, 0.30), {"seed": 0, "curves": True}),
     "ema": ((0.50, 0.40, 0.40), (0.40, 0.35), {"seed": 0, "curves": True}),
     "contrastive": ((0.55, 0.35, 0.35), (0.45, 0.30), {"seed": 0, "curves": True}),
-    "ema+contrastive": ((0.60, 0.40, 0.40), (0.50, 0.35),
-                        {"seed": 0, "kind": "pair", "components": ["ema", "contrastive"]}),
-    "unisd-full@0": ((0.65, 0.45, 0.45), (0.70, 0.40),
-                     {"seed": 0, "label": "unisd-full", "curves": True, "filter": True}),
-    "unisd-full@1": ((0.60, 0.50, 0.50), (0.60, 0.45),
-                     {"seed": 1, "label": "unisd-full", "curves": True, "filter": True}),
+    "ema+contrastive": (
+        (0.60, 0.40, 0.40),
+        (0.50, 0.35),
+        {"seed": 0, "kind": "pair", "components": ["ema", "contrastive"]},
+    ),
+    "unisd-full@0": (
+        (0.65, 0.45, 0.45),
+        (0.70, 0.40),
+        {"seed": 0, "label": "unisd-full", "curves": True, "filter": True},
+    ),
+    "unisd-full@1": (
+        (0.60, 0.50, 0.50),
+        (0.60, 0.45),
+        {"seed": 1, "label": "unisd-full", "curves": True, "filter": True},
+    ),
     "full-no-ema": ((0.55, 0.45, 0.45), (0.55, 0.40), {"seed": 0, "kind": "leave_one_out", "components": ["ema"]}),
     "agreement_tok_retrieval": ((0.55, 0.40, 0.40), (0.45, 0.35), {"seed": 0}),
     "agreement_seq_retrieval": ((0.50, 0.35, 0.35), (0.40, 0.30), {"seed": 0}),
 }
 # the filter stage's stats.json of unisd-full, two rounds
-FILTER_ROUNDS = [{"kept": 30, "filtered_fraction": 0.25, "disagreement_mean": 0.5, "teacher_eos_logp": -0.69,
-                  "student_eos_logp": -0.37, "teacher_letter_acc": 0.5, "student_letter_acc": 0.25,
-                  "student_sample_acc": 0.3, "dropped_truncated": 3, "token_weight_mean": 0.998},
-                 {"kept": 28, "filtered_fraction": 0.3, "disagreement_mean": 0.4, "teacher_eos_logp": -1.2,
-                  "student_eos_logp": -0.4, "teacher_letter_acc": 0.55, "student_letter_acc": 0.3,
-                  "student_sample_acc": 0.35, "dropped_truncated": 1, "token_weight_mean": 0.99}]
+FILTER_ROUNDS = [
+    {
+        "kept": 30,
+        "filtered_fraction": 0.25,
+        "disagreement_mean": 0.5,
+        "teacher_eos_logp": -0.69,
+        "student_eos_logp": -0.37,
+        "teacher_letter_acc": 0.5,
+        "student_letter_acc": 0.25,
+        "student_sample_acc": 0.3,
+        "dropped_truncated": 3,
+        "token_weight_mean": 0.998,
+    },
+    {
+        "kept": 28,
+        "filtered_fraction": 0.3,
+        "disagreement_mean": 0.4,
+        "teacher_eos_logp": -1.2,
+        "student_eos_logp": -0.4,
+        "teacher_letter_acc": 0.55,
+        "student_letter_acc": 0.3,
+        "student_sample_acc": 0.35,
+        "dropped_truncated": 1,
+        "token_weight_mean": 0.99,
+    },
+]
 
 
 def _outcomes(acc: float, rng: random.Random) -> list[bool]:
@@ -52,7 +81,7 @@ def _outcomes(acc: float, rng: random.Random) -> list[bool]:
 def _with_tie(outcomes: list[bool]) -> list[float]:
     """The first wrong answer becomes a two-way tie with the gold: half a credit."""
     i = outcomes.index(False)
-    return [*outcomes[:i], 0.5, *outcomes[i + 1:]]
+    return [*outcomes[:i], 0.5, *outcomes[i + 1 :]]
 
 
 def _write_eval(folder: Path, label: str, gen: tuple, rot: tuple | None, rng: random.Random) -> None:
@@ -61,39 +90,87 @@ def _write_eval(folder: Path, label: str, gen: tuple, rot: tuple | None, rng: ra
     (folder / "predictions").mkdir(parents=True)
     benchmarks = {}
     for i, (bench, acc) in enumerate(zip(BENCHES, gen)):
-        rows = [{"id": f"{bench}-{j}", "benchmark": bench, "correct": c, "ppl_ret": 1.5 + rng.random(),
-                 "gold_ppl": 3.0 + rng.random()} for j, c in enumerate(_outcomes(acc, rng))]
-        m = {"n": N, "score": 100.0 * sum(r["correct"] for r in rows) / N,
-             "ppl_ret": sum(r["ppl_ret"] for r in rows) / N, "gold_ppl": sum(r["gold_ppl"] for r in rows) / N,
-             "jsd_to_base": rng.random() / 10}
+        rows = [
+            {
+                "id": f"{bench}-{j}",
+                "benchmark": bench,
+                "correct": c,
+                "ppl_ret": 1.5 + rng.random(),
+                "gold_ppl": 3.0 + rng.random(),
+            }
+            for j, c in enumerate(_outcomes(acc, rng))
+        ]
+        m = {
+            "n": N,
+            "score": 100.0 * sum(r["correct"] for r in rows) / N,
+            "ppl_ret": sum(r["ppl_ret"] for r in rows) / N,
+            "gold_ppl": sum(r["gold_ppl"] for r in rows) / N,
+            "jsd_to_base": rng.random() / 10,
+        }
         if rot and bench in MCQ:
-            outcomes = {"rot_correct": _with_tie(_outcomes(rot[i], rng)),
-                        "circular_correct": _outcomes(rot[i] / 2, rng),
-                        "ll_correct": _with_tie(_outcomes(0.3, rng)), "ll_norm_correct": _outcomes(0.35, rng)}
+            outcomes = {
+                "rot_correct": _with_tie(_outcomes(rot[i], rng)),
+                "circular_correct": _outcomes(rot[i] / 2, rng),
+                "ll_correct": _with_tie(_outcomes(0.3, rng)),
+                "ll_norm_correct": _outcomes(0.35, rng),
+            }
             for key, values in outcomes.items():
                 for row, v in zip(rows, values):
                     row[key] = v
-            m.update({metric: 100.0 * sum(outcomes[key]) / N for metric, key in
-                      (("rot_acc", "rot_correct"), ("circular_acc", "circular_correct"), ("ll_acc", "ll_correct"),
-                       ("ll_norm_acc", "ll_norm_correct"))})
-            m.update(rot_gold_prob=31.0, parse_rate=0.9, finish_rate=0.75, one_letter_baseline=27.5,
-                     letter_hist={"A": 30, "B": 6, "none": 4}, gold_hist={"A": 11, "B": 10, "C": 9, "D": 10})
+            m.update(
+                {
+                    metric: 100.0 * sum(outcomes[key]) / N
+                    for metric, key in (
+                        ("rot_acc", "rot_correct"),
+                        ("circular_acc", "circular_correct"),
+                        ("ll_acc", "ll_correct"),
+                        ("ll_norm_acc", "ll_norm_correct"),
+                    )
+                }
+            )
+            m.update(
+                rot_gold_prob=31.0,
+                parse_rate=0.9,
+                finish_rate=0.75,
+                one_letter_baseline=27.5,
+                letter_hist={"A": 30, "B": 6, "none": 4},
+                gold_hist={"A": 11, "B": 10, "C": 9, "D": 10},
+            )
         (folder / "predictions" / f"{bench}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         benchmarks[bench] = m
-    metrics = {"label": label, "split": "test", "benchmarks": benchmarks,
-               "overall": sum(b["score"] for b in benchmarks.values()) / len(benchmarks)}
+    metrics = {
+        "label": label,
+        "split": "test",
+        "benchmarks": benchmarks,
+        "overall": sum(b["score"] for b in benchmarks.values()) / len(benchmarks),
+    }
     if rot:
         mcq = [benchmarks[b] for b in MCQ]
-        metrics.update(mcq_overall=sum(b["score"] for b in mcq) / 2, mcq_rot_overall=sum(b["rot_acc"] for b in mcq) / 2,
-                       code_overall=benchmarks["mbpp"]["score"],
-                       headline={"benchmark": "sciq", "metric": "rot_acc", "value": benchmarks["sciq"]["rot_acc"]})
+        metrics.update(
+            mcq_overall=sum(b["score"] for b in mcq) / 2,
+            mcq_rot_overall=sum(b["rot_acc"] for b in mcq) / 2,
+            code_overall=benchmarks["mbpp"]["score"],
+            headline={"benchmark": "sciq", "metric": "rot_acc", "value": benchmarks["sciq"]["rot_acc"]},
+        )
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
 
 def _write_curves(path: Path, steps: int, rng: random.Random) -> None:
-    rows = [{"step": s, "loss": 2.0 / s + rng.random() / 10, "divergence": 1.0 / s, "feature": 0.1 / s,
-             "lr": 1e-5, "grad_norm": 1.0, "ema_update": int(s == 3), "clipped_frac": 0.1 * s,
-             "token_weight_mean": 1.0 - 0.01 * s, "token_weight_min": 1.0 - 0.1 * s} for s in range(1, steps + 1)]
+    rows = [
+        {
+            "step": s,
+            "loss": 2.0 / s + rng.random() / 10,
+            "divergence": 1.0 / s,
+            "feature": 0.1 / s,
+            "lr": 1e-5,
+            "grad_norm": 1.0,
+            "ema_update": int(s == 3),
+            "clipped_frac": 0.1 * s,
+            "token_weight_mean": 1.0 - 0.01 * s,
+            "token_weight_min": 1.0 - 0.1 * s,
+        }
+        for s in range(1, steps + 1)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -115,8 +192,17 @@ def _study(root: Path, models: dict, new: bool = True) -> dict:
             for path, stats in zip(entry["filter_stats"], FILTER_ROUNDS):
                 Path(path).write_text(json.dumps(stats))
         entries[name] = entry
-    return {"title": "fake study", "model": "tiny", "split": "test", "split_sizes": {b: N for b in BENCHES},
-            "seeds": [0, 1], "budget": "2 rounds", "wall_time_s": 123.0, "n_boot": 2000, "models": entries}
+    return {
+        "title": "fake study",
+        "model": "tiny",
+        "split": "test",
+        "split_sizes": {b: N for b in BENCHES},
+        "seeds": [0, 1],
+        "budget": "2 rounds",
+        "wall_time_s": 123.0,
+        "n_boot": 2000,
+        "models": entries,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +229,7 @@ def _predictions(study: dict, name: str, bench: str) -> dict[str, dict]:
 def _section(text: str, heading: str) -> str:
     start = text.index(heading + "\n")
     end = text.find("\n## ", start + len(heading))
-    return text[start:end if end > 0 else None]
+    return text[start : end if end > 0 else None]
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -164,9 +250,14 @@ def test_report_and_figures_exist(report):
         assert width > 100 and height > 100 and png.stat().st_size > 1000
         assert f"]({rel})" in text
     headings = re.findall(r"^## (.+)$", text, re.M)
-    assert headings[:6] == ["Headline: sciq rotation-invariant letter accuracy (rot_acc)", "Against the paper",
-                            "MCQ benchmarks", "Code benchmarks (pass@1 %)", "Flips against the base model",
-                            "Over seeds"]
+    assert headings[:6] == [
+        "Headline: sciq rotation-invariant letter accuracy (rot_acc)",
+        "Against the paper",
+        "MCQ benchmarks",
+        "Code benchmarks (pass@1 %)",
+        "Flips against the base model",
+        "Over seeds",
+    ]
     assert "- evaluation split: **test**" in text
 
 
@@ -198,7 +289,8 @@ def test_scores_match_metrics_files(report, study):
     assert "| 31.0 | 90% | 75% | 27.5 | A 30 · B 6 · none 4 |" in sciq
     assert "Gold letters: A 11 · B 10 · C 9 · D 10." in sciq
     assert "mbpp" not in _section(text, "## MCQ benchmarks") and "sciq" not in _section(
-        text, "## Code benchmarks (pass@1 %)")
+        text, "## Code benchmarks (pass@1 %)"
+    )
 
 
 def test_dvc_metrics_file_states_each_runs_headline_scores_and_gain(report, study):
@@ -210,8 +302,9 @@ def test_dvc_metrics_file_states_each_runs_headline_scores_and_gain(report, stud
         metrics = _metrics(study, name)
         assert row["headline"]["score"] == pytest.approx(metrics["benchmarks"]["sciq"]["rot_acc"])
         assert row["headline"]["lo"] <= row["headline"]["score"] <= row["headline"]["hi"]
-        assert row["score"] == pytest.approx({"overall": metrics["overall"],
-                                              **{b: m["score"] for b, m in metrics["benchmarks"].items()}})
+        assert row["score"] == pytest.approx(
+            {"overall": metrics["overall"], **{b: m["score"] for b, m in metrics["benchmarks"].items()}}
+        )
         if name != "base":  # same examples, so the paired gain is the difference of the overall scores
             assert row["gain_over_base"] == pytest.approx(metrics["overall"] - base["overall"])
 
@@ -245,8 +338,10 @@ def test_against_the_paper_on_the_headline(report, study):
     assert "interval lies above zero" in section
     rows = [line for line in section.splitlines() if line.startswith("| unisd-full (2 seeds) − ")]
     assert len(rows) == 2  # the label pooled over its seeds, against base and against the best baseline
-    rot = {name: _metrics(study, name)["benchmarks"]["sciq"]["rot_acc"] for name in ("unisd-full@0", "unisd-full@1",
-                                                                                     "base", "sft")}
+    rot = {
+        name: _metrics(study, name)["benchmarks"]["sciq"]["rot_acc"]
+        for name in ("unisd-full@0", "unisd-full@1", "base", "sft")
+    }
     for row, reference, target in zip(rows, ("base", "sft"), (5.4, 2.8)):
         gap = (rot["unisd-full@0"] + rot["unisd-full@1"]) / 2 - rot[reference]
         lo = float(re.search(r"\[([-+0-9.]+),", row).group(1))
@@ -269,11 +364,16 @@ def test_flips_count_the_prediction_files(report, study):
             lost = sum(max(0.0, base[i][key] - run[i][key]) for i in run)
             assert flips["benchmarks"][bench][metric] == {"wrong_to_right": gained, "right_to_wrong": lost}
     assert "base" not in data["flips"]
-    row = next(line for line in _section(path.read_text(), "## Flips against the base model").splitlines()
-               if line.startswith("| unisd-full@1 |"))
+    row = next(
+        line
+        for line in _section(path.read_text(), "## Flips against the base model").splitlines()
+        if line.startswith("| unisd-full@1 |")
+    )
     c = flips["benchmarks"]["sciq"]
-    assert (f"rot +{c['rot_acc']['wrong_to_right']} −{c['rot_acc']['right_to_wrong']} · gen "
-            f"+{c['score']['wrong_to_right']} −{c['score']['right_to_wrong']}") in row
+    assert (
+        f"rot +{c['rot_acc']['wrong_to_right']} −{c['rot_acc']['right_to_wrong']} · gen "
+        f"+{c['score']['wrong_to_right']} −{c['score']['right_to_wrong']}"
+    ) in row
 
 
 def test_sections_and_references(report, study):
@@ -283,12 +383,14 @@ def test_sections_and_references(report, study):
     assert data["vs_best_baseline"]["unisd-full@0"]["reference"] == "sft"
     assert data["components"]["ema"]["reference"] == "sd" and "base" not in data["vs_base"]
     ema = data["components"]["ema"]["overall"]
-    assert ema["diff_pct"] == pytest.approx(data["scores"]["ema"]["overall"]["score"]
-                                            - data["scores"]["sd"]["overall"]["score"])
+    assert ema["diff_pct"] == pytest.approx(
+        data["scores"]["ema"]["overall"]["score"] - data["scores"]["sd"]["overall"]["score"]
+    )
     pair = data["interactions"]["ema+contrastive"]
     overall = {n: data["scores"][n]["overall"]["score"] for n in ("sd", "ema", "contrastive", "ema+contrastive")}
-    assert pair["interaction"] == pytest.approx(overall["ema+contrastive"] - overall["ema"]
-                                                - overall["contrastive"] + overall["sd"])
+    assert pair["interaction"] == pytest.approx(
+        overall["ema+contrastive"] - overall["ema"] - overall["contrastive"] + overall["sd"]
+    )
     loo = data["leave_one_out"]["full-no-ema"]
     assert loo["reference"] == "unisd-full@0" and loo["overall"]["diff_pct"] > 0
     assert "token − sequence (retrieval)" in data["agreement"]
@@ -296,10 +398,19 @@ def test_sections_and_references(report, study):
     rot = [_metrics(study, f"unisd-full@{s}")["benchmarks"]["sciq"]["rot_acc"] for s in (0, 1)]
     assert seeds["overall"]["n_seeds"] == 2 and seeds["headline"]["mean"] == pytest.approx(sum(rot) / 2)
     assert seeds["overall"]["mean"] == pytest.approx(
-        (data["scores"]["unisd-full@0"]["overall"]["score"] + data["scores"]["unisd-full@1"]["overall"]["score"]) / 2)
-    for heading in ("## Gain over the base model (generative)", "## Gain over the best baseline (generative)",
-                    "## Drift and fit", "## Component gains", "## Interactions", "## Leave-one-out",
-                    "## Agreement variants", "## Training", "- wall time: 123 s"):
+        (data["scores"]["unisd-full@0"]["overall"]["score"] + data["scores"]["unisd-full@1"]["overall"]["score"]) / 2
+    )
+    for heading in (
+        "## Gain over the base model (generative)",
+        "## Gain over the best baseline (generative)",
+        "## Drift and fit",
+        "## Component gains",
+        "## Interactions",
+        "## Leave-one-out",
+        "## Agreement variants",
+        "## Training",
+        "- wall time: 123 s",
+    ):
         assert heading in text
 
 
@@ -311,21 +422,33 @@ def test_training_and_teacher_diagnostics(report, study):
     assert (train["steps"], train["teacher_updates"]) == (10, 2)
     assert train["final_loss"] == json.loads(last_round[-1])["loss"]
     assert (train["token_weight_mean"], train["token_weight_min"], train["clipped_frac"]) == pytest.approx(
-        (0.97, 0.5, 0.3))
+        (0.97, 0.5, 0.3)
+    )
     assert train["rounds"] == {k: [r[k] for r in FILTER_ROUNDS] for k in FILTER_ROUNDS[0] if k != "kept"}
     section = _section(path.read_text(), "## Training")
-    row = next(line for line in section.split("### Teacher diagnostics")[1].splitlines()
-               if line.startswith("| unisd-full@0 |"))
-    assert row == ("| unisd-full@0 | -0.69 / -0.37; -1.2 / -0.4 | 0.5 / 0.25; 0.55 / 0.3 | 0.3; 0.35 | 3; 1 "
-                   "| 0.25; 0.3 | 0.5; 0.4 | 0.998; 0.99 |")
+    row = next(
+        line for line in section.split("### Teacher diagnostics")[1].splitlines() if line.startswith("| unisd-full@0 |")
+    )
+    assert row == (
+        "| unisd-full@0 | -0.69 / -0.37; -1.2 / -0.4 | 0.5 / 0.25; 0.55 / 0.3 | 0.3; 0.35 | 3; 1 "
+        "| 0.25; 0.3 | 0.5; 0.4 | 0.998; 0.99 |"
+    )
     assert "| sft |" not in section.split("### Teacher diagnostics")[1]  # no filter stats
 
 
 def test_partial_study_names_missing_cells(study, tmp_path):
-    cells = {"base-s0": {"status": "done", "wall_time_s": 7200.0, "computed": True, "finished": "2026-12-01T10:00",
-                         "code": {"evaluate": "abcdef0123456789", "train": "0123456789ab"}},
-             "sft-s0": {"status": "unrecorded"},
-             "gkd-s0": {"status": "missing"}, "opsd-s0": {"status": "stale", "wall_time_s": 60.0, "computed": False}}
+    cells = {
+        "base-s0": {
+            "status": "done",
+            "wall_time_s": 7200.0,
+            "computed": True,
+            "finished": "2026-12-01T10:00",
+            "code": {"evaluate": "abcdef0123456789", "train": "0123456789ab"},
+        },
+        "sft-s0": {"status": "unrecorded"},
+        "gkd-s0": {"status": "missing"},
+        "opsd-s0": {"status": "stale", "wall_time_s": 60.0, "computed": False},
+    }
     small = {**study, "cells": cells, "models": {n: study["models"][n] for n in ("base", "sft")}}
     text = write_report(small, tmp_path).read_text()
     assert "- cells: 2 of 4 evaluated; not in this report: gkd-s0 (missing), opsd-s0 (stale)" in text
@@ -336,8 +459,10 @@ def test_partial_study_names_missing_cells(study, tmp_path):
 
 
 def test_missing_inputs_skip_sections_and_figures(study, tmp_path):
-    small = {**study, "models": {n: {k: v for k, v in study["models"][n].items() if k != "curves"}
-                                 for n in ("base", "sft")}}
+    small = {
+        **study,
+        "models": {n: {k: v for k, v in study["models"][n].items() if k != "curves"} for n in ("base", "sft")},
+    }
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "components.png").write_bytes(b"from an earlier report")
     data = json.loads((write_report(small, tmp_path).parent / "report.json").read_text())

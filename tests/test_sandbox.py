@@ -10,8 +10,7 @@ import textwrap
 
 import pytest
 
-from unisd.sandbox import CodeTest, IsolationUnavailable, Limits, run_many
-from unisd.sandbox import launch
+from unisd.sandbox import CodeTest, IsolationUnavailable, Limits, launch, run_many
 from unisd.sandbox.inside import codec, seccomp
 from unisd.sandbox.judge import defined_names, plan
 from unisd.sandbox.run import isolation
@@ -31,10 +30,35 @@ def best_effort(monkeypatch):
 
 # ------------------------------------------------------------------------------ codec
 
-PLAIN = [None, True, False, 0, -7, 10**80, 0.1, -0.0, float("inf"), 1e-300, 2 + 3j, "", "é\x00", b"\xff",
-         bytearray(b"a"), [], [1, [2.5, "x"]], (), (1,), ((1, 2), [3]), {}, {1: "a", (2, 3): [4], "k": {5: None}},
-         {1, 2}, frozenset({3}), collections.OrderedDict([(2, 1), (1, 2)]), collections.Counter("abca"),
-         collections.deque([1, 2])]
+PLAIN = [
+    None,
+    True,
+    False,
+    0,
+    -7,
+    10**80,
+    0.1,
+    -0.0,
+    float("inf"),
+    1e-300,
+    2 + 3j,
+    "",
+    "é\x00",
+    b"\xff",
+    bytearray(b"a"),
+    [],
+    [1, [2.5, "x"]],
+    (),
+    (1,),
+    ((1, 2), [3]),
+    {},
+    {1: "a", (2, 3): [4], "k": {5: None}},
+    {1, 2},
+    frozenset({3}),
+    collections.OrderedDict([(2, 1), (1, 2)]),
+    collections.Counter("abca"),
+    collections.deque([1, 2]),
+]
 
 
 @pytest.mark.parametrize("value", PLAIN, ids=repr)
@@ -54,15 +78,29 @@ class Always(list):
         return True
 
 
-@pytest.mark.parametrize("value", [Always(), object(), [1, object()], type("I", (int,), {})(3), lambda: 0, range(3),
-                                   iter([1])], ids=repr)
+@pytest.mark.parametrize(
+    "value", [Always(), object(), [1, object()], type("I", (int,), {})(3), lambda: 0, range(3), iter([1])], ids=repr
+)
 def test_what_is_not_plain_is_refused(value):
     with pytest.raises(TypeError):
         codec.encode(value)
 
 
-@pytest.mark.parametrize("text", ['1.5', 'NaN', '{"float": "1e999"}', '{"x": 1}', '{"set": [[1]]}', '{"dict": [[1]]}',
-                                  '{"tuple": [], "set": []}', '9' * 5000, '[' * 100000 + ']' * 100000, '{"float": 5}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1.5",
+        "NaN",
+        '{"float": "1e999"}',
+        '{"x": 1}',
+        '{"set": [[1]]}',
+        '{"dict": [[1]]}',
+        '{"tuple": [], "set": []}',
+        "9" * 5000,
+        "[" * 100000 + "]" * 100000,
+        '{"float": 5}',
+    ],
+)
 def test_hostile_encodings_are_refused(text):
     with pytest.raises((ValueError, TypeError)):
         codec.decode(codec.parse(text))
@@ -70,15 +108,19 @@ def test_hostile_encodings_are_refused(text):
 
 # ------------------------------------------------------------------------------ splitting
 
+
 def test_expected_values_never_enter_the_sandbox():
-    mbpp = job("", """\
+    mbpp = job(
+        "",
+        """\
         import math
         assert add(1, 2) == 918273645
         assert math.isclose(area(10), 62.83185, rel_tol=0.001)
         assert set(common((3, 4), (4, 5))) == set((4, 777123))
         assert abs(f(1.33) - 0.33119) < 1e-6 and g(2) == [55511, 2]
         assert sorted(h(3))[0] == 'secret-value'
-        """)
+        """,
+    )
     inside = plan(mbpp).inside_tests
     for expected in ("918273645", "62.83185", "777123", "0.33119", "55511", "secret-value", "1e-06", "0.001"):
         assert expected not in inside
@@ -87,14 +129,17 @@ def test_expected_values_never_enter_the_sandbox():
 
 
 def test_humaneval_check_sees_only_plain_values():
-    he = job("", """\
+    he = job(
+        "",
+        """\
         def check(candidate):
             assert candidate([1, 2]) == 'expected'
             for x in range(3):
                 assert candidate([x]) == str(x)
             assert True
         check(f)
-        """)
+        """,
+    )
     p = plan(he)
     assert "expected" not in p.inside_tests
     assert p.inside_tests.count("__plain__(candidate(") == 2
@@ -102,7 +147,10 @@ def test_humaneval_check_sees_only_plain_values():
 
 
 def test_sites_in_conditional_code_are_not_required():
-    p = plan(job("", """\
+    p = plan(
+        job(
+            "",
+            """\
         assert f() == 1
         if cond():
             assert f() == 2
@@ -110,13 +158,20 @@ def test_sites_in_conditional_code_are_not_required():
             assert f() == 3
         except Exception:
             pass
-        """))
+        """,
+        )
+    )
     assert [s.required for s in p.sites] == [True, False, False]
 
 
 def test_names_the_reference_defines_are_never_taken_for_builtins():
     assert defined_names("import math, os.path\nfrom x import y as z\ndef sum(a, b): pass\nN = 3\nclass C: pass") == {
-        "os", "z", "sum", "N", "C"}
+        "os",
+        "z",
+        "sum",
+        "N",
+        "C",
+    }
     assert "sum(10, 15)" in plan(job("", "assert sum(10, 15) == 6\n", {"sum"})).inside_tests
     assert "sum(" not in plan(job("", "assert sum(f(10)) == 6\n")).inside_tests
 
@@ -140,17 +195,42 @@ def boom():
 """
 # Each assert is judged by the sandbox and, as the oracle, by Python itself in this process.
 ASSERTS = [
-    "assert ident(3) == 3", "assert ident(3) == 3.0", "assert ident(True) == 1", "assert ident(3) == 4",
-    "assert pair() == [1, 2]", "assert pair() == (1, 2)", "assert tup() == (1, 2)", "assert tup() == [1, 2]",
-    "assert floaty() == 0.3", "assert floaty() == 0.30000000000000004", "assert math.isclose(floaty(), 0.3)",
-    "assert abs(floaty() - 0.3) < 1e-9", "assert ident(float('nan')) == float('nan')", "assert ident(-0.0) == 0.0",
-    "assert ident({'b': 1, 'a': 2}) == {'a': 2, 'b': 1}", "assert counter() == {'a': 2, 'b': 1}",
-    "assert set(pair()) == {2, 1}", "assert sorted(ident([3, 1, 2])) == [1, 2, 3]", "assert len(pair()) == 2",
-    "assert 2 in pair()", "assert 3 not in pair()", "assert ident(None) is None", "assert ident(0) is not None",
-    "assert not ident(0)", "assert ident([0])", "assert ident(1) < 2 < 3", "assert pair()[1] == 2",
-    "assert pair()[::-1] == [2, 1]", "assert ident('ab') + 'c' == 'abc'", "assert ident(1) == 1 and ident(2) == 3",
-    "assert ident(5) == 2 * 3 - 1", "assert ident(1) == 1 or boom()", "assert ident('a') < 1",
-    "assert all(x > 0 for x in pair())", "assert boom() == 1", "assert ident(1) == ident(1)",
+    "assert ident(3) == 3",
+    "assert ident(3) == 3.0",
+    "assert ident(True) == 1",
+    "assert ident(3) == 4",
+    "assert pair() == [1, 2]",
+    "assert pair() == (1, 2)",
+    "assert tup() == (1, 2)",
+    "assert tup() == [1, 2]",
+    "assert floaty() == 0.3",
+    "assert floaty() == 0.30000000000000004",
+    "assert math.isclose(floaty(), 0.3)",
+    "assert abs(floaty() - 0.3) < 1e-9",
+    "assert ident(float('nan')) == float('nan')",
+    "assert ident(-0.0) == 0.0",
+    "assert ident({'b': 1, 'a': 2}) == {'a': 2, 'b': 1}",
+    "assert counter() == {'a': 2, 'b': 1}",
+    "assert set(pair()) == {2, 1}",
+    "assert sorted(ident([3, 1, 2])) == [1, 2, 3]",
+    "assert len(pair()) == 2",
+    "assert 2 in pair()",
+    "assert 3 not in pair()",
+    "assert ident(None) is None",
+    "assert ident(0) is not None",
+    "assert not ident(0)",
+    "assert ident([0])",
+    "assert ident(1) < 2 < 3",
+    "assert pair()[1] == 2",
+    "assert pair()[::-1] == [2, 1]",
+    "assert ident('ab') + 'c' == 'abc'",
+    "assert ident(1) == 1 and ident(2) == 3",
+    "assert ident(5) == 2 * 3 - 1",
+    "assert ident(1) == 1 or boom()",
+    "assert ident('a') < 1",
+    "assert all(x > 0 for x in pair())",
+    "assert boom() == 1",
+    "assert ident(1) == ident(1)",
 ]
 
 
@@ -171,11 +251,16 @@ def test_the_judge_agrees_with_python():
 
 
 def test_results_say_why_and_keep_order():
-    results = run_many([job("def f():\n    return 2\n", "assert f() == 2\n"),
-                        job("def f():\n    return [1, 'x']\n", "assert f() == 1\n"),
-                        job("def f(:\n", "assert f() == 1\n"),
-                        job("def f():\n    print('out'); raise KeyError('k')\n", "assert f() == 1\n"),
-                        job("", "assert (\n")], FAST)
+    results = run_many(
+        [
+            job("def f():\n    return 2\n", "assert f() == 2\n"),
+            job("def f():\n    return [1, 'x']\n", "assert f() == 1\n"),
+            job("def f(:\n", "assert f() == 1\n"),
+            job("def f():\n    print('out'); raise KeyError('k')\n", "assert f() == 1\n"),
+            job("", "assert (\n"),
+        ],
+        FAST,
+    )
     assert [r.status for r in results] == ["passed", "failed", "failed", "failed", "failed"]
     assert results[1].reason == "test 1 failed (got [1, 'x'])"
     assert results[2].reason.startswith("raised in the solution: SyntaxError")
@@ -184,17 +269,29 @@ def test_results_say_why_and_keep_order():
 
 
 def test_every_report_is_needed():
-    results = run_many([job("import os\ndef f():\n    os._exit(0)\n", "assert f() == 1\n"),
-                        job("def f():\n    return 1\n", "assert f() == 1\nraise SystemExit\nassert f() == 1\n"),
-                        job("def f():\n    return 1\n", "x = 1\n")], FAST)
-    assert [r.reason for r in results] == ["exited before all tests reported",
-                                           "raised in the tests: SystemExit: ", "the tests contain no assert"]
+    results = run_many(
+        [
+            job("import os\ndef f():\n    os._exit(0)\n", "assert f() == 1\n"),
+            job("def f():\n    return 1\n", "assert f() == 1\nraise SystemExit\nassert f() == 1\n"),
+            job("def f():\n    return 1\n", "x = 1\n"),
+        ],
+        FAST,
+    )
+    assert [r.reason for r in results] == [
+        "exited before all tests reported",
+        "raised in the tests: SystemExit: ",
+        "the tests contain no assert",
+    ]
 
 
 def test_limits_end_runs_as_results():
-    loop, hog = run_many([job("def f():\n    while True: pass\n", "assert f() == 1\n"),
-                          job("def f():\n    return len(bytearray(1 << 30))\n", "assert f() == 1 << 30\n")],
-                         Limits(timeout_s=1.5, memory_mb=256))
+    loop, hog = run_many(
+        [
+            job("def f():\n    while True: pass\n", "assert f() == 1\n"),
+            job("def f():\n    return len(bytearray(1 << 30))\n", "assert f() == 1 << 30\n"),
+        ],
+        Limits(timeout_s=1.5, memory_mb=256),
+    )
     assert loop.status == "timeout" and loop.seconds < 5
     assert hog.status == "failed" and "MemoryError" in hog.reason
 
@@ -205,6 +302,7 @@ def test_only_judged_jobs_are_run():
 
 
 # ------------------------------------------------------------------------------ isolation
+
 
 def test_each_result_records_its_isolation():
     iso = isolation(FAST)  # this machine's answer, probed once per process
@@ -220,10 +318,14 @@ def test_strict_refuses_best_effort(best_effort):
 def test_best_effort_still_judges_and_limits(best_effort, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("top secret")
-    ok, wrong, reader = run_many([job("def f():\n    return 1\n", "assert f() == 1\n"),
-                                  job("def f():\n    return 2\n", "assert f() == 1\n"),
-                                  job(f"def f():\n    return open({str(secret)!r}).read()\n", "assert f() == 1\n")],
-                                 FAST)
+    ok, wrong, reader = run_many(
+        [
+            job("def f():\n    return 1\n", "assert f() == 1\n"),
+            job("def f():\n    return 2\n", "assert f() == 1\n"),
+            job(f"def f():\n    return open({str(secret)!r}).read()\n", "assert f() == 1\n"),
+        ],
+        FAST,
+    )
     assert ok.passed and ok.isolation["level"] == "best_effort"
     assert wrong.reason == "test 1 failed (got 2)"
     assert "denied" in reader.reason and "top secret" not in reader.reason + reader.stdout + reader.stderr
@@ -245,10 +347,18 @@ def test_best_effort_as_root_runs_the_program_as_nobody(monkeypatch):
     if python is None:
         pytest.skip("no interpreter that uid 65534 can start")
     monkeypatch.setattr(launch, "python", lambda: python)
-    monkeypatch.setattr(launch, "_available", launch.Isolation("best_effort", seccomp.supported(), "forced",
-                                                               as_nobody=True))
-    [ids] = run_many([job("import os\ndef f():\n    return os.getuid(), os.geteuid(), os.getgid(), os.getgroups()\n",
-                          "assert f() == (65534, 65534, 65534, [])\n")], FAST)
+    monkeypatch.setattr(
+        launch, "_available", launch.Isolation("best_effort", seccomp.supported(), "forced", as_nobody=True)
+    )
+    [ids] = run_many(
+        [
+            job(
+                "import os\ndef f():\n    return os.getuid(), os.geteuid(), os.getgid(), os.getgroups()\n",
+                "assert f() == (65534, 65534, 65534, [])\n",
+            )
+        ],
+        FAST,
+    )
     assert ids.passed, ids.reason
     assert ids.isolation == {"level": "best_effort", "seccomp": seccomp.supported(), "uid": 65534}
 
@@ -272,6 +382,7 @@ def test_root_without_namespaces_drops_to_nobody_only_where_it_can(monkeypatch, 
 
 # ------------------------------------------------------------------------------ seccomp filter
 
+
 def run_bpf(program, nr: int, arch: int, arg0: int = 0) -> int:
     """A classic-BPF interpreter for the instructions the filter uses."""
     data = {0: nr, 4: arch, 16: arg0}
@@ -288,9 +399,22 @@ def run_bpf(program, nr: int, arch: int, arg0: int = 0) -> int:
 
 
 # (x86_64, aarch64) from the kernel's unistd tables, independently of the filter's own table
-SYSCALLS = {"read": (0, 63), "openat": (257, 56), "mmap": (9, 222), "socketpair": (53, 199), "kill": (62, 129),
-            "pidfd_send_signal": (424, 424), "execve": (59, 221), "ptrace": (101, 117), "unshare": (272, 97),
-            "mount": (165, 40), "socket": (41, 198), "clone": (56, 220), "clone3": (435, 435), "prctl": (157, 167)}
+SYSCALLS = {
+    "read": (0, 63),
+    "openat": (257, 56),
+    "mmap": (9, 222),
+    "socketpair": (53, 199),
+    "kill": (62, 129),
+    "pidfd_send_signal": (424, 424),
+    "execve": (59, 221),
+    "ptrace": (101, 117),
+    "unshare": (272, 97),
+    "mount": (165, 40),
+    "socket": (41, 198),
+    "clone": (56, 220),
+    "clone3": (435, 435),
+    "prctl": (157, 167),
+}
 ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 EPERM, ENOSYS = 0x00050000 | 1, 0x00050000 | 38
 

@@ -78,8 +78,11 @@ def read_loop(dest: Path, reader: int, start: Path, stop: Path, report: Path) ->
         else:
             meta = read_manifest(copy)["meta"]
             expected = version(meta["writer"], meta["round"])
-            got = {p.relative_to(copy).as_posix(): p.read_bytes() for p in copy.rglob("*")
-                   if p.is_file() and p.name != "manifest.json"}
+            got = {
+                p.relative_to(copy).as_posix(): p.read_bytes()
+                for p in copy.rglob("*")
+                if p.is_file() and p.name != "manifest.json"
+            }
             if got != expected:
                 bad.append(f"copy of {meta} is not that version: {sorted(got)}")
             seen.add((meta["writer"], meta["round"]))
@@ -94,8 +97,15 @@ def test_racing_writers_never_serve_readers_a_partial_or_mixed_output(tmp_path):
     start, stop = tmp_path / "start", tmp_path / "stop"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     roles = [("write", 0), ("write", 1), ("read", 0), ("read", 1)]
-    procs = {role: subprocess.Popen([sys.executable, __file__, *map(str, role), str(dest), str(tmp_path)], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for role in roles}
+    procs = {
+        role: subprocess.Popen(
+            [sys.executable, __file__, *map(str, role), str(dest), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for role in roles
+    }
     time.sleep(1.0)  # imports done
     start.touch()
     for role in roles[:2]:
@@ -115,7 +125,8 @@ def test_racing_writers_never_serve_readers_a_partial_or_mixed_output(tmp_path):
     assert check_output(dest) is None
     meta = read_manifest(dest)["meta"]
     assert {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*.bin")} == version(
-        meta["writer"], meta["round"])
+        meta["writer"], meta["round"]
+    )
     assert sorted(p.name for p in dest.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name) == []
 
 

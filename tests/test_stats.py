@@ -10,8 +10,18 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from unisd.stats import (bootstrap_ci, flip_counts, interaction, mcnemar_exact, overall_ci, paired_overall_test,
-                         paired_test, pooled_ci, pooled_paired_test, seed_summary)
+from unisd.stats import (
+    bootstrap_ci,
+    flip_counts,
+    interaction,
+    mcnemar_exact,
+    overall_ci,
+    paired_overall_test,
+    paired_test,
+    pooled_ci,
+    pooled_paired_test,
+    seed_summary,
+)
 
 
 def _ids(values) -> dict[str, bool]:
@@ -91,8 +101,10 @@ def test_identical_models_and_null_p_values():
     # two independent models of equal accuracy: p-values roughly uniform (a discrete test is
     # conservative, so their mean sits a little above 1/2)
     rng = np.random.default_rng(1)
-    ps = [paired_test(_ids(rng.random(60) < 0.5), _ids(rng.random(60) < 0.5), n_perm=500, n_boot=100,
-                      seed=i)["p_value"] for i in range(150)]
+    ps = [
+        paired_test(_ids(rng.random(60) < 0.5), _ids(rng.random(60) < 0.5), n_perm=500, n_boot=100, seed=i)["p_value"]
+        for i in range(150)
+    ]
     assert 0.4 < np.mean(ps) < 0.75 and np.mean(np.array(ps) < 0.05) < 0.1
 
 
@@ -174,8 +186,9 @@ def _exact_quantile(values: list[Fraction], q: float) -> Fraction:
 
 def test_pooled_paired_test_matches_enumeration():
     """Every one of the 5^5 equally likely resamples of the examples, and every sign flip."""
-    diffs = [Fraction(sum(a[q] for a in POOLED_A), 2) - Fraction(sum(b[q] for b in POOLED_B), 2)
-             for q in sorted(POOLED_A[0])]
+    diffs = [
+        Fraction(sum(a[q] for a in POOLED_A), 2) - Fraction(sum(b[q] for b in POOLED_B), 2) for q in sorted(POOLED_A[0])
+    ]
     assert diffs == [1, 1, Fraction(-1, 2), Fraction(-1, 2), Fraction(1, 2)]
     n = len(diffs)
     means = [sum(diffs[i] for i in draw) / n for draw in itertools.product(range(n), repeat=n)]
@@ -193,10 +206,10 @@ def test_pooled_paired_test_matches_enumeration():
 def test_pooled_with_one_seed_is_the_paired_test():
     rng = np.random.default_rng(3)
     a, b = _ids(rng.random(50) < 0.6), _ids(rng.random(50) < 0.4)
-    pooled, paired = pooled_paired_test([a], [b], n_boot=2000, n_perm=2000), paired_test(a, b, n_boot=2000,
-                                                                                          n_perm=2000)
+    pooled, paired = pooled_paired_test([a], [b], n_boot=2000, n_perm=2000), paired_test(a, b, n_boot=2000, n_perm=2000)
     assert [pooled[k] for k in ("diff_pct", "lo", "hi", "p_value")] == pytest.approx(
-        [paired[k] for k in ("diff_pct", "lo", "hi", "p_value")])
+        [paired[k] for k in ("diff_pct", "lo", "hi", "p_value")]
+    )
     assert pooled_ci([a], n_boot=2000) == pytest.approx(bootstrap_ci(list(a.values()), n_boot=2000))
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from project import tiny_params
+
 from unisd.config import Config
 from unisd.report import ReportError
 from unisd.stages import Layout
@@ -109,8 +109,9 @@ def test_report_of_a_partly_run_study(small_study):
     data = json.loads((report.parent / "report.json").read_text())
     assert list(data["runs"]) == ["base-s42", "sft-s42"]
     assert [c["status"] for c in data["study"]["cells"].values()] == ["done", "done", "missing"]
-    assert data["study"]["wall_time_s"] == pytest.approx(sum(c["wall_time_s"] for c in
-                                                             list(data["study"]["cells"].values())[:2]))
+    assert data["study"]["wall_time_s"] == pytest.approx(
+        sum(c["wall_time_s"] for c in list(data["study"]["cells"].values())[:2])
+    )
     text = report.read_text()
     assert "- cells: 2 of 3 evaluated; not in this report: unisd-full-s42 (missing)" in text
     assert "## Wall time per cell" in text
@@ -121,9 +122,15 @@ def project(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(tmp_path / "prefect-results"))
     params = tiny_params(tiny_model_dir)
-    params["study"] = {"recipes": ["base", "sft", "unisd-full"], "seeds": [42], "components": ["ema", "clip"],
-                       "agreement_variants": False, "leave_one_out": True, "size": {"train_set.limit": 4},
-                       "ablation_size": {"train.lr": 5.0e-5}}
+    params["study"] = {
+        "recipes": ["base", "sft", "unisd-full"],
+        "seeds": [42],
+        "components": ["ema", "clip"],
+        "agreement_variants": False,
+        "leave_one_out": True,
+        "size": {"train_set.limit": 4},
+        "ablation_size": {"train.lr": 5.0e-5},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
 
@@ -162,8 +169,21 @@ def test_compare_and_ablation_flows(project):
     assert data["study"]["budget"]["lr"] != 5.0e-5
 
     report = Path(ablation(str(project / "params.yaml")))
-    data = check_report(report, {"base", "sd", "ema", "clip", "ema+clip", "unisd-full", "unisd-full-no-agreement",
-                                 "unisd-full-no-ema", "unisd-full-no-contrastive", "unisd-full-no-feature"})
+    data = check_report(
+        report,
+        {
+            "base",
+            "sd",
+            "ema",
+            "clip",
+            "ema+clip",
+            "unisd-full",
+            "unisd-full-no-agreement",
+            "unisd-full-no-ema",
+            "unisd-full-no-contrastive",
+            "unisd-full-no-feature",
+        },
+    )
     assert set(data["components"]) == {"ema-s42", "clip-s42"}
     assert list(data["interactions"]) == ["ema+clip-s42"]
     assert len(data["leave_one_out"]) == 4

@@ -150,9 +150,8 @@ def test_student_weights_are_restored_when_the_teacher_pass_raises(tiny_model_di
     teacher.is_base = shortcut
     perturb(model, 0.05)
     before = snapshot(model)
-    with pytest.raises(RuntimeError, match="boom"):
-        with teacher.active():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), teacher.active():
+        raise RuntimeError("boom")
     assert_same(snapshot(model), before)
     assert model.training
 
@@ -190,11 +189,12 @@ def test_lora_ema_parameter_gap_shrinks_by_exactly_beta_per_update(tiny_model_di
     for n in range(1, 6):
         assert teacher.after_step(n) is True
         assert_same(snapshot(model), theta)  # the update does not touch the student
-        torch.testing.assert_close(gap(teacher.weights, theta) / g0, torch.tensor(beta ** n, dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            gap(teacher.weights, theta) / g0, torch.tensor(beta**n, dtype=torch.float64), rtol=1e-5, atol=1e-7
+        )
     # closed form, parameter by parameter: φ_n = θ + β^n (φ_0 − θ)
     for name in theta:
-        expected = theta[name] + beta ** 5 * (phi0[name] - theta[name])
+        expected = theta[name] + beta**5 * (phi0[name] - theta[name])
         torch.testing.assert_close(teacher.weights[name], expected, rtol=1e-5, atol=1e-6)
     # the LoRA B matrices started at 0 (teacher = base model) and are now non-zero
     assert any("lora_B" in n and phi0[n].abs().max() == 0 and teacher.weights[n].abs().max() > 0 for n in phi0)
@@ -215,7 +215,7 @@ def test_lora_ema_teacher_logprobs_move_toward_the_student(tiny_model_dir, probe
     assert all(b < a for a, b in zip(dist, dist[1:])), dist  # monotone
     ratios = [float(b / a) for a, b in zip(dist, dist[1:])]
     assert ratios == pytest.approx([beta] * len(ratios), abs=0.01), ratios
-    assert float(dist[-1] / dist[0]) == pytest.approx(beta ** 6, rel=0.15)
+    assert float(dist[-1] / dist[0]) == pytest.approx(beta**6, rel=0.15)
 
 
 def test_reference_defect_averaging_only_base_weights_never_moves_the_teacher(tiny_model_dir, probe, base_logits):
@@ -272,8 +272,9 @@ def test_ema_updates_only_every_n_steps(tiny_model_dir):
         else:
             assert_same(teacher.weights, before)
     assert fired == [step % every == 0 for step in range(1, 10)]
-    torch.testing.assert_close(gap(teacher.weights, theta) / g0, torch.tensor(beta ** 3, dtype=torch.float64),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        gap(teacher.weights, theta) / g0, torch.tensor(beta**3, dtype=torch.float64), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_state_dict_round_trip(tiny_model_dir, probe, tmp_path):
@@ -326,8 +327,9 @@ def test_full_finetuning_ema_follows_the_student(tiny_model_dir, probe):
     for n in range(1, 5):
         assert teacher.after_step(2 * n - 1) is False
         assert teacher.after_step(2 * n) is True
-        torch.testing.assert_close(gap(teacher.weights, theta) / g0, torch.tensor(beta ** n, dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            gap(teacher.weights, theta) / g0, torch.tensor(beta**n, dtype=torch.float64), rtol=1e-5, atol=1e-7
+        )
         dist.append((teacher_token_logprobs(teacher, probe) - lp_s).abs().mean())
     assert_same(snapshot(model), theta)
     assert dist[0] > 1e-3

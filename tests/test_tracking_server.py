@@ -82,8 +82,15 @@ def test_two_concurrent_writers_arrive_intact_and_the_server_stops(tmp_path, ser
     procs = []
     for i in range(WRITERS):
         (tmp_path / f"w{i}").mkdir()
-        procs.append(subprocess.Popen([sys.executable, __file__, str(i), str(tmp_path / f"w{i}"), str(barrier)],
-                                      env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, str(i), str(tmp_path / f"w{i}"), str(barrier)],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     for p in procs:
         out = p.communicate(timeout=240)[0].decode(errors="replace")
         assert p.returncode == 0, out[-3000:]

@@ -19,9 +19,9 @@ import unisd.train as train_mod
 from unisd.config import build_config
 from unisd.logprobs import completion_hidden, completion_logprobs, head_fn
 from unisd.modeling import load_model, load_tokenizer
+from unisd.objective import batch_loss, loss_mask
 from unisd.recipes import Method, method_dict
 from unisd.teachers import Teacher
-from unisd.objective import batch_loss, loss_mask
 from unisd.train import TeacherCache, TrainingError, TrainItem, check_lineage, collate, micro_batches, train_round
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -33,7 +33,7 @@ QUESTIONS = [
     ("Question: Which option is a noble gas?", "Answer: D"),
     ("Write a test for add.", "assert add(1, 2) == 3"),
     ("Question: What do plants use for photosynthesis?", "Reasoning: carbon dioxide and light.\nAnswer: B"),
-    ("Call the weather tool for Paris.", "Action Input: {\"city\": \"Paris\"}"),
+    ("Call the weather tool for Paris.", 'Action Input: {"city": "Paris"}'),
 ]
 DEMO = "This is an example for a response to the question: {}\nStudy the example, then solve the problem."
 
@@ -92,9 +92,12 @@ def method(tmp_path, tiny_model_dir, recipe):
 
 
 def test_collate_right_aligns_completions_and_scores():
-    items = [TrainItem([5, 6, 7], [11, 12], teacher_prompt=[1, 5, 6, 7], scores=[[0.1, 0.2], [0.3, 0.4]]),
-             TrainItem([8, 9], [21, 22, 23, 24], teacher_prompt=[1, 2, 8],
-                       scores=[[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])]
+    items = [
+        TrainItem([5, 6, 7], [11, 12], teacher_prompt=[1, 5, 6, 7], scores=[[0.1, 0.2], [0.3, 0.4]]),
+        TrainItem(
+            [8, 9], [21, 22, 23, 24], teacher_prompt=[1, 2, 8], scores=[[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]
+        ),
+    ]
     b = collate(items, pad_id=0, device="cpu")
     assert b["width"] == 4
     assert b["mask"].tolist() == [[False, False, True, True], [True, True, True, True]]
@@ -107,7 +110,7 @@ def test_collate_right_aligns_completions_and_scores():
     assert b["teacher_prompt"]["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 1, 1], [1] * 7]
     # the last `width` tokens of every packed sequence are the (right-aligned) targets where mask is set
     for name in ("student", "teacher_prompt"):
-        tail = b[name]["input_ids"][:, -b["width"]:]
+        tail = b[name]["input_ids"][:, -b["width"] :]
         assert torch.equal(tail[b["mask"]], b["targets"][b["mask"]])
     assert "negative_prompt" not in b
     assert b["scores"].shape == (2, 2, 4)
@@ -116,8 +119,10 @@ def test_collate_right_aligns_completions_and_scores():
 
 
 def test_collate_negative_prompts_and_no_scores():
-    items = [TrainItem([5], [11, 12, 13], negative_prompt=[9, 5], teacher_prompt=[1, 5]),
-             TrainItem([6, 7], [21], negative_prompt=[9, 9, 6, 7], teacher_prompt=[1, 6, 7])]
+    items = [
+        TrainItem([5], [11, 12, 13], negative_prompt=[9, 5], teacher_prompt=[1, 5]),
+        TrainItem([6, 7], [21], negative_prompt=[9, 9, 6, 7], teacher_prompt=[1, 6, 7]),
+    ]
     b = collate(items, pad_id=3, device="cpu")
     assert b["mask"].tolist() == [[True, True, True], [False, False, True]]
     assert b["targets"].tolist() == [[11, 12, 13], [0, 0, 21]]
@@ -143,8 +148,8 @@ def test_completion_hidden_is_after_the_final_norm_and_gives_plain_logits(tiny_m
         h = completion_hidden(lm, batch["student"], batch["width"])
     handle.remove()
     W = batch["width"]
-    torch.testing.assert_close(h, seen["post"][:, -(W + 1):-1], atol=0, rtol=0)  # after the final norm ...
-    assert (h - seen["pre"][:, -(W + 1):-1]).abs().max() > 1e-2  # ... not before it
+    torch.testing.assert_close(h, seen["post"][:, -(W + 1) : -1], atol=0, rtol=0)  # after the final norm ...
+    assert (h - seen["pre"][:, -(W + 1) : -1]).abs().max() > 1e-2  # ... not before it
     rms = h[batch["mask"]].pow(2).mean(-1).sqrt() / norm.weight.abs().mean()
     assert rms.min() > 0.3 and rms.max() < 3  # normalised scale
 
@@ -153,12 +158,12 @@ def test_completion_hidden_is_after_the_final_norm_and_gives_plain_logits(tiny_m
         for b, it in enumerate(items[:4]):
             n = len(it.completion)
             plain = completion_logits_unpadded(lm, it.prompt, it.completion)
-            torch.testing.assert_close(logits[b, W - n:], plain, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[b, W - n :], plain, atol=1e-4, rtol=1e-4)
     # log-softmax at the targets = the scoring code's teacher-forced log-probs
     lp = torch.log_softmax(logits, -1).gather(-1, batch["targets"][..., None]).squeeze(-1)
     ref = completion_logprobs(lm, [(it.prompt, it.completion) for it in items[:4]], tok.pad_token_id, batch_size=3)
     for b, it in enumerate(items[:4]):
-        torch.testing.assert_close(lp[b, W - len(it.completion):], ref[b], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lp[b, W - len(it.completion) :], ref[b], atol=1e-4, rtol=1e-4)
 
 
 # --- the loss of one micro-batch --------------------------------------------------------------
@@ -269,8 +274,14 @@ def test_skip_first_tokens_leaves_them_out_of_the_divergence(tmp_path, tiny_mode
     teacher = Teacher(lm, "frozen")
     perturb(lm, 0.05)
     batch_items = items[:4]
-    loss, _ = batch_loss(resolved("sd", skip_first_tokens=skip), lm, teacher, head_name_of(lm),
-                         collate(batch_items, tok.pad_token_id, "cpu"), chunk=3)
+    loss, _ = batch_loss(
+        resolved("sd", skip_first_tokens=skip),
+        lm,
+        teacher,
+        head_name_of(lm),
+        collate(batch_items, tok.pad_token_id, "cpu"),
+        chunk=3,
+    )
     base = base_model(tiny_model_dir)
     # by hand: the mean over every item's tokens from index `skip` on
     ref = torch.cat([kl_per_token(lm, base, it)[skip:] for it in batch_items]).mean()
@@ -315,8 +326,9 @@ def test_gold_items_get_cross_entropy_under_a_distillation_recipe(tmp_path, tiny
     perturb(lm, 0.05)
     gold = [TrainItem(it.prompt, it.completion, sft=True) for it in items[:3]]  # no teacher prompt needed
     batch = collate(gold, tok.pad_token_id, "cpu")
-    loss, terms = batch_loss(resolved("sd", gold_mix=0.5, skip_first_tokens=2), lm, Teacher(lm), "lm_head.weight",
-                             batch, chunk=4)
+    loss, terms = batch_loss(
+        resolved("sd", gold_mix=0.5, skip_first_tokens=2), lm, Teacher(lm), "lm_head.weight", batch, chunk=4
+    )
     # by hand: −mean log p(y_t) over every token of the three gold completions (none skipped)
     logits = torch.cat([completion_logits_unpadded(lm, it.prompt, it.completion) for it in gold])
     ref = F.cross_entropy(logits, torch.tensor([t for it in gold for t in it.completion]))
@@ -356,8 +368,16 @@ class Run:
 
 
 def make_cfg(tmp_path, tiny_model_dir, recipe="sd", components=None, device="cpu", **train):
-    settings = {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1}, "lr": 5e-3, "max_steps": 6,
-                "batch_size": 2, "grad_accum": 2, "checkpoint_every": 2, "warmup_ratio": 0.2, "chunk_size": 4}
+    settings = {
+        "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1},
+        "lr": 5e-3,
+        "max_steps": 6,
+        "batch_size": 2,
+        "grad_accum": 2,
+        "checkpoint_every": 2,
+        "warmup_ratio": 0.2,
+        "chunk_size": 4,
+    }
     settings.update(train)
     params = tiny_params(tiny_model_dir, train=settings, model={"device": device})
     params.update(recipe=recipe, components=components or {})
@@ -383,8 +403,16 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no GPU (CUDA keeps its own RNG state)"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU (CUDA keeps its own RNG state)"),
+        ),
+    ],
+)
 def test_interrupted_run_resumes_from_the_checkpoint_and_ends_identically(tmp_path, tiny_model_dir, items, device):
     # EMA every 3 steps: the teacher state in the checkpoint matters too; LoRA dropout: the RNG state
     cfg = make_cfg(tmp_path, tiny_model_dir, recipe="ema", components={"teacher": {"ema_every": 3}}, device=device)
@@ -470,8 +498,11 @@ def test_check_lineage(tmp_path, tiny_model_dir, items):
         check_lineage(prev, "a" * 64)
     (prev / "train_info.json").write_text(json.dumps({"base_digest": "b" * 64, "steps": 1}))
     check_lineage(prev, "b" * 64)
-    with pytest.raises(TrainingError, match=r"trained from model b{12}, but this run's model is a{12}: "
-                                            r"a checkpoint from a different model cannot be continued"):
+    with pytest.raises(
+        TrainingError,
+        match=r"trained from model b{12}, but this run's model is a{12}: "
+        r"a checkpoint from a different model cannot be continued",
+    ):
         check_lineage(prev, "a" * 64)
     # train_round checks it before any work
     cfg = make_cfg(tmp_path, tiny_model_dir)
@@ -506,8 +537,10 @@ class ProbeTeacher(Teacher):
         def scope():
             with super(ProbeTeacher, self).active():
                 if self.first is None:
-                    self.first = ({n: w.clone() for n, w in self.weights.items()},
-                                  self.model(input_ids=self.probe).logits)
+                    self.first = (
+                        {n: w.clone() for n, w in self.weights.items()},
+                        self.model(input_ids=self.probe).logits,
+                    )
                 yield
 
         return scope()
@@ -567,8 +600,15 @@ def test_second_round_continues_from_the_first(tmp_path, tiny_model_dir, items, 
 
 
 def test_full_finetuning_round(tmp_path, tiny_model_dir, items):
-    cfg = make_cfg(tmp_path, tiny_model_dir, recipe="ema", components={"teacher": {"ema_every": 1}},
-                   lora={"enabled": False}, max_steps=2, lr=1e-3)
+    cfg = make_cfg(
+        tmp_path,
+        tiny_model_dir,
+        recipe="ema",
+        components={"teacher": {"ema_every": 1}},
+        lora={"enabled": False},
+        max_steps=2,
+        lr=1e-3,
+    )
     info, _ = run_round(cfg, items, tiny_model_dir, tmp_path / "out", tmp_path / "work")
     assert info["steps"] == 2 and math.isfinite(info["final_loss"])
     assert not (tmp_path / "out" / "adapter").exists()
@@ -582,12 +622,15 @@ def test_full_finetuning_round(tmp_path, tiny_model_dir, items):
     assert 0 < (teacher[k] - base[k]).norm() < (trained[k] - base[k]).norm()
 
 
-@pytest.mark.parametrize("recipe, train, cached", [
-    ("sd", {"epochs": 2, "max_steps": 0}, True),
-    ("sd", {"epochs": 1, "max_steps": 0}, False),  # every item seen once: nothing to reuse
-    ("sd", {"epochs": 2, "max_steps": 0, "cache_teacher": False}, False),
-    ("ema", {"epochs": 2, "max_steps": 0}, False),  # the teacher moves
-])
+@pytest.mark.parametrize(
+    "recipe, train, cached",
+    [
+        ("sd", {"epochs": 2, "max_steps": 0}, True),
+        ("sd", {"epochs": 1, "max_steps": 0}, False),  # every item seen once: nothing to reuse
+        ("sd", {"epochs": 2, "max_steps": 0, "cache_teacher": False}, False),
+        ("ema", {"epochs": 2, "max_steps": 0}, False),  # the teacher moves
+    ],
+)
 def test_teacher_cache_in_a_round(tmp_path, tiny_model_dir, items, recipe, train, cached, monkeypatch):
     """Used only when a frozen teacher would see items again; the round then ends as
     without it (the cached rows differ from recomputed ones only by float rounding)."""

@@ -9,16 +9,37 @@ from unisd.config import build_config
 from unisd.data import Example
 from unisd.modeling import load_model, load_tokenizer
 from unisd.prompts import PromptBuilder, gold_response, task_text, teacher_messages, user
-from unisd.trajectories import (Trajectory, eos_calibration, gold_mix_picks, letter_accuracy, sample_accuracy,
-                                sample_trajectories)
+from unisd.trajectories import (
+    Trajectory,
+    eos_calibration,
+    gold_mix_picks,
+    letter_accuracy,
+    sample_accuracy,
+    sample_trajectories,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHOICES = ["oxygen", "carbon dioxide", "nitrogen", "helium"]
-MCQS = [Example(id=f"q{i}", benchmark="sciq", task="mcq", question=f"Which gas is number {i}?", choices=CHOICES,
-                answer="ABCD"[i % 4]) for i in range(6)]
-CODE = Example(id="c0", benchmark="mbpp", task="code", question="Add two numbers.",
-               answer="def add(a, b):\n    return a + b", tests=["assert add(1, 2) == 3"])
+MCQS = [
+    Example(
+        id=f"q{i}",
+        benchmark="sciq",
+        task="mcq",
+        question=f"Which gas is number {i}?",
+        choices=CHOICES,
+        answer="ABCD"[i % 4],
+    )
+    for i in range(6)
+]
+CODE = Example(
+    id="c0",
+    benchmark="mbpp",
+    task="code",
+    question="Add two numbers.",
+    answer="def add(a, b):\n    return a + b",
+    tests=["assert add(1, 2) == 3"],
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +99,10 @@ def test_gold_mix_adds_gold_sft_trajectories(tmp_path, tiny_model_dir, model, to
         assert t.text == f"Reasoning: The correct option is {ex.answer}: {option}.\nAnswer: {ex.answer}"
         assert tok.decode(t.completion_ids) == t.text + "<|im_end|>"
         assert len(t.student_logprobs) == len(t.completion_ids)
-    assert not any(t.sft for t in sample_trajectories(make_cfg(tmp_path, tiny_model_dir, recipe), model, tok,
-                                                      builder, MCQS, seed=11)[0])
+    assert not any(
+        t.sft
+        for t in sample_trajectories(make_cfg(tmp_path, tiny_model_dir, recipe), model, tok, builder, MCQS, seed=11)[0]
+    )
 
 
 # --- end-of-turn calibration -------------------------------------------------------------------
@@ -87,18 +110,28 @@ def test_gold_mix_adds_gold_sft_trajectories(tmp_path, tiny_model_dir, model, to
 
 def traj(tok, ex, text, source="sampled", finished=True, eos=True, last=-0.5):
     ids = tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
-    return Trajectory(id=f"{ex.id}#{text[:5]}", example_id=ex.id, benchmark=ex.benchmark, source=source,
-                      prompt_ids=[1, 2], completion_ids=ids, text=text, finished=finished,
-                      student_logprobs=[-0.1] * (len(ids) - 1) + [last])
+    return Trajectory(
+        id=f"{ex.id}#{text[:5]}",
+        example_id=ex.id,
+        benchmark=ex.benchmark,
+        source=source,
+        prompt_ids=[1, 2],
+        completion_ids=ids,
+        text=text,
+        finished=finished,
+        student_logprobs=[-0.1] * (len(ids) - 1) + [last],
+    )
 
 
 def test_eos_calibration_against_plain_forwards(tmp_path, tiny_model_dir, model, tok, builder):
     cfg = make_cfg(tmp_path, tiny_model_dir, teacher_template="assistant_turn")
     by_id = {ex.id: ex for ex in MCQS}
     counted = [traj(tok, MCQS[0], "Answer: B", last=-0.5), traj(tok, MCQS[1], "Reasoning: gas.\nAnswer: A", last=-1.5)]
-    ignored = [traj(tok, MCQS[2], "Reasoning: and so on", finished=False, eos=False),  # truncated
-               traj(tok, MCQS[3], "Answer: D", source="gold"),  # not the student's
-               traj(tok, MCQS[4], "Answer: A\n", eos=False)]  # stopped by a stop string, no EOS to score
+    ignored = [
+        traj(tok, MCQS[2], "Reasoning: and so on", finished=False, eos=False),  # truncated
+        traj(tok, MCQS[3], "Answer: D", source="gold"),  # not the student's
+        traj(tok, MCQS[4], "Answer: A\n", eos=False),
+    ]  # stopped by a stop string, no EOS to score
     got = eos_calibration(cfg, model, tok, builder, counted + ignored, by_id)
     want = []
     for t in counted:
@@ -110,7 +143,10 @@ def test_eos_calibration_against_plain_forwards(tmp_path, tiny_model_dir, model,
     assert got["teacher_eos_logp"] == pytest.approx(sum(want) / 2, abs=1e-5)
     assert got["student_eos_logp"] == pytest.approx(-1.0)
     assert eos_calibration(cfg, model, tok, builder, ignored, by_id) == {
-        "eos_trajectories": 0, "teacher_eos_logp": None, "student_eos_logp": None}
+        "eos_trajectories": 0,
+        "teacher_eos_logp": None,
+        "student_eos_logp": None,
+    }
 
 
 # --- option letters ------------------------------------------------------------------------------
@@ -122,23 +158,30 @@ def test_letter_accuracy_against_brute_force(tmp_path, tiny_model_dir, model, to
     letters = tok.convert_tokens_to_ids(["ĠA", "ĠB", "ĠC", "ĠD"])
     right = {"teacher": 0, "student": 0}
     for ex in MCQS:
-        prompts = {"teacher": builder.encode_messages(teacher_messages(ex, gold_response(ex), template), "Answer:"),
-                   "student": builder.encode_messages([user(task_text(ex))], "Answer:")}
+        prompts = {
+            "teacher": builder.encode_messages(teacher_messages(ex, gold_response(ex), template), "Answer:"),
+            "student": builder.encode_messages([user(task_text(ex))], "Answer:"),
+        }
         for side, ids in prompts.items():
             assert tok.decode(ids).endswith("<|im_start|>assistant\nAnswer:")
             right[side] += "ABCD"[int(last_token_logits(model, ids)[letters].argmax())] == ex.answer
     got = letter_accuracy(cfg, model, tok, builder, MCQS + [CODE])
-    assert got == {"letter_items": 6, "teacher_letter_acc": pytest.approx(100 * right["teacher"] / 6),
-                   "student_letter_acc": pytest.approx(100 * right["student"] / 6)}
+    assert got == {
+        "letter_items": 6,
+        "teacher_letter_acc": pytest.approx(100 * right["teacher"] / 6),
+        "student_letter_acc": pytest.approx(100 * right["student"] / 6),
+    }
 
 
 def test_sample_accuracy_parses_like_the_evaluation(tok):
     by_id = {ex.id: ex for ex in MCQS + [CODE]}  # gold letters: q0 A, q1 B, q2 C, q3 D
-    trajs = [traj(tok, MCQS[0], "Reasoning: it is oxygen.\nAnswer: A"),  # right
-             traj(tok, MCQS[1], "Answer: B\nReason: carbon dioxide, not answer C."),  # right (answer first)
-             traj(tok, MCQS[2], "Answer: A"),  # wrong
-             traj(tok, MCQS[3], "I am not sure about this one", finished=False),  # unparseable: wrong
-             traj(tok, MCQS[2], "Answer: C", source="gold"),  # not a sample
-             traj(tok, CODE, "def add(a, b): return a + b")]  # not MCQ
+    trajs = [
+        traj(tok, MCQS[0], "Reasoning: it is oxygen.\nAnswer: A"),  # right
+        traj(tok, MCQS[1], "Answer: B\nReason: carbon dioxide, not answer C."),  # right (answer first)
+        traj(tok, MCQS[2], "Answer: A"),  # wrong
+        traj(tok, MCQS[3], "I am not sure about this one", finished=False),  # unparseable: wrong
+        traj(tok, MCQS[2], "Answer: C", source="gold"),  # not a sample
+        traj(tok, CODE, "def add(a, b): return a + b"),
+    ]  # not MCQ
     assert sample_accuracy(trajs, by_id) == {"sampled_mcq": 4, "student_sample_acc": 50.0}
     assert sample_accuracy(trajs[4:], by_id) == {"sampled_mcq": 0, "student_sample_acc": None}

@@ -35,11 +35,35 @@ REPO = Path(__file__).resolve().parents[1]
 
 # SamplingParams' keyword arguments as vLLM documents them (docs.vllm.ai, "Sampling Parameters")
 SAMPLING_FIELDS = {
-    "n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "top_k",
-    "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "max_tokens", "min_tokens", "logprobs",
-    "prompt_logprobs", "detokenize", "skip_special_tokens", "spaces_between_special_tokens", "logits_processors",
-    "include_stop_str_in_output", "truncate_prompt_tokens", "output_kind", "logit_bias", "allowed_token_ids",
-    "extra_args", "bad_words"}
+    "n",
+    "best_of",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "max_tokens",
+    "min_tokens",
+    "logprobs",
+    "prompt_logprobs",
+    "detokenize",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "logits_processors",
+    "include_stop_str_in_output",
+    "truncate_prompt_tokens",
+    "output_kind",
+    "logit_bias",
+    "allowed_token_ids",
+    "extra_args",
+    "bad_words",
+}
 
 
 @dataclass
@@ -114,8 +138,13 @@ class StandInLLM:  # vllm.LLM: loads its weights from the folder it is given
         text = self.tok.decode(tokens, skip_special_tokens=True)
         if isinstance(stop_reason, str):
             text = text[: text.index(stop_reason)]
-        return RequestOutput(request_id, None, list(prompt), None, [
-            CompletionOutput(0, text, tokens, logprobs=logprobs, finish_reason=reason, stop_reason=stop_reason)])
+        return RequestOutput(
+            request_id,
+            None,
+            list(prompt),
+            None,
+            [CompletionOutput(0, text, tokens, logprobs=logprobs, finish_reason=reason, stop_reason=stop_reason)],
+        )
 
 
 @pytest.fixture
@@ -153,14 +182,19 @@ def reference(model, tok, prompts, sampling, stops=None):
     return generate(model, tok, prompts, sampling, 1, stops, backend="hf")
 
 
-def test_greedy_completions_equal_the_hf_paths_and_the_engine_loads_the_students_folder(chaotic, stand_in_vllm,
-                                                                                        monkeypatch):
+def test_greedy_completions_equal_the_hf_paths_and_the_engine_loads_the_students_folder(
+    chaotic, stand_in_vllm, monkeypatch
+):
     model, tok, prompts = chaotic
     free = reference(model, tok, prompts, Sampling(30))
     eos = max(set(free[0].ids[5:]), key=lambda t: sum(t in c.ids[1:] for c in free))  # a common token as EOS
     monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, eos])
-    stop = next(text for c in free for k in range(8, 20) if (text := tok.decode(c.ids[k:k + 2])).isascii()
-                and len(text.strip()) >= 2)  # a stop string that completions contain
+    stop = next(
+        text
+        for c in free
+        for k in range(8, 20)
+        if (text := tok.decode(c.ids[k : k + 2])).isascii() and len(text.strip()) >= 2
+    )  # a stop string that completions contain
     ref = reference(model, tok, prompts, Sampling(30), [stop])
     assert len({tuple(c.ids) for c in ref}) == len(prompts)  # the check has teeth
     assert sum(c.finished for c in ref) >= 3 and sum(not c.finished for c in ref) >= 1
@@ -198,8 +232,10 @@ def test_bf16_and_engine_args_reach_the_engine(chaotic, stand_in_vllm, monkeypat
     model, tok, prompts = chaotic
     monkeypatch.setenv(vb.ENGINE_ARGS_ENV, '{"gpu_memory_utilization": 0.8, "enforce_eager": true}')
     generate(model, tok, prompts[:2], Sampling(4), bf16=True, backend="vllm")
-    assert StandInLLM.made[-1].kwargs.items() >= {"dtype": "bfloat16", "gpu_memory_utilization": 0.8,
-                                                  "enforce_eager": True}.items()
+    assert (
+        StandInLLM.made[-1].kwargs.items()
+        >= {"dtype": "bfloat16", "gpu_memory_utilization": 0.8, "enforce_eager": True}.items()
+    )
     monkeypatch.setenv(vb.ENGINE_ARGS_ENV, "[1]")
     with pytest.raises(vb.ConfigError, match="UNISD_VLLM_ENGINE_ARGS: must be a JSON object"):
         generate(model, tok, prompts[:2], Sampling(4), backend="vllm")
@@ -218,7 +254,11 @@ def test_sampling_parameters_are_ours_spelled_out():
         assert kw["detokenize"] and kw["n"] == 1 and "top_k" not in kw  # no top-k
         assert kw["ignore_eos"] and kw["stop_token_ids"] == [3, 7]  # our EOS set, not vLLM's tokenizer's
         assert (kw["repetition_penalty"], kw["presence_penalty"], kw["frequency_penalty"], kw["min_p"]) == (
-            1.0, 0.0, 0.0, 0.0)
+            1.0,
+            0.0,
+            0.0,
+            0.0,
+        )
         assert 0 <= kw["seed"] < 2**63
     seeds = [kw["seed"] for kw in sampled]  # requests of one prompt repeated must not draw the same sample
     assert len(set(seeds)) == 4
@@ -234,8 +274,9 @@ def test_outputs_convert_to_completions_cut_where_every_backend_stops(chaotic):
 
     def out(tokens, reason, prompt=(1, 2), logprobs=True):
         steps = [{t: Logprob(-0.5 - i, 1)} for i, t in enumerate(tokens)] if logprobs else None
-        return RequestOutput("0", None, list(prompt), None,
-                             [CompletionOutput(0, "", list(tokens), logprobs=steps, finish_reason=reason)])
+        return RequestOutput(
+            "0", None, list(prompt), None, [CompletionOutput(0, "", list(tokens), logprobs=steps, finish_reason=reason)]
+        )
 
     ended = vb.to_completion(out(body + [tok.eos_token_id], "stop"), tok, eos, [], sampling)
     assert ended.ids == body + [tok.eos_token_id] and ended.finished and ended.text == tok.decode(body)
@@ -243,8 +284,9 @@ def test_outputs_convert_to_completions_cut_where_every_backend_stops(chaotic):
     capped = vb.to_completion(out(word * 12, "length"), tok, eos, [], sampling)
     assert len(capped.ids) == 12 and not capped.finished
     # tokens past the one completing a stop string are cut, and the text ends before it
-    stopped = vb.to_completion(out(word * 2 + tok.encode("Answer", add_special_tokens=False) + word, "stop"), tok,
-                               eos, ["Answer"], sampling)
+    stopped = vb.to_completion(
+        out(word * 2 + tok.encode("Answer", add_special_tokens=False) + word, "stop"), tok, eos, ["Answer"], sampling
+    )
     assert stopped.finished and "Answer" not in stopped.text and stopped.text == tok.decode(word * 2)
     assert tok.decode(stopped.ids).endswith("Answer")
     assert stopped.logprobs == [-0.5 - i for i in range(len(stopped.ids))]  # cut with the tokens

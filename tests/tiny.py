@@ -13,7 +13,7 @@ CORPUS = [
     "Reasoning: plants use carbon dioxide for photosynthesis.\nAnswer: B",
     "def add(a, b):\n    return a + b\nassert add(1, 2) == 3",
     "```python\ndef f(x):\n    return [i * 2 for i in range(x)]\n```",
-    "Thought: I should call getWeather.\nAction: getWeather\nAction Input: {\"city\": \"Paris\"}",
+    'Thought: I should call getWeather.\nAction: getWeather\nAction Input: {"city": "Paris"}',
     "This is an example for a response to the question. Study the example, then solve the problem.",
     "Here is reference material from related problems. Now solve this problem.",
 ]
@@ -27,8 +27,9 @@ def build_tokenizer(vocab_size: int = 600):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
@@ -42,10 +43,19 @@ def build_tiny_model(out: str | Path, seed: int = 0, layers: int = 2, hidden: in
 
     out = Path(out)
     tok = build_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, tie_word_embeddings=True,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -24,8 +24,9 @@ Stat = Literal["var", "range"]
 
 def _checked(scores: Tensor) -> Tensor:
     if scores.dim() != 3 or scores.shape[0] < 2:
-        raise ValueError(f"agreement needs scores [K, B, T] from K >= 2 teacher contexts, got shape "
-                         f"{tuple(scores.shape)}")
+        raise ValueError(
+            f"agreement needs scores [K, B, T] from K >= 2 teacher contexts, got shape {tuple(scores.shape)}"
+        )
     return scores.detach().to(torch.promote_types(scores.dtype, torch.float32))
 
 
@@ -41,8 +42,15 @@ def token_disagreement(scores: Tensor, mask: Tensor, stat: Stat = "var") -> Tens
     return torch.where(mask.bool(), d, 0.0)
 
 
-def token_weights(scores: Tensor, mask: Tensor, gamma: float, stat: Stat = "var", quantile: float = 0.95,
-                  cap: float = 10.0, floor: float = 0.01) -> Tensor:
+def token_weights(
+    scores: Tensor,
+    mask: Tensor,
+    gamma: float,
+    stat: Stat = "var",
+    quantile: float = 0.95,
+    cap: float = 10.0,
+    floor: float = 0.01,
+) -> Tensor:
     """w [B, T] = max(1 / (1 + γ d̃), floor) with d̃ = min(d / q, cap); 0 at padding.
 
     q is the `quantile` of d over the batch's completion tokens (floored at 1e-6), so γ

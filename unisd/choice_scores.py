@@ -71,9 +71,11 @@ class AnswerEncoder:
         for letter in LETTERS[:n]:
             whole = self._ids(text, f" {letter}")
             if len(whole) != len(prompt) + 1 or whole[:-1] != prompt:
-                raise ValueError(f"{ANSWER_PREFIX!r} followed by {' ' + letter!r} is not one token after the prompt "
-                                 f"under this tokenizer (tokens {whole[len(prompt) - 1:]}); the rotation score needs "
-                                 "single-token letters (eval.choice_scores: false skips it)")
+                raise ValueError(
+                    f"{ANSWER_PREFIX!r} followed by {' ' + letter!r} is not one token after the prompt "
+                    f"under this tokenizer (tokens {whole[len(prompt) - 1 :]}); the rotation score needs "
+                    "single-token letters (eval.choice_scores: false skips it)"
+                )
             ids.append(whole[-1])
         return prompt, ids
 
@@ -94,11 +96,16 @@ def aggregate_rotations(letter_logprobs: list[torch.Tensor], gold: int) -> dict[
     the original option order; rot_correct: `tie_credit(p̄, gold)`; rot_gold_prob: p̄(gold);
     circular_correct: the gold alone on top in every rotation.
     """
-    per_rotation = torch.stack([torch.roll(torch.softmax(lp.double(), -1), r)
-                                for r, lp in enumerate(letter_logprobs)])  # [n rotations, n options]
+    per_rotation = torch.stack(
+        [torch.roll(torch.softmax(lp.double(), -1), r) for r, lp in enumerate(letter_logprobs)]
+    )  # [n rotations, n options]
     mean = per_rotation.mean(0)
-    return {"rot_probs": mean.tolist(), "rot_correct": tie_credit(mean, gold), "rot_gold_prob": float(mean[gold]),
-            "circular_correct": all(tie_credit(p, gold) == 1.0 for p in per_rotation)}
+    return {
+        "rot_probs": mean.tolist(),
+        "rot_correct": tie_credit(mean, gold),
+        "rot_gold_prob": float(mean[gold]),
+        "circular_correct": all(tie_credit(p, gold) == 1.0 for p in per_rotation),
+    }
 
 
 def aggregate_loglik(sums: list[float], chars: list[int], gold: int) -> dict[str, Any]:
@@ -126,28 +133,54 @@ class Scoring:
     max_tokens: int = 0
 
 
-def rotation_scores(run: Scoring, enc: AnswerEncoder, examples: list[Example], mcq_format: McqFormat,
-                    desc: str) -> list[dict[str, Any]]:
+def rotation_scores(
+    run: Scoring, enc: AnswerEncoder, examples: list[Example], mcq_format: McqFormat, desc: str
+) -> list[dict[str, Any]]:
     """`aggregate_rotations` per example: one forward per rotation (the student's task text
     in `mcq_format`, rotated), all batched together."""
-    prompts = [enc.letters(task_text(rotate_options(ex, r), mcq_format), len(ex.choices))
-               for ex in examples for r in range(len(ex.choices))]
-    lps = iter(next_token_logprobs(run.model, [p for p, _ in prompts], [c for _, c in prompts], run.pad_id,
-                                   run.batch_size, run.bf16, desc=desc, max_tokens=run.max_tokens))
+    prompts = [
+        enc.letters(task_text(rotate_options(ex, r), mcq_format), len(ex.choices))
+        for ex in examples
+        for r in range(len(ex.choices))
+    ]
+    lps = iter(
+        next_token_logprobs(
+            run.model,
+            [p for p, _ in prompts],
+            [c for _, c in prompts],
+            run.pad_id,
+            run.batch_size,
+            run.bf16,
+            desc=desc,
+            max_tokens=run.max_tokens,
+        )
+    )
     return [aggregate_rotations([next(lps) for _ in ex.choices], ex.gold_index) for ex in examples]
 
 
 def loglik_scores(run: Scoring, enc: AnswerEncoder, examples: list[Example], desc: str) -> list[dict[str, Any]]:
     """`aggregate_loglik` per example: every option's continuation scored in one batched pass."""
     pairs = [enc.split(cloze_text(ex), f" {c.strip()}") for ex in examples for c in ex.choices]
-    lps = iter(completion_logprobs(run.model, pairs, run.pad_id, run.batch_size, run.bf16, desc=desc,
-                                   max_tokens=run.max_tokens))
-    return [aggregate_loglik([float(next(lps).sum()) for _ in ex.choices], [len(c.strip()) for c in ex.choices],
-                             ex.gold_index) for ex in examples]
+    lps = iter(
+        completion_logprobs(
+            run.model, pairs, run.pad_id, run.batch_size, run.bf16, desc=desc, max_tokens=run.max_tokens
+        )
+    )
+    return [
+        aggregate_loglik(
+            [float(next(lps).sum()) for _ in ex.choices], [len(c.strip()) for c in ex.choices], ex.gold_index
+        )
+        for ex in examples
+    ]
 
 
-def choice_scores(run: Scoring, builder: PromptBuilder, examples: list[Example],
-                  mcq_format: McqFormat = "reason_first", desc: str = "choices") -> list[dict[str, Any]]:
+def choice_scores(
+    run: Scoring,
+    builder: PromptBuilder,
+    examples: list[Example],
+    mcq_format: McqFormat = "reason_first",
+    desc: str = "choices",
+) -> list[dict[str, Any]]:
     """Rotation and option log-likelihood scores of MCQ examples, one record dict each:
     rot_probs, rot_correct, rot_gold_prob, circular_correct, ll, ll_correct, ll_norm_correct."""
     enc = AnswerEncoder(builder)

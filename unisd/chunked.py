@@ -18,7 +18,8 @@ The values are exactly those of `unisd.losses` on full logits (tests/test_losses
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,10 +34,18 @@ class ChunkedDivergence(NamedTuple):
     teacher_logprobs: Tensor | None  # [B, T] log p_T(targets) at temperature T (no grad), if targets given
 
 
-def chunked_divergence(student_hidden: Tensor, student_head: Callable[[Tensor], Tensor], teacher: Tensor,
-                       teacher_head: Callable[[Tensor], Tensor] | None = None, *,
-                       kind: Divergence = "forward_kl", alpha: float = 0.5, temperature: float = 1.0,
-                       targets: Tensor | None = None, chunk_size: int = 128) -> ChunkedDivergence:
+def chunked_divergence(
+    student_hidden: Tensor,
+    student_head: Callable[[Tensor], Tensor],
+    teacher: Tensor,
+    teacher_head: Callable[[Tensor], Tensor] | None = None,
+    *,
+    kind: Divergence = "forward_kl",
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    targets: Tensor | None = None,
+    chunk_size: int = 128,
+) -> ChunkedDivergence:
     """`unisd.losses.token_divergence` from hidden states, without ever holding B×T×V tensors.
 
     student_hidden [B, T, H] goes through `student_head` (hidden → logits) one chunk of
@@ -68,8 +77,11 @@ def chunked_divergence(student_hidden: Tensor, student_head: Callable[[Tensor], 
         y = target[0].unsqueeze(-1)
         return div, lp_s.gather(-1, y).squeeze(-1), lp_t.gather(-1, y).squeeze(-1)
 
-    grads_now = (torch.is_grad_enabled() and student_hidden.requires_grad
-                 and not student_head(student_hidden[:1, :1].detach()).requires_grad)
+    grads_now = (
+        torch.is_grad_enabled()
+        and student_hidden.requires_grad
+        and not student_head(student_hidden[:1, :1].detach()).requires_grad
+    )
     outs = []
     for start in range(0, student_hidden.shape[1], chunk_size):
         cut = slice(start, start + chunk_size)
@@ -92,9 +104,12 @@ def _per_token_gradients(fn: Callable[..., tuple[Tensor, ...]], hidden: Tensor, 
     jacobians = {}
     for n, i in enumerate(needs):
         (jacobians[i],) = torch.autograd.grad(outs[i].sum(), leaf, retain_graph=n < len(needs) - 1)
-    return tuple(_KnownGradient.apply(hidden, out.detach(), jacobians[i])  # type: ignore[no-untyped-call]
-                 if i in jacobians else out.detach()
-                 for i, out in enumerate(outs))
+    return tuple(
+        _KnownGradient.apply(hidden, out.detach(), jacobians[i])  # type: ignore[no-untyped-call]
+        if i in jacobians
+        else out.detach()
+        for i, out in enumerate(outs)
+    )
 
 
 class _KnownGradient(torch.autograd.Function):
@@ -112,8 +127,9 @@ class _KnownGradient(torch.autograd.Function):
         return (grad.unsqueeze(-1) * jacobian).to(jacobian.dtype), None, None
 
 
-def token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, temperature: float = 1.0,
-                   chunk_size: int = 128) -> Tensor:
+def token_logprobs(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, temperature: float = 1.0, chunk_size: int = 128
+) -> Tensor:
     """log p(y_t) [B, T] at temperature T from hidden states [B, T, H], a chunk at a time.
 
     Under autograd each chunk is checkpointed, so no B×T×V tensor is kept for backward

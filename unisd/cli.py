@@ -56,8 +56,12 @@ def _dvc_lock_tags(root: Path, stage: str) -> dict[str, str]:
     if not lock.is_file():
         return {}
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    return {f"dvc.{name}.{out['path']}": out.get("md5", "") for name, entry in stages.items() if name != stage
-            for out in entry.get("outs", [])}
+    return {
+        f"dvc.{name}.{out['path']}": out.get("md5", "")
+        for name, entry in stages.items()
+        if name != stage
+        for out in entry.get("outs", [])
+    }
 
 
 def _stage_context(cfg: Config) -> tuple[StageContext, str]:
@@ -143,22 +147,40 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     # Prefect's 20 s for its temporary server is too short on 2 busy cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    parser = argparse.ArgumentParser(prog="unisd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="unisd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     stage_commands = [(line.split()[1], c.help) for line, c in COMMANDS.items() if c.help]
-    for name, helptext in (("run", "run the pipeline flow"), *stage_commands,
-                           ("study", "run the compare or ablation study (Prefect flow) and write its report"),
-                           ("report", "rebuild a study's report from its outputs"),
-                           ("serve", "serve Prefect deployments"), ("table", "print a metrics file"),
-                           ("tracking-server", "run a shared MLflow tracking server until interrupted")):
+    for name, helptext in (
+        ("run", "run the pipeline flow"),
+        *stage_commands,
+        ("study", "run the compare or ablation study (Prefect flow) and write its report"),
+        ("report", "rebuild a study's report from its outputs"),
+        ("serve", "serve Prefect deployments"),
+        ("table", "print a metrics file"),
+        ("tracking-server", "run a shared MLflow tracking server until interrupted"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        p.add_argument("--profile", metavar="FILE",
-                       help="a profile of param overrides applied before --set, e.g. profiles/paper.yaml")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a param, e.g. --set eval.limit=10 (repeatable)")
-        p.add_argument("--verbose", action="store_true",
-                       help="also print other libraries' INFO logs, HTTP requests and progress bars")
+        p.add_argument(
+            "--profile",
+            metavar="FILE",
+            help="a profile of param overrides applied before --set, e.g. profiles/paper.yaml",
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a param, e.g. --set eval.limit=10 (repeatable)",
+        )
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            help="also print other libraries' INFO logs, HTTP requests and progress bars",
+        )
         if name == "evaluate":
             p.add_argument("--trained", action="store_true", help="evaluate the recipe's trained model")
         if name == "serve":
@@ -192,8 +214,10 @@ def _main(argv: list[str] | None) -> int:
         if getattr(args, "profile", None):
             args.overrides = profile_overrides(args.profile) + args.overrides
         cfg = load_config(args.params, args.overrides)  # validated before any work starts
-        if args.command in ("run", "study", "distill", "evaluate") and "vllm" in (cfg.generation.backend,
-                                                                                 cfg.eval.backend):
+        if args.command in ("run", "study", "distill", "evaluate") and "vllm" in (
+            cfg.generation.backend,
+            cfg.eval.backend,
+        ):
             from unisd.vllm_backend import require_vllm
 
             require_vllm()  # vLLM and a GPU, or one line and exit status 2 before any stage runs

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import ast
 import copy
-from typing import Any, Callable, TypeGuard, cast, overload
+from collections.abc import Callable
+from typing import Any, TypeGuard, cast, overload
 
 BUG_TYPES = ("off_by_one", "wrong_operator", "missing_edge_case", "wrong_return")
 Edit = tuple[ast.AST, ast.AST | list[ast.stmt]]  # (the node rewritten, what replaces it)
@@ -50,8 +51,14 @@ def code_mutants(code: str, kind: str, entry_point: str = "") -> list[str]:
 def _scope(tree: ast.Module, entry_point: str) -> ast.AST | None:
     if not entry_point:
         return tree
-    return next((node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-                 and node.name == entry_point), None)
+    return next(
+        (
+            node
+            for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point
+        ),
+        None,
+    )
 
 
 def _render(source: str, tree: ast.Module, edit: Edit) -> str | None:
@@ -86,7 +93,7 @@ def _splice(source: str, node: Any, text: str) -> str:
         begin, end = line_start + node.col_offset, starts[node.end_lineno - 1] + node.end_col_offset
     else:
         begin, end = line_start, starts[node.end_lineno]
-    indent = raw[line_start:line_start + node.col_offset].decode()
+    indent = raw[line_start : line_start + node.col_offset].decode()
     return (raw[:begin] + text.replace("\n", "\n" + indent).encode() + raw[end:]).decode()
 
 
@@ -160,7 +167,11 @@ class _OffByOne(_Mutator):
 def _int_value(node: ast.AST) -> int | None:
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and (inner := _int_value(node.operand)) is not None:
+    if (
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, ast.USub)
+        and (inner := _int_value(node.operand)) is not None
+    ):
         return -inner
     return None
 
@@ -196,11 +207,31 @@ def _shift(node: ast.expr, delta: int) -> ast.expr:
     return ast.BinOp(node, ast.Add() if delta > 0 else ast.Sub(), ast.Constant(1))
 
 
-_ARITHMETIC = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.FloorDiv: ast.Mult,
-               ast.Div: ast.Mult, ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult, ast.BitAnd: ast.BitOr,
-               ast.BitOr: ast.BitAnd, ast.LShift: ast.RShift, ast.RShift: ast.LShift}
-_COMPARISON = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
-               ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
+_ARITHMETIC = {
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.FloorDiv,
+    ast.FloorDiv: ast.Mult,
+    ast.Div: ast.Mult,
+    ast.Mod: ast.FloorDiv,
+    ast.Pow: ast.Mult,
+    ast.BitAnd: ast.BitOr,
+    ast.BitOr: ast.BitAnd,
+    ast.LShift: ast.RShift,
+    ast.RShift: ast.LShift,
+}
+_COMPARISON = {
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+}
 _LOGIC = {ast.And: ast.Or, ast.Or: ast.And}
 
 
@@ -227,7 +258,7 @@ class _WrongOperator(_Mutator):
         for i, op in enumerate(node.ops):
             if type(op) in _COMPARISON:
                 new = copy.copy(node)
-                new.ops = [*node.ops[:i], _COMPARISON[type(op)](), *node.ops[i + 1:]]
+                new.ops = [*node.ops[:i], _COMPARISON[type(op)](), *node.ops[i + 1 :]]
                 if self.take(node, new):
                     return new
         return node
@@ -309,5 +340,9 @@ def _wrong_values(value: ast.expr, first_arg: str | None) -> list[ast.expr]:
     return out
 
 
-_MUTATORS: dict[str, type[_Mutator]] = {"off_by_one": _OffByOne, "wrong_operator": _WrongOperator,
-                                        "missing_edge_case": _MissingEdgeCase, "wrong_return": _WrongReturn}
+_MUTATORS: dict[str, type[_Mutator]] = {
+    "off_by_one": _OffByOne,
+    "wrong_operator": _WrongOperator,
+    "missing_edge_case": _MissingEdgeCase,
+    "wrong_return": _WrongReturn,
+}

@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
 import yaml
@@ -119,14 +119,19 @@ class EvalCfg(Section):
     code_memory_mb: int = Field(1024, ge=64)
     code_workers: int = Field(2, ge=1, le=256, description="concurrent sandboxed test processes")
     code_isolation: Literal["best_effort", "strict"] = Field(
-        "best_effort", description="sandbox for generated code: strict refuses to score without namespaces and "
-                                   "seccomp (docs/security.md)")
+        "best_effort",
+        description="sandbox for generated code: strict refuses to score without namespaces and "
+        "seccomp (docs/security.md)",
+    )
     ppl: bool = True
     # MCQ: rotation-averaged letter probabilities and option log-likelihoods (unisd.choice_scores)
     choice_scores: bool = True
     headline: str = Field("sciq", description="benchmark whose rot_acc is metrics.json's headline, when evaluated")
-    backend: Literal["hf", "vllm"] = Field("hf", description="greedy answers by the reference HF path, or by vLLM "
-                                                             "(unisd.vllm_backend: optional extra, GPU only)")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="greedy answers by the reference HF path, or by vLLM "
+        "(unisd.vllm_backend: optional extra, GPU only)",
+    )
 
 
 class TrainSetCfg(Section):
@@ -135,8 +140,11 @@ class TrainSetCfg(Section):
     limit: int = Field(32, ge=0, description="train examples per benchmark; 0 = the whole split")
     rounds: int = Field(1, ge=1, description="generate -> filter -> train repeats, each from the latest student")
     prompts_per_round: int = Field(0, ge=0, description="prompts sampled per round; 0 = all")
-    keep_truncated: bool = Field(False, description="train on samples cut at generation.max_new_tokens too "
-                                                    "(dropped by default: their teacher signal never ends the turn)")
+    keep_truncated: bool = Field(
+        False,
+        description="train on samples cut at generation.max_new_tokens too "
+        "(dropped by default: their teacher signal never ends the turn)",
+    )
 
 
 class GenerationCfg(Section):
@@ -173,8 +181,11 @@ class TrainCfg(Section):
     bf16_autocast: bool = True
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     chunk_size: int = Field(128, ge=1, description="sequence positions per chunk of the vocabulary divergence")
-    cache_teacher: bool = Field(True, description="keep a frozen teacher's hidden states for items seen again "
-                                                  "(epochs > 1): completion tokens × hidden size floats")
+    cache_teacher: bool = Field(
+        True,
+        description="keep a frozen teacher's hidden states for items seen again "
+        "(epochs > 1): completion tokens × hidden size floats",
+    )
 
 
 class StudyCfg(Section):
@@ -189,9 +200,14 @@ class StudyCfg(Section):
     size: dict[str, Any] = Field(default_factory=dict)
     # further overrides for the ablation's runs only (it has ~3x the compare study's cells): it
     # diagnoses, so it reads validation (HumanEval has none)
-    ablation_size: dict[str, Any] = Field(default_factory=lambda: {
-        "eval.split": "validation", "eval.limit": 16,
-        "data.benchmarks": ["sciq", "arc_challenge", "commonsense_qa", "mbpp"], "train_set.limit": 16})
+    ablation_size: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "eval.split": "validation",
+            "eval.limit": 16,
+            "data.benchmarks": ["sciq", "arc_challenge", "commonsense_qa", "mbpp"],
+            "train_set.limit": 16,
+        }
+    )
 
     @field_validator("recipes", "components")
     @classmethod
@@ -227,15 +243,17 @@ class Config(Section):
         return Path(v).resolve()
 
     @model_validator(mode="after")
-    def _method_and_train_set(self) -> "Config":
+    def _method_and_train_set(self) -> Config:
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe: unknown recipe {self.recipe!r}; known: {', '.join(RECIPES)}")
         self.method  # noqa: B018 - validates the components now, before any work
         suite = SUITES[self.data.suite]
         for name in self.data.benchmarks:
             if self.eval.split not in suite[name].splits:
-                raise ValueError(f"eval.split: {name!r} has no {self.eval.split!r} split (only "
-                                 f"{', '.join(suite[name].splits)}); drop it from data.benchmarks")
+                raise ValueError(
+                    f"eval.split: {name!r} has no {self.eval.split!r} split (only "
+                    f"{', '.join(suite[name].splits)}); drop it from data.benchmarks"
+                )
         for name in self.train_set.benchmarks or ():
             if name not in self.data.benchmarks:
                 raise ValueError(f"train_set.benchmarks: {name!r} is not in data.benchmarks")
@@ -244,23 +262,26 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
-    def _outputs_inside_their_own_folders(self) -> "Config":
+    def _outputs_inside_their_own_folders(self) -> Config:
         # Stage outputs are replaced and swept there (artifacts.sweep_stale): `/`, `.` or
         # `..` would put the project itself, or everything above it, in their way.
         folders = {}
         for key in ("artifacts", "metrics"):
             folder = (self.root / getattr(self.paths, key)).resolve()
             if folder == self.root or folder in self.root.parents:
-                raise ValueError(f"paths.{key}: {getattr(self.paths, key)!r} is the project folder or a folder "
-                                 f"above it; name a folder of its own, e.g. {key}")
+                raise ValueError(
+                    f"paths.{key}: {getattr(self.paths, key)!r} is the project folder or a folder "
+                    f"above it; name a folder of its own, e.g. {key}"
+                )
             folders[key] = folder
         if folders["artifacts"].is_relative_to(folders["metrics"]) or folders["metrics"].is_relative_to(
-                folders["artifacts"]):
+            folders["artifacts"]
+        ):
             raise ValueError("paths.metrics: the metrics and artifacts folders must not contain one another")
         return self
 
     @model_validator(mode="after")
-    def _finite_numbers(self) -> "Config":
+    def _finite_numbers(self) -> Config:
         # `.inf` and `.nan` are YAML floats, and bounds like `gt=0` let infinity through.
         values = {**self.model_dump(mode="python"), "components": self.method.model_dump(mode="python")}
         if found := _non_finite(values):
@@ -282,7 +303,6 @@ class Config(Section):
     def train_benchmarks(self) -> tuple[str, ...]:
         suite = SUITES[self.data.suite]
         return self.train_set.benchmarks or tuple(b for b in self.data.benchmarks if suite[b].trainable)
-
 
     @property
     def artifacts(self) -> Path:
@@ -333,7 +353,8 @@ class _StrictLoader(yaml.SafeLoader):
             try:
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice (first on line {seen[key] + 1})", key_node.start_mark)
+                        None, None, f"key {key!r} is given twice (first on line {seen[key] + 1})", key_node.start_mark
+                    )
                 seen[key] = key_node.start_mark.line
             except TypeError:
                 continue  # an unhashable key: the base class reports it
@@ -415,8 +436,9 @@ def load_config(path: str | Path = "params.yaml", overrides: Sequence[str] | dic
         raise ConfigError(f"{path}: params file not found")
     data = _read_yaml(path)
     if data is None:  # an empty file is more likely a truncated one than a wish for every default
-        raise ConfigError(f"{path}: no params in the file (it is empty or only comments); "
-                          "write {} to take every default")
+        raise ConfigError(
+            f"{path}: no params in the file (it is empty or only comments); write {{}} to take every default"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])

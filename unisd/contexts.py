@@ -16,7 +16,8 @@ A record is `{"id", "refs": [ids]}` (random, retrieval) or `{"id", "instructions
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from unisd.data.schema import Example
 from unisd.prompts import McqFormat, reference_text, solved_example
@@ -67,8 +68,9 @@ def induction_request(demos: list[Example], mcq_format: McqFormat = "reason_firs
     return INDUCTION_REQUEST.format(demos="\n\n".join(solved_example(d, mcq_format) for d in demos))
 
 
-def induction_records(examples: list[Example], k: int, demo_ids: list[list[str]],
-                      instructions: list[str]) -> list[dict[str, Any]]:
+def induction_records(
+    examples: list[Example], k: int, demo_ids: list[list[str]], instructions: list[str]
+) -> list[dict[str, Any]]:
     """Each example gets the K instructions whose demonstrations do not include it."""
     records = []
     for ex in examples:
@@ -77,10 +79,13 @@ def induction_records(examples: list[Example], k: int, demo_ids: list[list[str]]
     return records
 
 
-def context_texts(ex: Example, record: dict[str, Any], by_id: dict[str, Example],
-                  mcq_format: McqFormat = "reason_first") -> list[str]:
+def context_texts(
+    ex: Example, record: dict[str, Any], by_id: dict[str, Example], mcq_format: McqFormat = "reason_first"
+) -> list[str]:
     """The K auxiliary-context prompts (task text, before the chat template) of one example."""
     if "instructions" in record:
-        return [reference_text(ex, f"A general instruction for this kind of problem: {ins}", mcq_format)
-                for ins in record["instructions"]]
+        return [
+            reference_text(ex, f"A general instruction for this kind of problem: {ins}", mcq_format)
+            for ins in record["instructions"]
+        ]
     return [reference_text(ex, [by_id[ref]], mcq_format) for ref in record["refs"]]

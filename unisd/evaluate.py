@@ -22,9 +22,10 @@ import logging
 import math
 import statistics
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from unisd.choice_scores import Scoring, choice_scores
 from unisd.config import Config
@@ -57,13 +58,23 @@ def score_items(cfg: Config, items: list[Item]) -> None:
     """Fill each record's `correct` (and task-specific fields) from its completion."""
     code_items = [it for it in items if it.example.task == "code"]
     if code_items:
-        limits = Limits(timeout_s=cfg.eval.code_timeout_s, memory_mb=cfg.eval.code_memory_mb,
-                        isolation=cfg.eval.code_isolation)
-        results = run_many([code_program(it.example, it.record["completion"]) for it in code_items], limits,
-                           workers=cfg.eval.code_workers, desc=f"tests {code_items[0].record['benchmark']}")
+        limits = Limits(
+            timeout_s=cfg.eval.code_timeout_s, memory_mb=cfg.eval.code_memory_mb, isolation=cfg.eval.code_isolation
+        )
+        results = run_many(
+            [code_program(it.example, it.record["completion"]) for it in code_items],
+            limits,
+            workers=cfg.eval.code_workers,
+            desc=f"tests {code_items[0].record['benchmark']}",
+        )
         for it, res in zip(code_items, results):
-            it.record.update(correct=res.passed, sandbox_status=res.status, sandbox_stderr=res.stderr[-500:],
-                             sandbox_reason=res.reason, sandbox_isolation=res.isolation["level"])
+            it.record.update(
+                correct=res.passed,
+                sandbox_status=res.status,
+                sandbox_stderr=res.stderr[-500:],
+                sandbox_reason=res.reason,
+                sandbox_isolation=res.isolation["level"],
+            )
     for it in items:
         ex, rec = it.example, it.record
         if ex.task == "mcq":
@@ -80,8 +91,13 @@ def _mean(values: list[float]) -> float:
 
 
 # summary key (percent) -> per-item record field of unisd.choice_scores
-CHOICE_METRICS = {"rot_acc": "rot_correct", "rot_gold_prob": "rot_gold_prob", "circular_acc": "circular_correct",
-                  "ll_acc": "ll_correct", "ll_norm_acc": "ll_norm_correct"}
+CHOICE_METRICS = {
+    "rot_acc": "rot_correct",
+    "rot_gold_prob": "rot_gold_prob",
+    "circular_acc": "circular_correct",
+    "ll_acc": "ll_correct",
+    "ll_norm_acc": "ll_norm_correct",
+}
 
 
 def mcq_summary(items: list[Item]) -> dict[str, Any]:
@@ -133,18 +149,21 @@ def summarize(items: list[Item], n_dropped: int) -> dict[str, Any]:
     return summary
 
 
-def overall_metrics(benchmarks: dict[str, dict[str, Any]], tasks: Mapping[str, str],
-                    headline: str) -> dict[str, Any]:
+def overall_metrics(benchmarks: dict[str, dict[str, Any]], tasks: Mapping[str, str], headline: str) -> dict[str, Any]:
     """Top-level means over benchmark summaries: overall (every `score`, the paper's
     metric), mcq_overall and mcq_rot_overall (`score` and `rot_acc` over MCQ benchmarks),
     code_overall (`score` over code benchmarks), each only when its group has a number;
     and headline: the `headline` benchmark's rot_acc, when it was evaluated with one."""
+
     def mean_of(task: str | None, key: str) -> float:
         return _mean([m.get(key, math.nan) for b, m in benchmarks.items() if task in (None, tasks[b])])
 
     out: dict[str, Any] = {"overall": mean_of(None, "score")}
-    for name, task, key in (("mcq_overall", "mcq", "score"), ("mcq_rot_overall", "mcq", "rot_acc"),
-                            ("code_overall", "code", "score")):
+    for name, task, key in (
+        ("mcq_overall", "mcq", "score"),
+        ("mcq_rot_overall", "mcq", "rot_acc"),
+        ("code_overall", "code", "score"),
+    ):
         if not math.isnan(value := mean_of(task, key)):
             out[name] = value
     if "rot_acc" in benchmarks.get(headline, {}):
@@ -152,16 +171,18 @@ def overall_metrics(benchmarks: dict[str, dict[str, Any]], tasks: Mapping[str, s
     return out
 
 
-def add_choice_scores(run: Scoring, builder: PromptBuilder, items: list[Item], mcq_format: McqFormat,
-                      bench: str) -> None:
+def add_choice_scores(
+    run: Scoring, builder: PromptBuilder, items: list[Item], mcq_format: McqFormat, bench: str
+) -> None:
     """Each MCQ record gains its rotation and option log-likelihood scores."""
     scores = choice_scores(run, builder, [it.example for it in items], mcq_format, desc=f"choices {bench}")
     for it, extra in zip(items, scores):
         it.record.update(extra)
 
 
-def evaluate_model(cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path,
-                   base_dir: Path | None = None) -> dict[str, Any]:
+def evaluate_model(
+    cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path, base_dir: Path | None = None
+) -> dict[str, Any]:
     """Evaluate `model_dir` on every configured benchmark; write predictions and metrics."""
     tok = load_tokenizer(model_dir)
     builder = PromptBuilder.for_tokenizer(tok, cfg.model.template, cfg.prompts.max_prompt_tokens)
@@ -178,21 +199,41 @@ def evaluate_model(cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path,
                 continue
             items.append(Item(ex, ids, {"id": ex.id, "benchmark": bench, "gold": ex.answer}))
         if dropped:
-            log.warning("%s: %d of %d prompts exceed %d tokens and are dropped", bench, dropped, len(examples),
-                        cfg.prompts.max_prompt_tokens)
+            log.warning(
+                "%s: %d of %d prompts exceed %d tokens and are dropped",
+                bench,
+                dropped,
+                len(examples),
+                cfg.prompts.max_prompt_tokens,
+            )
         if items:
             budget = getattr(cfg.eval.max_new_tokens, items[0].example.task)
-            outs = generate(model, tok, [it.prompt for it in items], Sampling(budget), cfg.eval.batch_size,
-                            builder.stop_strings, bf16, desc=f"eval {bench}", backend=cfg.eval.backend)
+            outs = generate(
+                model,
+                tok,
+                [it.prompt for it in items],
+                Sampling(budget),
+                cfg.eval.batch_size,
+                builder.stop_strings,
+                bf16,
+                desc=f"eval {bench}",
+                backend=cfg.eval.backend,
+            )
             for it, c in zip(items, outs):
-                it.record.update(completion=c.text, completion_ids=c.ids, completion_tokens=len(c.ids),
-                                 finished=c.finished)
+                it.record.update(
+                    completion=c.text, completion_ids=c.ids, completion_tokens=len(c.ids), finished=c.finished
+                )
             score_items(cfg, items)
             if cfg.eval.ppl:
                 golds = completion_logprobs(
-                    model, [(it.prompt, builder.encode_response(gold_response(it.example, fmt))) for it in items],
-                    tok.pad_token_id, cfg.eval.batch_size, bf16, desc=f"gold ppl {bench}",
-                    max_tokens=cfg.eval.score_tokens)
+                    model,
+                    [(it.prompt, builder.encode_response(gold_response(it.example, fmt))) for it in items],
+                    tok.pad_token_id,
+                    cfg.eval.batch_size,
+                    bf16,
+                    desc=f"gold ppl {bench}",
+                    max_tokens=cfg.eval.score_tokens,
+                )
                 for it, lp in zip(items, golds):
                     it.record["gold_ppl"] = perplexity(lp)
             if cfg.eval.choice_scores and items[0].example.task == "mcq":
@@ -205,12 +246,29 @@ def evaluate_model(cfg: Config, model_dir: Path, data_dir: Path, out_dir: Path,
         for bench, (items, _) in per_bench.items():
             pairs = [(it.prompt, it.record["completion_ids"]) for it in items]
             if base is None:  # the base model itself: its own retention baseline, no drift
-                rets = [(lp, 0.0) for lp in completion_logprobs(model, pairs, tok.pad_token_id, cfg.eval.batch_size,
-                                                                 bf16, desc=f"ppl_ret {bench}",
-                                                                 max_tokens=cfg.eval.score_tokens)]
+                rets = [
+                    (lp, 0.0)
+                    for lp in completion_logprobs(
+                        model,
+                        pairs,
+                        tok.pad_token_id,
+                        cfg.eval.batch_size,
+                        bf16,
+                        desc=f"ppl_ret {bench}",
+                        max_tokens=cfg.eval.score_tokens,
+                    )
+                ]
             else:
-                rets = retention(model, base, pairs, tok.pad_token_id, cfg.eval.batch_size, bf16,
-                                 desc=f"ppl_ret {bench}", max_tokens=cfg.eval.score_tokens)
+                rets = retention(
+                    model,
+                    base,
+                    pairs,
+                    tok.pad_token_id,
+                    cfg.eval.batch_size,
+                    bf16,
+                    desc=f"ppl_ret {bench}",
+                    max_tokens=cfg.eval.score_tokens,
+                )
             for it, (lp, jsd) in zip(items, rets):
                 it.record.update(ppl_ret=perplexity(lp), jsd_to_base=jsd)
 

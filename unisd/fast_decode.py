@@ -36,14 +36,14 @@ Models it cannot run (`unsupported`) go to the HF path, with a log line.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from unisd.generation import (Completion, Phases, Sampling, _check, _eos_ids, _pick, hf_generate,
-                              timed)
+from unisd.generation import Completion, Phases, Sampling, _check, _eos_ids, _pick, hf_generate, timed
 from unisd.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,15 @@ log = logging.getLogger(__name__)
 # change them with the sequence length, so a batch's positions would not be independent.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward: large GEMMs, bounded activations
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj")
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def unsupported(model) -> str | None:
@@ -68,14 +75,16 @@ def unsupported(model) -> str | None:
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type not in STATIC_ROPE:
         return f"RoPE type {rope_type!r} changes its frequencies with the length (supported: {STATIC_ROPE})"
-    plain = all(type(layer.get_submodule(name)) is torch.nn.Linear
-                for layer in model.model.layers for name in PROJECTIONS)
+    plain = all(
+        type(layer.get_submodule(name)) is torch.nn.Linear for layer in model.model.layers for name in PROJECTIONS
+    )
     return None if plain else "projections that are not plain nn.Linear (adapters, quantisation): merge them first"
 
 
 @dataclass
 class _Layer:
     """One decoder layer's weights, in the layout of `_Llama.layers_forward`."""
+
     attn_norm: torch.Tensor  # [hidden]
     qkv: torch.Tensor  # [(H + 2·KV)·D, hidden]: q, k, v stacked
     o: torch.Tensor  # [hidden, H·D]
@@ -86,10 +95,14 @@ class _Layer:
     @classmethod
     def of(cls, layer, cast: Callable[[torch.Tensor], torch.Tensor]) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
-        return cls(layer.input_layernorm.weight,
-                   torch.cat([cast(attn.q_proj.weight), cast(attn.k_proj.weight), cast(attn.v_proj.weight)]),
-                   cast(attn.o_proj.weight), layer.post_attention_layernorm.weight,
-                   torch.cat([cast(mlp.gate_proj.weight), cast(mlp.up_proj.weight)]), cast(mlp.down_proj.weight))
+        return cls(
+            layer.input_layernorm.weight,
+            torch.cat([cast(attn.q_proj.weight), cast(attn.k_proj.weight), cast(attn.v_proj.weight)]),
+            cast(attn.o_proj.weight),
+            layer.post_attention_layernorm.weight,
+            torch.cat([cast(mlp.gate_proj.weight), cast(mlp.up_proj.weight)]),
+            cast(mlp.down_proj.weight),
+        )
 
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -137,7 +150,7 @@ class _Llama:
         for i, layer in enumerate(self.layers):
             qkv = F.linear(self._norm(h, layer.attn_norm), layer.qkv).view(b, t, H + 2 * KV, D)
             qk = _rope(qkv[:, :, : H + KV], cos, sin)
-            h = h + F.linear(attend(i, qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV:]), layer.o)
+            h = h + F.linear(attend(i, qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]), layer.o)
             gate, up = F.linear(self._norm(h, layer.mlp_norm), layer.gate_up).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, layer.down)
         return h
@@ -210,8 +223,9 @@ class _Decoder:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, enable_gqa=True)
             return out.transpose(1, 2).reshape(b, t, -1)
 
-        h = self.llama.layers_forward(ids.to(self.llama.device), self.cos[None, :t, None], self.sin[None, :t, None],
-                                      attend)
+        h = self.llama.layers_forward(
+            ids.to(self.llama.device), self.cos[None, :t, None], self.sin[None, :t, None], attend
+        )
         self.cache.lens[slots] = lens
         self.rows += rows
         self.tokens += [[] for _ in rows]
@@ -225,8 +239,11 @@ class _Decoder:
         pos = self.cache.lens[:n]
         span = int(pos.max()) + 1
         mask = (torch.arange(span, device=pos.device) <= pos[:, None])[:, None, None]
-        where = (torch.arange(n, device=pos.device)[:, None], torch.arange(self.llama.kv_heads, device=pos.device),
-                 pos[:, None])
+        where = (
+            torch.arange(n, device=pos.device)[:, None],
+            torch.arange(self.llama.kv_heads, device=pos.device),
+            pos[:, None],
+        )
         return span, mask, where
 
     def step(self) -> None:
@@ -240,12 +257,14 @@ class _Decoder:
             keys, values = self.cache.keys[layer], self.cache.values[layer]
             keys.index_put_(where, k[:, 0])
             values.index_put_(where, v[:, 0])
-            out = F.scaled_dot_product_attention(q.view(n, llama.kv_heads, G, -1), keys[:n, :, :span],
-                                                 values[:n, :, :span], attn_mask=mask)
+            out = F.scaled_dot_product_attention(
+                q.view(n, llama.kv_heads, G, -1), keys[:n, :, :span], values[:n, :, :span], attn_mask=mask
+            )
             return out.view(n, 1, -1)
 
-        h = llama.layers_forward(self.last[:n, None], self.cos[pos][:, None, None], self.sin[pos][:, None, None],
-                                 attend)
+        h = llama.layers_forward(
+            self.last[:n, None], self.cos[pos][:, None, None], self.sin[pos][:, None, None], attend
+        )
         self.cache.lens[:n] += 1
         self._take(0, _pick(llama.logits(h[:, -1]), self.sampling, self.gen))
 
@@ -269,12 +288,25 @@ def _admit(queue: list[int], prompts: list[list[int]], free: int) -> int:
     return max(1, min(free, len(queue), PREFILL_TOKENS // len(prompts[queue[0]])))
 
 
-def _run(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int, stops: list[str],
-         bf16: bool, progress: Progress, phases: Phases | None) -> list[Completion]:
+def _run(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    batch_size: int,
+    stops: list[str],
+    bf16: bool,
+    progress: Progress,
+    phases: Phases | None,
+) -> list[Completion]:
     eos_ids = _eos_ids(model, tokenizer)
     slots = min(batch_size, len(prompts))
-    decoder = _Decoder(_Llama(model, torch.bfloat16 if bf16 else None), slots,
-                       max(map(len, prompts)) + sampling.max_new_tokens, sampling)
+    decoder = _Decoder(
+        _Llama(model, torch.bfloat16 if bf16 else None),
+        slots,
+        max(map(len, prompts)) + sampling.max_new_tokens,
+        sampling,
+    )
     queue = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[Completion | None] = [None] * len(prompts)
     while queue or decoder.rows:
@@ -298,15 +330,26 @@ def _run(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_s
 
 
 @torch.inference_mode()
-def fast_generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16,
-                  stop_strings: list[str] | None = None, bf16: bool = False, desc: str = "generate",
-                  phases: Phases | None = None) -> list[Completion]:
+def fast_generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    batch_size: int = 16,
+    stop_strings: list[str] | None = None,
+    bf16: bool = False,
+    desc: str = "generate",
+    phases: Phases | None = None,
+) -> list[Completion]:
     """The "fast" backend (`unisd.generation.Backend`); models it cannot run go to `hf_generate`."""
     if (reason := unsupported(model)) is not None:
         log.info("fast decoding is not available (%s): using the HF path", reason)
         return hf_generate(model, tokenizer, prompts, sampling, batch_size, stop_strings, bf16, desc, phases)
     progress = Progress(desc, len(prompts), "sequences")
-    out = _run(model, tokenizer, prompts, sampling, batch_size, list(stop_strings or []), bf16, progress,
-               phases) if prompts else []
+    out = (
+        _run(model, tokenizer, prompts, sampling, batch_size, list(stop_strings or []), bf16, progress, phases)
+        if prompts
+        else []
+    )
     progress.close()
     return out

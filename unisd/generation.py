@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -87,8 +88,9 @@ def _finish(tokens: list[int], logprobs: list[float], tokenizer, stops: list[str
     return Completion(tokens, text, finished, logprobs)
 
 
-def _check(tokens: list[int], logprobs: list[float], tokenizer, eos_ids: set[int], stops: list[str],
-           sampling: Sampling) -> Completion | None:
+def _check(
+    tokens: list[int], logprobs: list[float], tokenizer, eos_ids: set[int], stops: list[str], sampling: Sampling
+) -> Completion | None:
     """The completion of a running sequence if it is done after its latest token, else None.
 
     Done: the latest token is an EOS, a stop string appears in the text of the last 8
@@ -109,6 +111,7 @@ class Phases:
     decode_tokens the tokens that decode steps produced. Benchmarks pass one to a backend
     to split its time; the stages do not.
     """
+
     prefill_s: float = 0.0
     prefill_tokens: int = 0
     decode_s: float = 0.0
@@ -185,14 +188,27 @@ def _decode_step(model, batch: _Batch, sampling: Sampling, gen: torch.Generator)
     """One token for every running row: a forward over their last tokens, appended to their cache."""
     last = torch.tensor([t[-1] for t in batch.tokens], device=model.device)[:, None]
     batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
-    logits = model(input_ids=last, attention_mask=batch.mask, position_ids=batch.next_pos[:, None],
-                   cache=batch.cache, use_cache=True).logits[:, -1]
+    logits = model(
+        input_ids=last,
+        attention_mask=batch.mask,
+        position_ids=batch.next_pos[:, None],
+        cache=batch.cache,
+        use_cache=True,
+    ).logits[:, -1]
     batch.next_pos = batch.next_pos + 1
     batch.append(_pick(logits, sampling, gen))
 
 
-def _continuous(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int,
-                stops: list[str], progress: Progress, phases: Phases | None = None) -> list[Completion]:
+def _continuous(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    batch_size: int,
+    stops: list[str],
+    progress: Progress,
+    phases: Phases | None = None,
+) -> list[Completion]:
     from transformers import DynamicCache
 
     eos_ids, pad_id, device = _eos_ids(model, tokenizer), tokenizer.pad_token_id, model.device
@@ -202,12 +218,18 @@ def _continuous(model, tokenizer, prompts: list[list[int]], sampling: Sampling, 
     batch = _Batch()
     while queue or batch.rows:
         if len(batch.rows) < batch_size and queue:  # refill free slots
-            admit, queue = queue[: batch_size - len(batch.rows)], queue[batch_size - len(batch.rows):]
+            admit, queue = queue[: batch_size - len(batch.rows)], queue[batch_size - len(batch.rows) :]
             with timed(phases, "prefill", sum(len(prompts[i]) for i in admit)):
                 ids, mask = pad_left([prompts[i] for i in admit], pad_id, device)
                 cache = DynamicCache()
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                               cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                logits = model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]
                 batch.add(cache, mask, admit, _pick(logits, sampling, gen))
         else:  # one decoding step for every running row
             with timed(phases, "decode", len(batch.rows)):
@@ -227,13 +249,24 @@ def _continuous(model, tokenizer, prompts: list[list[int]], sampling: Sampling, 
     return out  # type: ignore[return-value]
 
 
-def _plain(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int, stops: list[str],
-           progress: Progress, phases: Phases | None = None) -> list[Completion]:
+def _plain(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    batch_size: int,
+    stops: list[str],
+    progress: Progress,
+    phases: Phases | None = None,
+) -> list[Completion]:
     """`model.generate` in length-sorted batches (the fallback, and the reference path).
     `model.generate` does not split its time: `phases` is left as it is."""
     eos_ids, pad_id = _eos_ids(model, tokenizer), tokenizer.pad_token_id
-    knobs = ({"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-             if sampling.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+    knobs = (
+        {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+        if sampling.do_sample
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[Completion | None] = [None] * len(prompts)
     for b, first in enumerate(range(0, len(order), batch_size)):
@@ -241,11 +274,19 @@ def _plain(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch
         ids, mask = pad_left([prompts[i] for i in idx], pad_id, model.device)
         if sampling.do_sample:
             torch.manual_seed(sampling.seed * 100_003 + b)
-        res = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-                             pad_token_id=pad_id, eos_token_id=list(eos_ids), stop_strings=stops or None,
-                             tokenizer=tokenizer if stops else None, output_logits=True,
-                             return_dict_in_generate=True, **knobs)
-        new = res.sequences[:, ids.shape[1]:]
+        res = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=list(eos_ids),
+            stop_strings=stops or None,
+            tokenizer=tokenizer if stops else None,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **knobs,
+        )
+        new = res.sequences[:, ids.shape[1] :]
         logps = torch.stack([_token_logprobs(step, new[:, k]) for k, step in enumerate(res.logits)], dim=1)
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
@@ -269,23 +310,44 @@ class Backend(Protocol):
     matmuls, `phases` (optional) collects the prefill/decode split of the wall time.
     """
 
-    def __call__(self, model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16,
-                 stop_strings: list[str] | None = None, bf16: bool = False, desc: str = "generate",
-                 phases: Phases | None = None) -> list[Completion]: ...
+    def __call__(
+        self,
+        model,
+        tokenizer,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        batch_size: int = 16,
+        stop_strings: list[str] | None = None,
+        bf16: bool = False,
+        desc: str = "generate",
+        phases: Phases | None = None,
+    ) -> list[Completion]: ...
 
 
 @torch.inference_mode()
-def hf_generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16,
-                stop_strings: list[str] | None = None, bf16: bool = False, desc: str = "generate",
-                phases: Phases | None = None, continuous: bool | None = None) -> list[Completion]:
+def hf_generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    batch_size: int = 16,
+    stop_strings: list[str] | None = None,
+    bf16: bool = False,
+    desc: str = "generate",
+    phases: Phases | None = None,
+    continuous: bool | None = None,
+) -> list[Completion]:
     """The "hf" backend: continuous batching over HF forwards (or `model.generate` in
     sorted batches when `continuous` is False or the model's cache is not plain)."""
     progress = Progress(desc, len(prompts), "sequences")
     use_continuous = supports_continuous(model) if continuous is None else continuous
     run = _continuous if use_continuous else _plain
     with inference_autocast(model, bf16):
-        out = (run(model, tokenizer, prompts, sampling, batch_size, list(stop_strings or []), progress, phases)
-               if prompts else [])
+        out = (
+            run(model, tokenizer, prompts, sampling, batch_size, list(stop_strings or []), progress, phases)
+            if prompts
+            else []
+        )
     progress.close()
     return out
 
@@ -307,14 +369,25 @@ def get_backend(name: str) -> Backend:
     raise ValueError(f"unknown generation backend {name!r}: expected 'hf', 'fast' or 'vllm'")
 
 
-def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16,
-             stop_strings: list[str] | None = None, bf16: bool = False, desc: str = "generate",
-             continuous: bool | None = None, backend: str = "hf", phases: Phases | None = None) -> list[Completion]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    batch_size: int = 16,
+    stop_strings: list[str] | None = None,
+    bf16: bool = False,
+    desc: str = "generate",
+    continuous: bool | None = None,
+    backend: str = "hf",
+    phases: Phases | None = None,
+) -> list[Completion]:
     """Completions of `prompts` (token ids), in input order, by the named backend.
     `continuous` (True/False: force the HF path's mode) applies to the "hf" backend only."""
     if backend == "hf":
-        return hf_generate(model, tokenizer, prompts, sampling, batch_size, stop_strings, bf16, desc, phases,
-                           continuous)
+        return hf_generate(
+            model, tokenizer, prompts, sampling, batch_size, stop_strings, bf16, desc, phases, continuous
+        )
     if continuous is not None:
         raise ValueError(f"continuous={continuous} applies to the 'hf' backend only, not {backend!r}")
     return get_backend(backend)(model, tokenizer, prompts, sampling, batch_size, stop_strings, bf16, desc, phases)

@@ -54,22 +54,36 @@ class TrainedModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]  # 
         from unisd.generation import Sampling, generate
 
         prompts = [self.builder.encode(text) for text in model_input]
-        if (too_long := [i for i, ids in enumerate(prompts) if ids is None]):
+        if too_long := [i for i, ids in enumerate(prompts) if ids is None]:
             raise ValueError(f"prompts {too_long} exceed {self.builder.max_prompt_tokens} tokens")
-        return [c.text for c in generate(self.model, self.tokenizer, cast(list[list[int]], prompts), Sampling(self.max_new_tokens),
-                                         stop_strings=self.builder.stop_strings, desc="pyfunc predict")]
+        return [
+            c.text
+            for c in generate(
+                self.model,
+                self.tokenizer,
+                cast(list[list[int]], prompts),
+                Sampling(self.max_new_tokens),
+                stop_strings=self.builder.stop_strings,
+                desc="pyfunc predict",
+            )
+        ]
 
 
 def save_trained_model(cfg: Config, train_out: Path, base: Path, dest: Path) -> None:
     """Save the round written to `train_out` (trained from `base`) as a pyfunc model in `dest`."""
     lora = (train_out / "adapter").is_dir()
     mlflow.pyfunc.save_model(
-        dest, python_model=__file__,
+        dest,
+        python_model=__file__,
         artifacts={"adapter": str(train_out / "adapter")} if lora else {"model": str(train_out / "model")},
-        model_config={"base": str(Path(base).resolve()), "template": cfg.model.template,
-                      "max_prompt_tokens": cfg.prompts.max_prompt_tokens,
-                      "max_new_tokens": cfg.eval.max_new_tokens.mcq},
-        pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS])  # not inferred: seconds saved
+        model_config={
+            "base": str(Path(base).resolve()),
+            "template": cfg.model.template,
+            "max_prompt_tokens": cfg.prompts.max_prompt_tokens,
+            "max_new_tokens": cfg.eval.max_new_tokens.mcq,
+        },
+        pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
+    )  # not inferred: seconds saved
 
 
 set_model(TrainedModel())

@@ -10,7 +10,8 @@ no [B, T, V] logits for padding.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,24 +28,32 @@ def pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, seq in enumerate(seqs):
-        ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
     return ids.to(device), mask.to(device)
 
 
 def pack_left(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, Any]:
     """Batch (prompt, completion) pairs, left-padded; `keep` covers every completion."""
     ids, mask = pad_left([p + c for p, c in pairs], pad_id, device)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-            "keep": max(len(c) for _, c in pairs) + 1}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        "keep": max(len(c) for _, c in pairs) + 1,
+    }
 
 
 def completion_hidden(lm: Any, packed: dict[str, Any], width: int) -> torch.Tensor:
     """Final-layer hidden states (after the final norm) at the positions that predict
     each completion token: [B, width, H], right-aligned like the batch's mask."""
-    out = lm.get_decoder()(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                           position_ids=packed["position_ids"], use_cache=False)
-    return out.last_hidden_state[:, -(width + 1):-1]
+    out = lm.get_decoder()(
+        input_ids=packed["input_ids"],
+        attention_mask=packed["attention_mask"],
+        position_ids=packed["position_ids"],
+        use_cache=False,
+    )
+    return out.last_hidden_state[:, -(width + 1) : -1]
 
 
 def length_batches(lengths: list[int], max_rows: int, max_tokens: int = 0) -> list[list[int]]:
@@ -79,15 +88,27 @@ def head_fn(lm, weight: torch.Tensor | None = None) -> Callable[[torch.Tensor], 
 
 def completion_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits [B, keep-1, V] whose position j predicts completion slot j (right-aligned)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=batch["keep"],
+        use_cache=False,
+    )
     return out.logits[:, :-1].float()
 
 
 @torch.inference_mode()
-def completion_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
-                        bf16: bool = False, desc: str = "score", chunk_size: int = 256,
-                        max_tokens: int = 0) -> list[torch.Tensor]:
+def completion_logprobs(
+    model,
+    pairs: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    batch_size: int = 8,
+    bf16: bool = False,
+    desc: str = "score",
+    chunk_size: int = 256,
+    max_tokens: int = 0,
+) -> list[torch.Tensor]:
     """log p(c_t | prompt, c_<t) for each completion token, one tensor per pair, in input
     order; batches as `length_batches(…, batch_size, max_tokens)`."""
     head = head_fn(model)
@@ -98,7 +119,9 @@ def completion_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id:
             batch = pack_left([pairs[i] for i in idx], pad_id, model.device)
             width = batch["keep"] - 1
             lengths = [len(pairs[i][1]) for i in idx]
-            real = torch.arange(width, device=model.device) >= width - torch.tensor(lengths, device=model.device)[:, None]
+            real = (
+                torch.arange(width, device=model.device) >= width - torch.tensor(lengths, device=model.device)[:, None]
+            )
             hidden = completion_hidden(model, batch, width)[real]  # [sum of lengths, H], row by row
             targets = batch["input_ids"][:, -width:][real]
             token_lp = token_logprobs(hidden[None], head, targets[None], 1.0, chunk_size)[0].float()
@@ -110,9 +133,16 @@ def completion_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id:
 
 
 @torch.inference_mode()
-def next_token_logprobs(model, prompts: list[list[int]], candidates: list[list[int]], pad_id: int,
-                        batch_size: int = 8, bf16: bool = False, desc: str = "next token",
-                        max_tokens: int = 0) -> list[torch.Tensor]:
+def next_token_logprobs(
+    model,
+    prompts: list[list[int]],
+    candidates: list[list[int]],
+    pad_id: int,
+    batch_size: int = 8,
+    bf16: bool = False,
+    desc: str = "next token",
+    max_tokens: int = 0,
+) -> list[torch.Tensor]:
     """log p(x | prompt) of each candidate token x of `candidates[i]` right after
     `prompts[i]`: the whole-vocabulary next-token log-softmax read at the candidates, one
     tensor [len(candidates[i])] per prompt, in input order. Only the last position
@@ -123,8 +153,13 @@ def next_token_logprobs(model, prompts: list[list[int]], candidates: list[list[i
     with inference_autocast(model, bf16):
         for idx in length_batches([len(p) for p in prompts], batch_size, max_tokens):
             batch = pack_left([(prompts[i], []) for i in idx], pad_id, model.device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"], logits_to_keep=1, use_cache=False).logits
+            logits = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                logits_to_keep=1,
+                use_cache=False,
+            ).logits
             lp = torch.log_softmax(logits[:, -1].float(), -1)
             for row, i in enumerate(idx):
                 out[i] = lp[row, candidates[i]].cpu()
@@ -134,8 +169,16 @@ def next_token_logprobs(model, prompts: list[list[int]], candidates: list[list[i
 
 
 @torch.inference_mode()
-def retention(model, base, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
-              bf16: bool = False, desc: str = "retention", max_tokens: int = 0) -> list[tuple[torch.Tensor, float]]:
+def retention(
+    model,
+    base,
+    pairs: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    batch_size: int = 8,
+    bf16: bool = False,
+    desc: str = "retention",
+    max_tokens: int = 0,
+) -> list[tuple[torch.Tensor, float]]:
     """For each (prompt, ŷ) of `model`: the *base* model's log-probs of ŷ (for PPLret) and
     the mean per-token JSD(base ‖ model) over ŷ (docs/method.md §5: drift from the base distribution)."""
     out: list[tuple[torch.Tensor, float] | None] = [None] * len(pairs)
@@ -144,7 +187,7 @@ def retention(model, base, pairs: list[tuple[list[int], list[int]]], pad_id: int
         for idx in length_batches([len(p) + len(c) for p, c in pairs], batch_size, max_tokens):
             batch = pack_left([pairs[i] for i in idx], pad_id, model.device)
             base_logits, model_logits = completion_logits(base, batch), completion_logits(model, batch)
-            targets = batch["input_ids"][:, -(batch["keep"] - 1):]
+            targets = batch["input_ids"][:, -(batch["keep"] - 1) :]
             for row, i in enumerate(idx):  # one row at a time: [C, V] intermediates, not [B, C, V]
                 n = len(pairs[i][1])
                 b, m = base_logits[row, -n:], model_logits[row, -n:]

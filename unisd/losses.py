@@ -58,8 +58,13 @@ def divergence(lp_s: Tensor, lp_t: Tensor, kind: Divergence, alpha: float) -> Te
     raise ValueError(f"unknown divergence {kind!r}; expected forward_kl, reverse_kl or jsd")
 
 
-def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: Divergence = "forward_kl",
-                     alpha: float = 0.5, temperature: float = 1.0) -> Tensor:
+def token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: Divergence = "forward_kl",
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+) -> Tensor:
     """Divergence [...] between p_S and p_T over the full vocabulary (last dim).
 
     Both sides use p = softmax(logits / T). forward_kl = KL(p_T ‖ p_S), reverse_kl =
@@ -69,16 +74,18 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: Diver
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return divergence(log_probs(student_logits, temperature),
-                       log_probs(teacher_logits.detach(), temperature), kind, alpha)
+    return divergence(
+        log_probs(student_logits, temperature), log_probs(teacher_logits.detach(), temperature), kind, alpha
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # clipping (§2.5) and weighted reduction (§2.1)
 
 
-def clip_divergence(ell: Tensor, mask: Tensor, mode: ClipMode = "none", tau: float = 10.0,
-                    q: float = 0.99) -> tuple[Tensor, float]:
+def clip_divergence(
+    ell: Tensor, mask: Tensor, mode: ClipMode = "none", tau: float = 10.0, q: float = 0.99
+) -> tuple[Tensor, float]:
     """Cap per-token divergences before weighting; returns (clipped [B, T], clipped fraction).
 
     static: min(ℓ, τ). quantile: min(ℓ, quantile_q of ℓ over the masked tokens), the
@@ -98,8 +105,13 @@ def clip_divergence(ell: Tensor, mask: Tensor, mode: ClipMode = "none", tau: flo
     return ell.clamp(max=limit), float(fraction)
 
 
-def weighted_token_loss(ell: Tensor, mask: Tensor, token_weights: Tensor | None = None,
-                        seq_weights: Tensor | None = None, normalize: Normalize = "tokens") -> Tensor:
+def weighted_token_loss(
+    ell: Tensor,
+    mask: Tensor,
+    token_weights: Tensor | None = None,
+    seq_weights: Tensor | None = None,
+    normalize: Normalize = "tokens",
+) -> Tensor:
     """Scalar Σ s_b w_bt ℓ_bt m_bt over a normaliser chosen by `normalize`.
 
     tokens (default): / Σ m, the batch's completion-token count.

@@ -57,9 +57,14 @@ class Negative:
 # --------------------------------------------------------------------------- programmatic
 
 
-def programmatic_negatives(examples: list[Example], per_example: int = 4, seed: int = 0,
-                           limits: Limits = Limits(), workers: int = 2,
-                           mcq_format: McqFormat = "reason_first") -> dict[str, list[Negative]]:
+def programmatic_negatives(
+    examples: list[Example],
+    per_example: int = 4,
+    seed: int = 0,
+    limits: Limits = Limits(),
+    workers: int = 2,
+    mcq_format: McqFormat = "reason_first",
+) -> dict[str, list[Negative]]:
     """Up to `per_example` verified-wrong negatives per example id (MCQ ones in `mcq_format`).
 
     Candidates are drawn in a seeded order, spread over wrong letters, bug types or kinds
@@ -69,8 +74,9 @@ def programmatic_negatives(examples: list[Example], per_example: int = 4, seed: 
     pools = {ex.id: _Pool(_candidates(ex, seed, mcq_format)) for ex in examples}
     for ex_id in _failing_references([ex for ex in examples if ex.task == "code"], limits, workers):
         pools[ex_id] = _Pool([])
-    while batch := [(ex, group, neg) for ex in examples
-                    for group, neg in pools[ex.id].draw(per_example - len(pools[ex.id].kept))]:
+    while batch := [
+        (ex, group, neg) for ex in examples for group, neg in pools[ex.id].draw(per_example - len(pools[ex.id].kept))
+    ]:
         flags = _wrong_flags([(ex, neg.text) for ex, _, neg in batch], limits, workers)
         for (ex, group, neg), wrong in zip(batch, flags):
             if wrong:
@@ -113,8 +119,7 @@ def _candidates(ex: Example, seed: int, mcq_format: McqFormat) -> list[list[Nega
 
 def _require_task(ex: Example) -> None:
     if ex.task not in TASKS:
-        raise ValueError(f"{ex.id}: no way to make negatives for task type {ex.task!r} "
-                         f"(supported: {', '.join(TASKS)})")
+        raise ValueError(f"{ex.id}: no way to make negatives for task type {ex.task!r} (supported: {', '.join(TASKS)})")
 
 
 # MCQ
@@ -178,8 +183,9 @@ def _code_text(code: str) -> str:
 
 # Tool use
 
-_FUNCTION = re.compile(r"^[ \t]*([A-Za-z_]\w*)[ \t]*:[^\n]*?(?:Parameters[ \t]*:|\n[ \t]*Parameters[ \t]*:)",
-                       re.MULTILINE)
+_FUNCTION = re.compile(
+    r"^[ \t]*([A-Za-z_]\w*)[ \t]*:[^\n]*?(?:Parameters[ \t]*:|\n[ \t]*Parameters[ \t]*:)", re.MULTILINE
+)
 
 
 def _api_functions(tools: str) -> list[str]:
@@ -189,8 +195,11 @@ def _api_functions(tools: str) -> list[str]:
 
 
 def _tool_candidates(ex: Example, rng: random.Random) -> list[list[Negative]]:
-    actions = [_tool_negative(f"wrong_action:{name}", name, ex.action_input)
-               for name in _api_functions(ex.tools) if name != ex.answer]
+    actions = [
+        _tool_negative(f"wrong_action:{name}", name, ex.action_input)
+        for name in _api_functions(ex.tools)
+        if name != ex.answer
+    ]
     args = _json_object(ex.action_input)
     arguments = []
     for key in sorted(args):
@@ -205,8 +214,13 @@ def _tool_candidates(ex: Example, rng: random.Random) -> list[list[Negative]]:
     return groups
 
 
-def _tool_negative(kind: str, action: str, action_input: str, source: Literal["programmatic", "self"] = "programmatic",
-                   verified: bool = False) -> Negative:
+def _tool_negative(
+    kind: str,
+    action: str,
+    action_input: str,
+    source: Literal["programmatic", "self"] = "programmatic",
+    verified: bool = False,
+) -> Negative:
     """Same layout as `gold_response` for tool use."""
     text = f"Thought: I should call {action}.\nAction: {action}\nAction Input: {action_input}"
     return Negative(text, kind, verified, source)
@@ -242,8 +256,9 @@ def _altered(value: Any) -> Any:
 # --------------------------------------------------------------------------- verification
 
 
-def verify_negatives(examples: list[Example], negatives: dict[str, list[Negative]],
-                     limits: Limits = Limits(), workers: int = 2) -> dict[str, list[Negative]]:
+def verify_negatives(
+    examples: list[Example], negatives: dict[str, list[Negative]], limits: Limits = Limits(), workers: int = 2
+) -> dict[str, list[Negative]]:
     """The negatives that really are wrong, marked verified; examples left with none are absent.
 
     MCQ: the parsed letter is a wrong one; tool: not fully correct; code: fails a test in
@@ -287,8 +302,11 @@ def _failing_references(examples: list[Example], limits: Limits, workers: int) -
     passed = _passes([(ex, gold_response(ex)) for ex in examples], limits, workers)
     failing = [ex.id for ex, ok in zip(examples, passed) if not ok]
     if failing:
-        log.warning("%d code example(s) get no negatives: the reference fails its own tests (%s)",
-                    len(failing), ", ".join(failing[:5]))
+        log.warning(
+            "%d code example(s) get no negatives: the reference fails its own tests (%s)",
+            len(failing),
+            ", ".join(failing[:5]),
+        )
     return failing
 
 
@@ -297,7 +315,7 @@ def _failing_references(examples: list[Example], limits: Limits, workers: int) -
 _BUG_HINTS = {
     "off_by_one": "an off-by-one error (a loop bound, index or limit that is one too large or too small)",
     "wrong_operator": "a wrong operator (for example + instead of -, < instead of <=, == instead of !=, "
-                      "or `and` instead of `or`)",
+    "or `and` instead of `or`)",
     "missing_edge_case": "a missing edge case (for example no check for empty input, zero or a boundary value)",
     "wrong_return": "a wrong return value (for example the wrong variable, None, or the negated result)",
 }
@@ -310,27 +328,36 @@ def negative_request(ex: Example, index: int, mcq_format: McqFormat = "reason_fi
     if ex.task == "mcq":
         letter = _wrong_letter(ex, index)
         where = "start" if mcq_format == "answer_first" else "end"
-        ask = (f"Write a short, convincing response that argues that the answer is option {letter} "
-               f"({ex.choices[LETTERS.index(letter)]}), without hedging. "
-               f"Use the format above and {where} with the line 'Answer: {letter}'.")
+        ask = (
+            f"Write a short, convincing response that argues that the answer is option {letter} "
+            f"({ex.choices[LETTERS.index(letter)]}), without hedging. "
+            f"Use the format above and {where} with the line 'Answer: {letter}'."
+        )
     elif ex.task == "code":
         bug = BUG_TYPES[index % len(BUG_TYPES)]
-        ask = (f"Here is a correct solution:\n{gold_response(ex)}\n\n"
-               f"Rewrite it with one subtle bug: {_BUG_HINTS[bug]}. Keep the function name and signature, "
-               "do not point out the bug in comments, and reply with the complete function "
-               "in a single ```python code block.")
+        ask = (
+            f"Here is a correct solution:\n{gold_response(ex)}\n\n"
+            f"Rewrite it with one subtle bug: {_BUG_HINTS[bug]}. Keep the function name and signature, "
+            "do not point out the bug in comments, and reply with the complete function "
+            "in a single ```python code block."
+        )
     else:
-        mistake = (f"call a different function than {ex.answer}, one that does not fulfil the request"
-                   if TOOL_MISTAKES[index % len(TOOL_MISTAKES)] == "wrong_action" else
-                   f"call {ex.answer} with wrong arguments (one missing, or a wrong value)")
-        ask = (f"Here is the correct next call:\n{gold_response(ex)}\n\n"
-               f"Write a plausible but wrong call instead: {mistake}. Do not say that it is wrong. "
-               "Reply in the format above (Thought, Action, Action Input).")
+        mistake = (
+            f"call a different function than {ex.answer}, one that does not fulfil the request"
+            if TOOL_MISTAKES[index % len(TOOL_MISTAKES)] == "wrong_action"
+            else f"call {ex.answer} with wrong arguments (one missing, or a wrong value)"
+        )
+        ask = (
+            f"Here is the correct next call:\n{gold_response(ex)}\n\n"
+            f"Write a plausible but wrong call instead: {mistake}. Do not say that it is wrong. "
+            "Reply in the format above (Thought, Action, Action Input)."
+        )
     return f"{task_text(ex, mcq_format)}\n\n{ask}"
 
 
-def clean_self_generated(ex: Example, request_index: int, text: str,
-                         mcq_format: McqFormat = "reason_first") -> Negative | None:
+def clean_self_generated(
+    ex: Example, request_index: int, text: str, mcq_format: McqFormat = "reason_first"
+) -> Negative | None:
     """The model's reply to `negative_request(ex, request_index, mcq_format)` in the
     student's output format, or None when it is malformed or not wrong in the requested way.
 
@@ -358,8 +385,7 @@ def _clean_mcq(ex: Example, letter: str, text: str, mcq_format: McqFormat) -> Ne
     reasoning = _REASONING_LABEL.sub("", " ".join(lines)).strip()
     if not reasoning:
         return None
-    return Negative(mcq_response(reasoning, letter, mcq_format), f"wrong_option:{letter}", verified=True,
-                    source="self")
+    return Negative(mcq_response(reasoning, letter, mcq_format), f"wrong_option:{letter}", verified=True, source="self")
 
 
 def _clean_code(ex: Example, bug: str, text: str) -> Negative | None:

@@ -28,7 +28,8 @@ micro-batch and logs the terms it returns.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -54,8 +55,15 @@ def loss_mask(mask: Tensor, skip: int) -> Tensor:
     return mask & (mask.cumsum(1) > skip)
 
 
-def batch_loss(method: Method, lm: Any, teacher: Teacher, head_name: str, batch: dict[str, Any],
-               chunk: int, cache: HiddenCache | None = None) -> tuple[Tensor, dict[str, float]]:
+def batch_loss(
+    method: Method,
+    lm: Any,
+    teacher: Teacher,
+    head_name: str,
+    batch: dict[str, Any],
+    chunk: int,
+    cache: HiddenCache | None = None,
+) -> tuple[Tensor, dict[str, float]]:
     """The recipe's total loss on one micro-batch (the module docstring's L), and its
     terms for logging. `batch` is `unisd.train.collate`'s; with a `cache` (frozen teacher
     only), `batch["ids"]` names the items of the batch."""
@@ -82,10 +90,20 @@ def batch_loss(method: Method, lm: Any, teacher: Teacher, head_name: str, batch:
     loss = h_s.new_zeros(())
     lp_s = lp_pos = None
     if method.feature.mode != "repr":
-        res = chunked_divergence(h_s, head, h_t, t_head, kind=method.divergence, alpha=method.alpha, temperature=T,
-                                 targets=targets if method.contrastive.enabled else None, chunk_size=chunk)
-        ell, terms["clipped_frac"] = clip_divergence(res.divergence, mask, method.clip.mode, method.clip.tau,
-                                                     method.clip.q)
+        res = chunked_divergence(
+            h_s,
+            head,
+            h_t,
+            t_head,
+            kind=method.divergence,
+            alpha=method.alpha,
+            temperature=T,
+            targets=targets if method.contrastive.enabled else None,
+            chunk_size=chunk,
+        )
+        ell, terms["clipped_frac"] = clip_divergence(
+            res.divergence, mask, method.clip.mode, method.clip.tau, method.clip.q
+        )
         token_w, seq_w = _agreement_weights(method, batch, mask, terms)
         normalize = method.agreement.normalize if method.agreement.enabled else "tokens"
         kl = weighted_token_loss(ell, mask, token_w, seq_w, normalize)
@@ -111,14 +129,16 @@ def batch_loss(method: Method, lm: Any, teacher: Teacher, head_name: str, batch:
 def _sft_loss(lm: Any, batch: dict[str, Any], chunk: int) -> tuple[Tensor, dict[str, float]]:
     """Mean token cross-entropy of the completions (T = 1, every completion token)."""
     mask = batch["mask"]
-    lp = token_logprobs(completion_hidden(lm, batch["student"], batch["width"]), head_fn(lm), batch["targets"],
-                        1.0, chunk)
+    lp = token_logprobs(
+        completion_hidden(lm, batch["student"], batch["width"]), head_fn(lm), batch["targets"], 1.0, chunk
+    )
     loss = -(lp * mask).sum() / mask.sum()
     return loss, {"sft": loss.item()}
 
 
-def _agreement_weights(method: Method, batch: dict[str, Any], mask: Tensor,
-                       terms: dict[str, float]) -> tuple[Tensor | None, Tensor | None]:
+def _agreement_weights(
+    method: Method, batch: dict[str, Any], mask: Tensor, terms: dict[str, float]
+) -> tuple[Tensor | None, Tensor | None]:
     """(token weights [B, T], sequence weights [B]) from the batch's agreement scores
     (§2.1), None where that level is off; their statistics go into `terms`."""
     a = method.agreement

@@ -25,10 +25,13 @@ from unisd.data.schema import LETTERS, Example
 
 McqFormat = Literal["reason_first", "answer_first"]
 MCQ_FORMATS: dict[str, str] = {
-    "reason_first": ("Reason briefly, then give only the option letter on the last line, in this format:\n"
-                     "Reasoning: <one or two sentences>\nAnswer: <letter>"),
-    "answer_first": ("Give the option letter first, then one short reason, in this format:\n"
-                     "Answer: <letter>\nReason: <one sentence>"),
+    "reason_first": (
+        "Reason briefly, then give only the option letter on the last line, in this format:\n"
+        "Reasoning: <one or two sentences>\nAnswer: <letter>"
+    ),
+    "answer_first": (
+        "Give the option letter first, then one short reason, in this format:\nAnswer: <letter>\nReason: <one sentence>"
+    ),
 }
 CODE_FORMAT = "Write the complete Python function in a single ```python code block."
 TOOL_FORMAT = (
@@ -37,8 +40,7 @@ TOOL_FORMAT = (
 )
 DEMO_INTRO = "This is an example for a response to the question:"
 DEMO_OUTRO = (
-    "Study the example, then solve the problem in your own way. "
-    "Reply only with your response, in the same format."
+    "Study the example, then solve the problem in your own way. Reply only with your response, in the same format."
 )
 EXAMPLE_INTRO = "Here is a solved example with a good response:"
 EXAMPLE_OUTRO = "Now solve this problem in your own way."
@@ -110,8 +112,9 @@ def gold_response(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
 TeacherTemplate = Literal["spec", "worked_example", "assistant_turn", "prior_exchange"]
 
 
-def teacher_messages(ex: Example, demonstration: str, template: TeacherTemplate = "spec",
-                     mcq_format: McqFormat = "reason_first") -> list[Message]:
+def teacher_messages(
+    ex: Example, demonstration: str, template: TeacherTemplate = "spec", mcq_format: McqFormat = "reason_first"
+) -> list[Message]:
     """The privileged teacher's view: the task with a demonstration in context (docs/method.md §1.1, §7.1).
 
     spec: one user turn: the task, "This is an example for a response to the question:",
@@ -166,8 +169,9 @@ class PromptBuilder:
     max_prompt_tokens: int
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any, template: Template | Literal["auto"] = "auto",
-                      max_prompt_tokens: int = 1024) -> PromptBuilder:
+    def for_tokenizer(
+        cls, tokenizer: Any, template: Template | Literal["auto"] = "auto", max_prompt_tokens: int = 1024
+    ) -> PromptBuilder:
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if template == "auto":
             template = "chat" if has_chat else "plain"

@@ -43,7 +43,9 @@ class AgreementCfg(Part):
     k: int = Field(3, description="number of auxiliary contexts (teachers); at least 2")
     gamma: float = Field(1.0, ge=0.0)
     stat: Literal["var", "range"] = "var"
-    filter_quantile: float = Field(1.0, gt=0.0, le=1.0, description="drop trajectories above this disagreement quantile")
+    filter_quantile: float = Field(
+        1.0, gt=0.0, le=1.0, description="drop trajectories above this disagreement quantile"
+    )
     normalize: Literal["tokens", "weight"] = "tokens"
 
     def model_post_init(self, _: Any) -> None:
@@ -80,10 +82,16 @@ class Method(Part):
     temperature: float = Field(0.7, gt=0.0, description="distillation temperature T")
     sample_temperature: float | None = Field(None, gt=0.0, description="None: generation.temperature")
     sample_top_p: float | None = Field(None, gt=0.0, le=1.0, description="None: generation.top_p")
-    gold_mix: float = Field(0.0, ge=0.0, lt=1.0, description="share of the round's prompts whose gold response is "
-                                                             "added as an extra SFT item (format stabilisation)")
-    skip_first_tokens: int = Field(0, ge=0, description="completion tokens at the start left out of the "
-                                                        "teacher-based loss terms")
+    gold_mix: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of the round's prompts whose gold response is "
+        "added as an extra SFT item (format stabilisation)",
+    )
+    skip_first_tokens: int = Field(
+        0, ge=0, description="completion tokens at the start left out of the teacher-based loss terms"
+    )
     teacher: TeacherCfg = TeacherCfg()
     agreement: AgreementCfg = AgreementCfg()
     contrastive: ContrastiveCfg = ContrastiveCfg()
@@ -92,9 +100,14 @@ class Method(Part):
 
     def model_post_init(self, _: Any) -> None:
         uses_teacher = self.loss == "distill"
-        for name, on in (("agreement", self.agreement.enabled), ("contrastive", self.contrastive.enabled),
-                         ("feature", self.feature.mode != "none"), ("ema teacher", self.teacher.kind == "ema"),
-                         ("clip", self.clip.mode != "none"), ("skip_first_tokens", self.skip_first_tokens > 0)):
+        for name, on in (
+            ("agreement", self.agreement.enabled),
+            ("contrastive", self.contrastive.enabled),
+            ("feature", self.feature.mode != "none"),
+            ("ema teacher", self.teacher.kind == "ema"),
+            ("clip", self.clip.mode != "none"),
+            ("skip_first_tokens", self.skip_first_tokens > 0),
+        ):
             if on and not uses_teacher:
                 raise ValueError(f"{name} needs a teacher, but loss is {self.loss!r} (use loss: distill)")
         if self.gold_mix > 0 and self.loss == "none":
@@ -121,8 +134,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "sdft": {"teacher": EMA_SDFT},
     "gkd": {"divergence": "jsd", "alpha": 0.5, "data": "mixed", "on_policy_fraction": 0.5},
     "opsd": {"divergence": "jsd", "alpha": 0.5},
-    **{f"agreement_{lvl[:3]}_{ctx}": _agreement(lvl, ctx)
-       for lvl in ("token", "sequence") for ctx in ("random", "retrieval", "induction")},
+    **{
+        f"agreement_{lvl[:3]}_{ctx}": _agreement(lvl, ctx)
+        for lvl in ("token", "sequence")
+        for ctx in ("random", "retrieval", "induction")
+    },
     "ema": {"teacher": EMA_SDFT},
     "contrastive": {"contrastive": {"enabled": True, "weight": 0.1, "margin": 0.5}},
     "match_joint": {"feature": {"mode": "joint", "weight": 0.1}},
@@ -146,20 +162,36 @@ ABOUT: dict[str, tuple[str, str]] = {
     "sdft": ("§3", "on-policy, EMA teacher, full-vocabulary forward KL"),
     "gkd": ("§3", "generalized JSD on a mix of on-policy samples and gold sequences, frozen teacher"),
     "opsd": ("§3", "generalized JSD on student rollouts, fixed initial teacher"),
-    **{f"agreement_{lvl[:3]}_{ctx}": ("§2.1", f"{lvl}-level agreement weights from {ctx} contexts, on sd")
-       for lvl in ("token", "sequence") for ctx in ("random", "retrieval", "induction")},
+    **{
+        f"agreement_{lvl[:3]}_{ctx}": ("§2.1", f"{lvl}-level agreement weights from {ctx} contexts, on sd")
+        for lvl in ("token", "sequence")
+        for ctx in ("random", "retrieval", "induction")
+    },
     "ema": ("§2.2", "EMA teacher, on sd"),
     "contrastive": ("§2.3", "token-level contrastive term with verified programmatic negatives, on sd"),
     "match_joint": ("§2.4", "feature matching added to the divergence, on sd"),
     "match_repr": ("§2.4", "feature matching instead of the divergence, on sd"),
     "clip": ("§2.5", "static divergence clipping, on sd"),
-    "unisd-full": ("§2.6", "the integrated recipe: retrieval token agreement, EMA teacher, joint feature matching, "
-                           "contrastive term; forward KL, no clipping"),
+    "unisd-full": (
+        "§2.6",
+        "the integrated recipe: retrieval token agreement, EMA teacher, joint feature matching, "
+        "contrastive term; forward KL, no clipping",
+    ),
 }
 BASELINES = ("base", "sft", "ssd", "sdft", "gkd", "opsd")
-COMPONENTS = ("agreement_tok_random", "agreement_tok_retrieval", "agreement_tok_induction",
-              "agreement_seq_random", "agreement_seq_retrieval", "agreement_seq_induction",
-              "ema", "contrastive", "match_joint", "match_repr", "clip")
+COMPONENTS = (
+    "agreement_tok_random",
+    "agreement_tok_retrieval",
+    "agreement_tok_induction",
+    "agreement_seq_random",
+    "agreement_seq_retrieval",
+    "agreement_seq_induction",
+    "ema",
+    "contrastive",
+    "match_joint",
+    "match_repr",
+    "clip",
+)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

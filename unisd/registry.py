@@ -18,9 +18,10 @@ enters the key as values, so an edit here that changes nothing there reruns noth
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 from unisd.artifacts import PACKAGE, code_files, code_version, content_digest, dir_digest
 from unisd.assets import local_model_folder
@@ -44,8 +45,11 @@ def _local_model(cfg: Config) -> dict[str, Path]:
 
 def _local_sources(cfg: Config) -> dict[str, Path]:
     """Local benchmark folders (`data.sources`), for the same reason."""
-    return {bench: Path(src).expanduser() for bench, src in sorted(cfg.data.sources.items())
-            if Path(src).expanduser().is_dir()}
+    return {
+        bench: Path(src).expanduser()
+        for bench, src in sorted(cfg.data.sources.items())
+        if Path(src).expanduser().is_dir()
+    }
 
 
 def _lookup(cfg: Config, key: str) -> Any:
@@ -100,10 +104,15 @@ class StageSpec:
 
     def key(self, cfg: Config, inputs: Mapping[str, Path | None], extra: dict[str, Any] | None = None) -> str:
         """Content key of a run: code version, params, the digests of its inputs, extra arguments."""
-        return digest_json({
-            "stage": self.name, "code": self.code, "params": self.params(cfg), "extra": extra or {},
-            "inputs": {k: dir_digest(p) for k, p in sorted(inputs.items()) if p is not None},
-        })
+        return digest_json(
+            {
+                "stage": self.name,
+                "code": self.code,
+                "params": self.params(cfg),
+                "extra": extra or {},
+                "inputs": {k: dir_digest(p) for k, p in sorted(inputs.items()) if p is not None},
+            }
+        )
 
     def run_name(self, arguments: dict[str, Any]) -> str:
         """What a run of this stage is called (MLflow run, Prefect task run): the stage,
@@ -119,26 +128,64 @@ class StageSpec:
 # how the negatives stage runs code to check that a negative is wrong
 _SANDBOX = ("eval.code_timeout_s", "eval.code_memory_mb", "eval.code_workers", "eval.code_isolation")
 DISTILL = ("contexts", "negatives", "generate", "filter", "train")
-STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
-    StageSpec("model", model_stage, sections=("model",), local=_local_model, retries=2),
-    StageSpec("prepare", prepare_stage, sections=("data",), local=_local_sources, retries=2),
-    StageSpec("contexts", contexts_stage, ("model", "data"),
-              sections=("model", "prompts", "train_set", "generation.backend", "generation.batch_size"),
-              method=("agreement",), seed=True),
-    StageSpec("negatives", negatives_stage, ("model", "data"),
-              sections=("model", "prompts", "train_set", "generation", *_SANDBOX), method=("contrastive",), seed=True),
-    StageSpec("generate", generate_stage, ("student", "data"), ("round_idx",),
-              sections=("model", "prompts", "train_set", "generation"),
-              method=("loss", "data", "on_policy_fraction", "sample_temperature", "sample_top_p", "gold_mix"),
-              seed=True),
-    StageSpec("filter", filter_stage, ("trajectories", "base", "data", "contexts", "previous"), ("round_idx",),
-              sections=("model", "prompts", "train_set", "generation", "train.lora"), method=("agreement", "teacher")),
-    # resumes from its last checkpoint, so a retry loses at most `train.checkpoint_every` steps
-    StageSpec("train", train_stage, ("filtered", "base", "data", "negatives", "previous"), ("round_idx",),
-              sections=("model", "prompts", "train"), method="all", seed=True, retries=1),
-    StageSpec("evaluate", evaluate_stage, ("model", "data", "base"), ("label",),
-              sections=("model", "data", "prompts", "eval")),
-)}
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in (
+        StageSpec("model", model_stage, sections=("model",), local=_local_model, retries=2),
+        StageSpec("prepare", prepare_stage, sections=("data",), local=_local_sources, retries=2),
+        StageSpec(
+            "contexts",
+            contexts_stage,
+            ("model", "data"),
+            sections=("model", "prompts", "train_set", "generation.backend", "generation.batch_size"),
+            method=("agreement",),
+            seed=True,
+        ),
+        StageSpec(
+            "negatives",
+            negatives_stage,
+            ("model", "data"),
+            sections=("model", "prompts", "train_set", "generation", *_SANDBOX),
+            method=("contrastive",),
+            seed=True,
+        ),
+        StageSpec(
+            "generate",
+            generate_stage,
+            ("student", "data"),
+            ("round_idx",),
+            sections=("model", "prompts", "train_set", "generation"),
+            method=("loss", "data", "on_policy_fraction", "sample_temperature", "sample_top_p", "gold_mix"),
+            seed=True,
+        ),
+        StageSpec(
+            "filter",
+            filter_stage,
+            ("trajectories", "base", "data", "contexts", "previous"),
+            ("round_idx",),
+            sections=("model", "prompts", "train_set", "generation", "train.lora"),
+            method=("agreement", "teacher"),
+        ),
+        # resumes from its last checkpoint, so a retry loses at most `train.checkpoint_every` steps
+        StageSpec(
+            "train",
+            train_stage,
+            ("filtered", "base", "data", "negatives", "previous"),
+            ("round_idx",),
+            sections=("model", "prompts", "train"),
+            method="all",
+            seed=True,
+            retries=1,
+        ),
+        StageSpec(
+            "evaluate",
+            evaluate_stage,
+            ("model", "data", "base"),
+            ("label",),
+            sections=("model", "data", "prompts", "eval"),
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ import re
 from unisd.data.schema import LETTERS, Example
 from unisd.sandbox import CodeTest, defined_names
 
-_ANSWER_LINE = re.compile(r"answer(?:\s+to\s+(?:the|this)\s+question)?\s*(?:is)?\s*[:：]?\s*\**\s*\(?((?-i:[A-J]))\)?(?![A-Za-z])", re.IGNORECASE)
+_ANSWER_LINE = re.compile(
+    r"answer(?:\s+to\s+(?:the|this)\s+question)?\s*(?:is)?\s*[:：]?\s*\**\s*\(?((?-i:[A-J]))\)?(?![A-Za-z])",
+    re.IGNORECASE,
+)
 _BARE_LETTER = re.compile(r"^\s*\**\(?([A-J])\)?[.:)]?\**\s*$")
 _LETTER_AND_OPTION = re.compile(r"^\s*\**\(?([A-J])[.:)]\**\s+(.+?)\s*$")
 

@@ -20,7 +20,7 @@ Several seeds of one model are pooled by averaging each example's correctness ov
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -44,8 +44,9 @@ def _estimate(mats: Sequence[np.ndarray], weights: Sequence[float]) -> float:
     return 100 * float(np.mean([m.mean(axis=0) @ np.asarray(weights, dtype=float) for m in mats]))
 
 
-def _stratified(mats: Sequence[np.ndarray], weights: Sequence[float], n_boot: int, seed: int,
-                level: float) -> tuple[float, float, float]:
+def _stratified(
+    mats: Sequence[np.ndarray], weights: Sequence[float], n_boot: int, seed: int, level: float
+) -> tuple[float, float, float]:
     """The contrast with its percentile interval, examples redrawn within each benchmark."""
     estimate = _estimate(mats, weights)
     rng = np.random.default_rng(seed)
@@ -78,14 +79,16 @@ def _aligned(suites: Sequence[Suite]) -> dict[str, np.ndarray]:
     return mats
 
 
-def bootstrap_ci(correct: Sequence[float] | np.ndarray, n_boot: int = 10000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_ci(
+    correct: Sequence[float] | np.ndarray, n_boot: int = 10000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(score %, lo %, hi %): percentile bootstrap over one benchmark's test examples."""
     return _stratified([_column(correct)], [1.0], n_boot, seed, level)
 
 
-def overall_ci(per_benchmark: Mapping[str, Sequence[float]], n_boot: int = 10000, seed: int = 0,
-               level: float = 0.95) -> tuple[float, float, float]:
+def overall_ci(
+    per_benchmark: Mapping[str, Sequence[float]], n_boot: int = 10000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(overall %, lo %, hi %): the mean of benchmark scores, resampled within each benchmark."""
     return _stratified([_column(v) for v in per_benchmark.values()], [1.0], n_boot, seed, level)
 
@@ -130,8 +133,9 @@ def _whole(x: float) -> float | int:
     return int(round(x)) if abs(x - round(x)) < 1e-9 else float(x)
 
 
-def paired_overall_test(a: Suite, b: Suite, n_perm: int = 10000, seed: int = 0, n_boot: int = 10000,
-                        level: float = 0.95) -> dict[str, float | int]:
+def paired_overall_test(
+    a: Suite, b: Suite, n_perm: int = 10000, seed: int = 0, n_boot: int = 10000, level: float = 0.95
+) -> dict[str, float | int]:
     """Overall (mean over benchmarks) score difference a − b on the same examples.
 
     diff_pct with a stratified paired bootstrap interval [lo, hi], the sign-flip p_value,
@@ -142,12 +146,20 @@ def paired_overall_test(a: Suite, b: Suite, n_perm: int = 10000, seed: int = 0, 
     diff, lo, hi = _stratified(mats, [1.0, -1.0], n_boot, seed, level)
     p = _sign_flip_p(mats, n_perm, np.random.default_rng([seed, 1]))
     b10, b01 = (_whole(x) for x in np.sum([_discordant(m) for m in mats], axis=0))
-    return {"diff_pct": diff, "lo": lo, "hi": hi, "p_value": p, "b01": b01, "b10": b10,
-            "n": int(sum(len(m) for m in mats))}
+    return {
+        "diff_pct": diff,
+        "lo": lo,
+        "hi": hi,
+        "p_value": p,
+        "b01": b01,
+        "b10": b10,
+        "n": int(sum(len(m) for m in mats)),
+    }
 
 
-def paired_test(a: Correct, b: Correct, n_perm: int = 10000, seed: int = 0, n_boot: int = 10000,
-                level: float = 0.95) -> dict[str, float | int | None]:
+def paired_test(
+    a: Correct, b: Correct, n_perm: int = 10000, seed: int = 0, n_boot: int = 10000, level: float = 0.95
+) -> dict[str, float | int | None]:
     """Score difference a − b on one benchmark's examples: paired bootstrap [lo, hi],
     sign-flip p_value, McNemar counts b10 (a right, b wrong), b01 and their exact p
     (None when an outcome is a tie's share: McNemar's test needs 0/1 outcomes)."""
@@ -171,18 +183,25 @@ def _seed_means(models: Sequence[Sequence[Correct]]) -> np.ndarray:
         raise ValueError("pooling needs at least one run per model")
     mat = _aligned([{"_": r} for runs in models for r in runs])["_"]
     ends = np.cumsum([len(runs) for runs in models])
-    return np.column_stack([mat[:, end - len(runs):end].mean(axis=1) for runs, end in zip(models, ends)])
+    return np.column_stack([mat[:, end - len(runs) : end].mean(axis=1) for runs, end in zip(models, ends)])
 
 
-def pooled_ci(runs: Sequence[Correct], n_boot: int = 10000, seed: int = 0,
-              level: float = 0.95) -> tuple[float, float, float]:
+def pooled_ci(
+    runs: Sequence[Correct], n_boot: int = 10000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(score %, lo %, hi %) of one model over its seeds: each example's correctness is
     averaged over the seeds, and the percentile bootstrap redraws examples (seeds held fixed)."""
     return _stratified([_seed_means([runs])], [1.0], n_boot, seed, level)
 
 
-def pooled_paired_test(a: Sequence[Correct], b: Sequence[Correct], n_perm: int = 10000, seed: int = 0,
-                       n_boot: int = 10000, level: float = 0.95) -> dict[str, float | int]:
+def pooled_paired_test(
+    a: Sequence[Correct],
+    b: Sequence[Correct],
+    n_perm: int = 10000,
+    seed: int = 0,
+    n_boot: int = 10000,
+    level: float = 0.95,
+) -> dict[str, float | int]:
     """Score difference of model A (runs `a`, one per seed) and model B (runs `b`), pooled over seeds.
 
     The estimator: every example i gets ā(i), its correctness averaged over A's seeds, and
@@ -198,8 +217,7 @@ def pooled_paired_test(a: Sequence[Correct], b: Sequence[Correct], n_perm: int =
     pooled = _seed_means([a, b])
     diff, lo, hi = _stratified([pooled], [1.0, -1.0], n_boot, seed, level)
     p = _sign_flip_p([pooled], n_perm, np.random.default_rng([seed, 1]))
-    return {"diff_pct": diff, "lo": lo, "hi": hi, "p_value": p, "n": len(pooled), "seeds_a": len(a),
-            "seeds_b": len(b)}
+    return {"diff_pct": diff, "lo": lo, "hi": hi, "p_value": p, "n": len(pooled), "seeds_a": len(a), "seeds_b": len(b)}
 
 
 def seed_summary(values: Sequence[float]) -> tuple[float, float]:
@@ -211,8 +229,9 @@ def seed_summary(values: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
 
 
-def interaction(base: Suite, a: Suite, b: Suite, ab: Suite, n_boot: int = 10000, seed: int = 0,
-                level: float = 0.95) -> dict[str, float]:
+def interaction(
+    base: Suite, a: Suite, b: Suite, ab: Suite, n_boot: int = 10000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
     """gain(A+B) − gain(A) − gain(B), gains over `base`, on the overall (mean over benchmarks) score.
 
     The four models' answers to each example are resampled jointly (stratified by
@@ -220,7 +239,9 @@ def interaction(base: Suite, a: Suite, b: Suite, ab: Suite, n_boot: int = 10000,
     suites. 0 means the components add up; > 0 they help each other.
     """
     mats = list(_aligned([base, a, b, ab]).values())
-    gains = {name: _estimate(mats, w)
-             for name, w in (("gain_a", [-1, 1, 0, 0]), ("gain_b", [-1, 0, 1, 0]), ("gain_ab", [-1, 0, 0, 1]))}
+    gains = {
+        name: _estimate(mats, w)
+        for name, w in (("gain_a", [-1, 1, 0, 0]), ("gain_b", [-1, 0, 1, 0]), ("gain_ab", [-1, 0, 0, 1]))
+    }
     value, lo, hi = _stratified(mats, [1.0, -1.0, -1.0, 1.0], n_boot, seed, level)
     return {**gains, "interaction": value, "lo": lo, "hi": hi}

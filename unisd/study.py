@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from unisd.artifacts import write_json_atomic
 from unisd.config import Config, digest_json, load_config
@@ -35,8 +36,9 @@ WITHOUT: dict[str, dict[str, Any]] = {
     "contrastive": {"contrastive": {"enabled": False}},
     "feature": {"feature": {"mode": "none"}},
 }
-AGREEMENT_VARIANTS = tuple(f"agreement_{lvl}_{ctx}" for lvl in ("tok", "seq")
-                           for ctx in ("random", "retrieval", "induction"))
+AGREEMENT_VARIANTS = tuple(
+    f"agreement_{lvl}_{ctx}" for lvl in ("tok", "seq") for ctx in ("random", "retrieval", "induction")
+)
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,12 @@ def ablation_cells(cfg: Config) -> list[Cell]:
     for s in cfg.study.seeds:
         cells += [Cell("base", "base", s, "base"), Cell("sd", "sd", s, "sd")]
         cells += [Cell(c, c, s, "component") for c in singles]
-        cells += [Cell(f"{a}+{b}", "sd", s, "pair", deep_merge(RECIPES[a], RECIPES[b]), (a, b))
-                  for a, b in combinations(comps, 2)]
+        cells += [
+            Cell(f"{a}+{b}", "sd", s, "pair", deep_merge(RECIPES[a], RECIPES[b]), (a, b))
+            for a, b in combinations(comps, 2)
+        ]
         if cfg.study.leave_one_out:
-            cells += [Cell(f"unisd-full-no-{m}", "unisd-full", s, "leave_one_out", WITHOUT[m], (m,))
-                      for m in WITHOUT]
+            cells += [Cell(f"unisd-full-no-{m}", "unisd-full", s, "leave_one_out", WITHOUT[m], (m,)) for m in WITHOUT]
         cells.append(Cell("unisd-full", "unisd-full", s, "full"))
     return cells
 
@@ -86,10 +89,18 @@ def cell_config(cfg: Config, params_file: Path, overrides: dict[str, Any], study
     the cell's own artifacts root."""
     where = f"study/{study}/{cell.name}"
     size = {**cfg.study.size, **(cfg.study.ablation_size if study == "ablation" else {})}
-    return load_config(params_file, {
-        **size, **overrides, "recipe": cell.recipe, "components": cell.components, "run.seed": cell.seed,
-        "paths.artifacts": f"{cfg.paths.artifacts}/{where}", "paths.metrics": f"{cfg.paths.metrics}/{where}",
-    })
+    return load_config(
+        params_file,
+        {
+            **size,
+            **overrides,
+            "recipe": cell.recipe,
+            "components": cell.components,
+            "run.seed": cell.seed,
+            "paths.artifacts": f"{cfg.paths.artifacts}/{where}",
+            "paths.metrics": f"{cfg.paths.metrics}/{where}",
+        },
+    )
 
 
 def report_dir(cfg: Config, study: str) -> Path:
@@ -102,7 +113,10 @@ def cell_entry(cfg: Config, cell: Cell) -> dict[str, Any]:
     rounds = range(1, cfg.train_set.rounds + 1)
     trained = cfg.method.loss != "none"
     return {
-        "eval_dir": str(layout.recipe_eval), "label": cell.label, "kind": cell.kind, "seed": cell.seed,
+        "eval_dir": str(layout.recipe_eval),
+        "label": cell.label,
+        "kind": cell.kind,
+        "seed": cell.seed,
         "components": list(cell.parts),
         "curves": [str(layout.round(r, "train") / "curves.jsonl") for r in rounds] if trained else None,
         "filter_stats": [str(layout.round(r, "filter") / "stats.json") for r in rounds] if trained else None,
@@ -151,9 +165,13 @@ def run_cell_recorded(cfg: Config, cell: Cell, run_cell: Callable[[Config, Cell]
     its wall time, whether it computed its evaluation or found it cached, and the code it ran."""
     since, started = time.time(), time.monotonic()
     run_cell(cfg, cell)
-    record = {"params": result_digest(cfg), "wall_time_s": round(time.monotonic() - started, 1),
-              "computed": _evaluated_since(cfg, since), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "code": {"evaluate": stage_code("evaluate")[:12], "train": stage_code("train")[:12]}}
+    record = {
+        "params": result_digest(cfg),
+        "wall_time_s": round(time.monotonic() - started, 1),
+        "computed": _evaluated_since(cfg, since),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "code": {"evaluate": stage_code("evaluate")[:12], "train": stage_code("train")[:12]},
+    }
     write_json_atomic(record_path(cfg), record)
     return {**record, "status": "done"}
 
@@ -167,8 +185,9 @@ def _wall_time(cells: dict[str, dict[str, Any]], previous: Path) -> float | None
     return json.loads(previous.read_text())["study"].get("wall_time_s") if previous.is_file() else None
 
 
-def run_study(params_file: Path, overrides: dict[str, Any], study: str,
-              run_cell: Callable[[Config, Cell], Any] | None = None) -> Path:
+def run_study(
+    params_file: Path, overrides: dict[str, Any], study: str, run_cell: Callable[[Config, Cell], Any] | None = None
+) -> Path:
     """Run the cells of `study` ("compare" or "ablation") that are not done, then write its report.
 
     Resumable cell by cell: a cell evaluated under the same params is skipped, whatever
@@ -184,8 +203,15 @@ def run_study(params_file: Path, overrides: dict[str, Any], study: str,
     for i, (cell, cell_cfg) in enumerate(zip(cells, configs), start=1):
         state = cell_status(cell_cfg)
         if run_cell is not None and state["status"] == "done":
-            log.info("study %s: cell %d/%d %s finished %s; skipped (delete %s to rerun it)", study, i, len(cells),
-                     cell.name, state["finished"], record_path(cell_cfg))
+            log.info(
+                "study %s: cell %d/%d %s finished %s; skipped (delete %s to rerun it)",
+                study,
+                i,
+                len(cells),
+                cell.name,
+                state["finished"],
+                record_path(cell_cfg),
+            )
         elif run_cell is not None:
             log.info("study %s: cell %d/%d %s", study, i, len(cells), cell.name)
             state = run_cell_recorded(cell_cfg, cell, run_cell)
@@ -196,14 +222,24 @@ def run_study(params_file: Path, overrides: dict[str, Any], study: str,
     models = {cell.name: cell_entry(cell_cfg, cell) for cell, cell_cfg in present}
     sized = configs[0]
     info = {
-        "title": f"UniSD {study} study", "model": sized.model.name, "split": sized.eval.split,
-        "split_sizes": {"eval_limit_per_benchmark": sized.eval.limit or "all",
-                        "train_examples_per_benchmark": sized.train_set.limit or "all",
-                        "train_benchmarks": list(sized.train_benchmarks)},
+        "title": f"UniSD {study} study",
+        "model": sized.model.name,
+        "split": sized.eval.split,
+        "split_sizes": {
+            "eval_limit_per_benchmark": sized.eval.limit or "all",
+            "train_examples_per_benchmark": sized.train_set.limit or "all",
+            "train_benchmarks": list(sized.train_benchmarks),
+        },
         "seeds": list(cfg.study.seeds),
-        "budget": {"rounds": sized.train_set.rounds, "lr": sized.train.lr, "epochs": sized.train.epochs,
-                   "batch": sized.train.batch_size * sized.train.grad_accum, "lora_r": sized.train.lora.r},
-        "wall_time_s": _wall_time(states, report_dir(cfg, study) / "report.json"), "cells": states,
+        "budget": {
+            "rounds": sized.train_set.rounds,
+            "lr": sized.train.lr,
+            "epochs": sized.train.epochs,
+            "batch": sized.train.batch_size * sized.train.grad_accum,
+            "lora_r": sized.train.lora.r,
+        },
+        "wall_time_s": _wall_time(states, report_dir(cfg, study) / "report.json"),
+        "cells": states,
         "models": models,
     }
     return write_report(info, report_dir(cfg, study))

@@ -19,7 +19,8 @@ the adapter switched off instead: the same numbers, without the adapter's matmul
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, cast
+from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 
@@ -37,8 +38,12 @@ class Teacher:
     def _check_base(self) -> None:
         """Whether the teacher is the base model: a LoRA adapter whose B matrices are zero."""
         lora_b = [w for n, w in self.weights.items() if "lora_B" in n]
-        self.is_base = (hasattr(self.model, "disable_adapter") and len(lora_b) > 0
-                        and all(not w.any() for w in lora_b) and all("lora_" in n for n in self.weights))
+        self.is_base = (
+            hasattr(self.model, "disable_adapter")
+            and len(lora_b) > 0
+            and all(not w.any() for w in lora_b)
+            and all("lora_" in n for n in self.weights)
+        )
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:

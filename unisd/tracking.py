@@ -24,8 +24,9 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from unisd.artifacts import owner_gone, process_token, sweep_stale
 from unisd.config import Config, digest_json
@@ -45,8 +46,13 @@ def tracking_uri(root: Path) -> str:
 def git_commit(root: Path) -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if sha.returncode != 0:
@@ -87,7 +93,8 @@ class Tracker:
         remote = self.uri.startswith(("http://", "https://"))
         try:
             return self.client.create_experiment(
-                EXPERIMENT, artifact_location=None if remote else (self.cfg.root / "mlartifacts").as_uri())
+                EXPERIMENT, artifact_location=None if remote else (self.cfg.root / "mlartifacts").as_uri()
+            )
         except MlflowException as err:
             exp = self.client.get_experiment_by_name(EXPERIMENT)
             if err.error_code != "RESOURCE_ALREADY_EXISTS" or exp is None:
@@ -100,8 +107,13 @@ class Tracker:
         from mlflow.tracking.context.registry import resolve_tags
 
         commit = git_commit(self.cfg.root)
-        tags = {**resolve_tags(), "git.commit": commit, "unisd.params_hash": self.cfg.digest(),
-                "unisd.run_name": self.cfg.run.name, OWNER: process_token()}
+        tags = {
+            **resolve_tags(),
+            "git.commit": commit,
+            "unisd.params_hash": self.cfg.digest(),
+            "unisd.run_name": self.cfg.run.name,
+            OWNER: process_token(),
+        }
         if commit != "unknown":
             tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
         return tags
@@ -135,7 +147,8 @@ class Tracker:
         for run in orphans:
             self.client.set_terminated(run.info.run_id, "KILLED")
             for model in self.client.search_logged_models(
-                    [self.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"):
+                [self.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+            ):
                 if model.status == LoggedModelStatus.PENDING:
                     self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
         return [run.info.run_id for run in orphans]
@@ -144,8 +157,9 @@ class Tracker:
         runs: list[Any] = []
         token = None
         while True:
-            page = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
-                                           max_results=1000, page_token=token)
+            page = self.client.search_runs(
+                [self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000, page_token=token
+            )
             runs.extend(page)
             if not (token := page.token):
                 return runs
@@ -154,8 +168,14 @@ class Tracker:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
     @contextlib.contextmanager
-    def stage(self, parent_id: str | None, name: str, params: dict[str, Any] | None = None,
-              tags: dict[str, str] | None = None, system_metrics: bool = False) -> Iterator["StageRun"]:
+    def stage(
+        self,
+        parent_id: str | None,
+        name: str,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        system_metrics: bool = False,
+    ) -> Iterator[StageRun]:
         """A nested run for one stage; FAILED (and re-raised) if the body raises. With
         `system_metrics`, CPU, memory, disk and network use are sampled into it (`system/*`,
         every SYSTEM_METRICS_INTERVAL_S seconds; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
@@ -201,8 +221,10 @@ class Tracker:
 def _params(data: dict[str, Any]) -> list:
     from mlflow.entities import Param
 
-    return [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)[:6000])
-            for k, v in sorted(_flatten("", data, {}).items())]
+    return [
+        Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)[:6000])
+        for k, v in sorted(_flatten("", data, {}).items())
+    ]
 
 
 @functools.cache
@@ -244,13 +266,17 @@ class StageRun:
 
         now = int(time.time() * 1000)
         flat = _flatten("", metrics, {})
-        batch = [Metric(k.replace(".", "/"), float(v), now, step, model_id=model_id) for k, v in sorted(flat.items())
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        batch = [
+            Metric(k.replace(".", "/"), float(v), now, step, model_id=model_id)
+            for k, v in sorted(flat.items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ]
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
 
-    def log_dataset(self, name: str, path: Path, digest: str, context: str, n_rows: int,
-                    origin: str | None = None) -> None:
+    def log_dataset(
+        self, name: str, path: Path, digest: str, context: str, n_rows: int, origin: str | None = None
+    ) -> None:
         """A dataset this stage reads (or, for prepare, writes), as an `mlflow.data` dataset:
         its file, digest and row count, its role (`context`: training, evaluation, ...) and,
         for a prepared split, where the rows came from (`origin`)."""
@@ -264,13 +290,20 @@ class StageRun:
         tags = [InputTag("mlflow.data.context", context), *([InputTag("unisd.origin", origin)] if origin else [])]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
 
-    def log_model(self, name: str, save: Callable[[Path], None] | None, metrics: dict[str, Any], step: int = 0,
-                  tags: dict[str, str] | None = None) -> str:
+    def log_model(
+        self,
+        name: str,
+        save: Callable[[Path], None] | None,
+        metrics: dict[str, Any],
+        step: int = 0,
+        tags: dict[str, str] | None = None,
+    ) -> str:
         """A LoggedModel from this run, linked to `metrics`; with `save(folder)`, which
         writes an MLflow model (`unisd.logged_model`), its weights too: then it is the
         model this run produced (`model_id`), which later stages link to."""
-        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
-                                                tags=tags or {})
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=self.run_id, tags=tags or {}
+        )
         if save is not None:
             with tempfile.TemporaryDirectory(prefix="unisd-model-") as folder:
                 save(Path(folder) / "model")
@@ -291,8 +324,13 @@ class StageRun:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         run = self.client.get_run(self.run_id)
-        self.client.create_model_version(name, f"models:/{model_id}", run_id=self.run_id, model_id=model_id,
-                                         tags={k: run.data.tags[k] for k in ("unisd.params_hash", "unisd.run_name")})
+        self.client.create_model_version(
+            name,
+            f"models:/{model_id}",
+            run_id=self.run_id,
+            model_id=model_id,
+            tags={k: run.data.tags[k] for k in ("unisd.params_hash", "unisd.run_name")},
+        )
 
     def link_model(self, model_id: str | None, source_run: str | None) -> None:
         """Record that this run evaluated the LoggedModel `model_id` (made by run

@@ -71,10 +71,24 @@ class ServerSpec:
         return f"http://{host}:{self.port}"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_store_uri,
-                "--serve-artifacts", "--artifacts-destination", self.artifacts_destination,
-                "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
-                *(["--allowed-hosts", self.allowed_hosts] if self.allowed_hosts else [])]
+        return [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            self.backend_store_uri,
+            "--serve-artifacts",
+            "--artifacts-destination",
+            self.artifacts_destination,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            *(["--allowed-hosts", self.allowed_hosts] if self.allowed_hosts else []),
+        ]
 
 
 def healthy(uri: str, timeout: float = 2.0) -> bool:
@@ -132,9 +146,14 @@ class TrackingServer:
             self._log_fh = open(self.log, "ab")  # noqa: SIM115 - the server's log for its lifetime, closed in stop()
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)  # the server's own store is --backend-store-uri
-        self.proc = subprocess.Popen(self.spec.command(), env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log_fh, stderr=subprocess.STDOUT if self._log_fh else None,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.spec.command(),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_fh,
+            stderr=subprocess.STDOUT if self._log_fh else None,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while not healthy(self.uri):
             if self.proc.poll() is not None:
@@ -142,8 +161,9 @@ class TrackingServer:
                 raise ServerError(f"mlflow server exited with status {self.proc.returncode}{self._log_tail()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServerError(f"mlflow server did not answer at {self.uri}/health in {timeout:.0f} s"
-                                  f"{self._log_tail()}")
+                raise ServerError(
+                    f"mlflow server did not answer at {self.uri}/health in {timeout:.0f} s{self._log_tail()}"
+                )
             time.sleep(0.5)
         return self.uri
 
@@ -206,33 +226,47 @@ def group_alive(group: int) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="interface to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--store", default=DEFAULT_STORE,
-                        help="folder of the default SQLite database and artifact folder (default: mlflow-server)")
-    parser.add_argument("--backend-store-uri", help="runs database instead of <store>/mlflow.db, "
-                                                    "e.g. postgresql://user@db-host:5432/mlflow")
-    parser.add_argument("--artifacts-destination", help="artifact store instead of <store>/artifacts, "
-                                                        "e.g. s3://bucket/mlflow")
+    parser.add_argument(
+        "--store",
+        default=DEFAULT_STORE,
+        help="folder of the default SQLite database and artifact folder (default: mlflow-server)",
+    )
+    parser.add_argument(
+        "--backend-store-uri",
+        help="runs database instead of <store>/mlflow.db, e.g. postgresql://user@db-host:5432/mlflow",
+    )
+    parser.add_argument(
+        "--artifacts-destination", help="artifact store instead of <store>/artifacts, e.g. s3://bucket/mlflow"
+    )
     parser.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
-    parser.add_argument("--allowed-hosts", help="Host headers the server accepts, e.g. mlflow.internal:5000 "
-                                                "(MLflow's --allowed-hosts; default: localhost and private IPs)")
+    parser.add_argument(
+        "--allowed-hosts",
+        help="Host headers the server accepts, e.g. mlflow.internal:5000 "
+        "(MLflow's --allowed-hosts; default: localhost and private IPs)",
+    )
 
 
 def spec_from_args(args: argparse.Namespace) -> ServerSpec:
     spec = ServerSpec.local(args.store, host=args.host, port=args.port, workers=args.workers)
-    return ServerSpec(args.backend_store_uri or spec.backend_store_uri,
-                      args.artifacts_destination or spec.artifacts_destination, spec.host, spec.port, spec.workers,
-                      args.allowed_hosts)
+    return ServerSpec(
+        args.backend_store_uri or spec.backend_store_uri,
+        args.artifacts_destination or spec.artifacts_destination,
+        spec.host,
+        spec.port,
+        spec.workers,
+        args.allowed_hosts,
+    )
 
 
 def serve(args: argparse.Namespace) -> None:
     """`unisd tracking-server`: run the server in the foreground until interrupted."""
     spec = spec_from_args(args)
     with TrackingServer(spec) as server:
-        print(f"MLflow tracking server: {spec.backend_store_uri}, artifacts in {spec.artifacts_destination}",
-              flush=True)
+        print(
+            f"MLflow tracking server: {spec.backend_store_uri}, artifacts in {spec.artifacts_destination}", flush=True
+        )
         print(f"workers: export MLFLOW_TRACKING_URI={server.uri}   (Ctrl-C stops the server)", flush=True)
         while server.alive():
             time.sleep(1.0)

@@ -19,9 +19,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -60,11 +61,15 @@ def collate(items: list[TrainItem], pad_id: int, device) -> dict[str, Any]:
     mask = torch.zeros(len(items), width, dtype=torch.bool)
     targets = torch.zeros(len(items), width, dtype=torch.long)
     for b, it in enumerate(items):
-        mask[b, width - len(it.completion):] = True
-        targets[b, width - len(it.completion):] = torch.tensor(it.completion)
-    batch: dict[str, Any] = {"mask": mask.to(device), "targets": targets.to(device), "width": width,
-                             "sft": items[0].sft,
-                             "student": pack_left([(it.prompt, it.completion) for it in items], pad_id, device)}
+        mask[b, width - len(it.completion) :] = True
+        targets[b, width - len(it.completion) :] = torch.tensor(it.completion)
+    batch: dict[str, Any] = {
+        "mask": mask.to(device),
+        "targets": targets.to(device),
+        "width": width,
+        "sft": items[0].sft,
+        "student": pack_left([(it.prompt, it.completion) for it in items], pad_id, device),
+    }
     for name in ("teacher_prompt", "negative_prompt"):
         if getattr(items[0], name) is not None:
             batch[name] = pack_left([(getattr(it, name), it.completion) for it in items], pad_id, device)
@@ -72,7 +77,7 @@ def collate(items: list[TrainItem], pad_id: int, device) -> dict[str, Any]:
         k = len(items[0].scores)
         scores = torch.zeros(k, len(items), width)
         for b, it in enumerate(items):
-            scores[:, b, width - len(it.completion):] = torch.tensor(it.scores)
+            scores[:, b, width - len(it.completion) :] = torch.tensor(it.scores)
         batch["scores"] = scores.to(device)
     return batch
 
@@ -96,11 +101,11 @@ class TeacherCache:
             first = self.rows[keys[0]]
             out = first.new_zeros(len(keys), width, first.shape[-1])
             for b, (k, n) in enumerate(zip(keys, lengths)):
-                out[b, width - n:] = self.rows[k]
+                out[b, width - n :] = self.rows[k]
             return out
         out = compute()
         for b, (k, n) in enumerate(zip(keys, lengths)):
-            self.rows[k] = out[b, width - n:].clone()
+            self.rows[k] = out[b, width - n :].clone()
         return out
 
 
@@ -124,15 +129,21 @@ def build_student(cfg: Config, base_dir: Path, init_dir: Path | None) -> Any:
 
     model: Any = load_model(base_dir, cfg.model.dtype, cfg.model.device)  # peft-wrapped below
     alpha: Any = lora.alpha  # peft annotates an int; the float scale works as it always has
-    peft_cfg = LoraConfig(r=lora.r, lora_alpha=alpha, lora_dropout=lora.dropout,
-                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    peft_cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, peft_cfg)
     if init_dir is not None:
         state = load_file(init_dir / "adapter" / "adapter_model.safetensors", device=str(model.device))
         result: Any = set_peft_model_state_dict(model, state)  # peft's own annotation lacks unexpected_keys
         if result.unexpected_keys:
-            raise TrainingError(f"{init_dir}/adapter does not fit this LoRA configuration "
-                                f"(unexpected {result.unexpected_keys[:2]})")
+            raise TrainingError(
+                f"{init_dir}/adapter does not fit this LoRA configuration (unexpected {result.unexpected_keys[:2]})"
+            )
     model.train()
     return model
 
@@ -146,8 +157,10 @@ def check_lineage(init_dir: Path | None, base_digest: str) -> None:
         raise TrainingError(f"{init_dir}: not a train stage output (no train_info.json)")
     got = json.loads(info_file.read_text())["base_digest"]
     if got != base_digest:
-        raise TrainingError(f"{init_dir} was trained from model {got[:12]}, but this run's model is "
-                            f"{base_digest[:12]}: a checkpoint from a different model cannot be continued")
+        raise TrainingError(
+            f"{init_dir} was trained from model {got[:12]}, but this run's model is "
+            f"{base_digest[:12]}: a checkpoint from a different model cannot be continued"
+        )
 
 
 def micro_batches(kinds: list[bool], cfg: Config, seed: int) -> list[list[int]]:
@@ -176,8 +189,9 @@ def _teacher_cache(cfg: Config, items: list[TrainItem], lm, visits: int, per_epo
         return None
     passes = 2 if cfg.method.contrastive.enabled else 1
     size = sum(len(it.completion) for it in items) * passes * lm.config.hidden_size * 4
-    log.info("frozen teacher: caching its hidden states for repeat visits (%.0f MiB; train.cache_teacher)",
-             size / 2**20)
+    log.info(
+        "frozen teacher: caching its hidden states for repeat visits (%.0f MiB; train.cache_teacher)", size / 2**20
+    )
     return TeacherCache()
 
 
@@ -201,8 +215,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-def train_round(cfg: Config, items: list[TrainItem], base_dir: Path, base_digest: str, out: Path, work: Path,
-                run, init_dir: Path | None = None, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+def train_round(
+    cfg: Config,
+    items: list[TrainItem],
+    base_dir: Path,
+    base_digest: str,
+    out: Path,
+    work: Path,
+    run,
+    init_dir: Path | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Train one round and write `out/` (merged model, adapter, teacher state, curves).
 
     `work` holds the resumable checkpoint (kept across failures, deleted on success).
@@ -265,8 +288,9 @@ def train_round(cfg: Config, items: list[TrainItem], base_dir: Path, base_digest
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
                 loss, terms = batch_loss(method, lm, teacher, head_name, batch, cfg.train.chunk_size, cache)
             if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss ({float(loss)}) at step {step + 1}, micro-batch {j + 1}; "
-                                    f"terms {terms}")
+                raise TrainingError(
+                    f"non-finite loss ({float(loss)}) at step {step + 1}, micro-batch {j + 1}; terms {terms}"
+                )
             accelerator.backward(loss / accum)
             loss_sum += loss.item() / accum
             for k, v in terms.items():
@@ -279,9 +303,15 @@ def train_round(cfg: Config, items: list[TrainItem], base_dir: Path, base_digest
         step += 1
         teacher_moved = teacher.after_step(step)
         elapsed = time.monotonic() - started
-        point = {"step": step, "loss": loss_sum, **terms_sum, "lr": scheduler.get_last_lr()[0],
-                 "grad_norm": grad_norm, "tokens_per_s": n_tokens / max(elapsed, 1e-9),
-                 "ema_update": int(teacher_moved)}
+        point = {
+            "step": step,
+            "loss": loss_sum,
+            **terms_sum,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_s": n_tokens / max(elapsed, 1e-9),
+            "ema_update": int(teacher_moved),
+        }
         curves.append(point)
         run.log_metrics({f"train/{k}": v for k, v in point.items() if k != "step"}, step=step)
         if step % 10 == 0 or step == total:
@@ -311,14 +341,24 @@ def _sort_target_modules(path: Path) -> None:
 def _save_checkpoint(path: Path, lm, optimizer, scheduler, teacher: Teacher, step: int, curves: list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"trainable": _trainable_state(lm), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "teacher": teacher.state_dict(), "rng": _rng_state(),
-                "step": step, "curves": curves}, tmp)
+    torch.save(
+        {
+            "trainable": _trainable_state(lm),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "teacher": teacher.state_dict(),
+            "rng": _rng_state(),
+            "step": step,
+            "curves": curves,
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 
-def _write_outputs(cfg: Config, lm, tok, teacher: Teacher, out: Path, base_digest: str, steps: int,
-                   curves: list) -> dict[str, Any]:
+def _write_outputs(
+    cfg: Config, lm, tok, teacher: Teacher, out: Path, base_digest: str, steps: int, curves: list
+) -> dict[str, Any]:
     """Adapter (LoRA), teacher weights, curves, and the merged model for evaluation."""
     torch.save(teacher.state_dict(), out / "teacher.pt")
     if cfg.train.lora.enabled:
@@ -330,7 +370,11 @@ def _write_outputs(cfg: Config, lm, tok, teacher: Teacher, out: Path, base_diges
     with open(out / "curves.jsonl", "w") as fh:  # timings stay in MLflow: the file is reproducible
         for point in curves:
             fh.write(json.dumps({k: v for k, v in point.items() if k not in TIMINGS}) + "\n")
-    info = {"base_digest": base_digest, "steps": steps, "recipe": cfg.recipe,
-            "final_loss": curves[-1]["loss"] if curves else None}
+    info = {
+        "base_digest": base_digest,
+        "steps": steps,
+        "recipe": cfg.recipe,
+        "final_loss": curves[-1]["loss"] if curves else None,
+    }
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

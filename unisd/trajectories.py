@@ -19,11 +19,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from unisd.agreement import keep_by_disagreement, sequence_disagreement
+from unisd.choice_scores import AnswerEncoder
 from unisd.config import Config
 from unisd.contexts import context_texts
 from unisd.data.schema import LETTERS, Example
 from unisd.generation import Sampling, generate
-from unisd.choice_scores import AnswerEncoder
 from unisd.logprobs import completion_logprobs, next_token_logprobs
 from unisd.prompts import ANSWER_PREFIX, McqFormat, Message, PromptBuilder, gold_response, task_text, teacher_messages
 from unisd.scoring import parse_mcq
@@ -71,12 +71,21 @@ def gold_mix_picks(n: int, fraction: float, seed: int) -> list[int]:
 
 def _gold(builder: PromptBuilder, ex: Example, ids: list[int], fmt: McqFormat, sft: bool) -> Trajectory:
     text = gold_response(ex, fmt)
-    return Trajectory(id=f"{ex.id}#gold" if sft else ex.id, example_id=ex.id, benchmark=ex.benchmark, source="gold",
-                      prompt_ids=ids, completion_ids=builder.encode_response(text), text=text, sft=sft)
+    return Trajectory(
+        id=f"{ex.id}#gold" if sft else ex.id,
+        example_id=ex.id,
+        benchmark=ex.benchmark,
+        source="gold",
+        prompt_ids=ids,
+        completion_ids=builder.encode_response(text),
+        text=text,
+        sft=sft,
+    )
 
 
-def sample_trajectories(cfg: Config, model, tok, builder: PromptBuilder, examples: list[Example],
-                        seed: int) -> tuple[list[Trajectory], dict[str, Any]]:
+def sample_trajectories(
+    cfg: Config, model, tok, builder: PromptBuilder, examples: list[Example], seed: int
+) -> tuple[list[Trajectory], dict[str, Any]]:
     """Student samples (or gold completions) for `examples`, and the `gold_mix` share of
     them again as gold SFT items; returns them and counts."""
     method, gen, fmt = cfg.method, cfg.generation, cfg.prompts.mcq_format
@@ -91,35 +100,77 @@ def sample_trajectories(cfg: Config, model, tok, builder: PromptBuilder, example
         else:
             sampled.extend((ex, ids) for _ in range(gen.samples_per_prompt))
     mixed_in = [fitting[i] for i in gold_mix_picks(len(fitting), method.gold_mix, seed)]
-    out = ([_gold(builder, ex, ids, fmt, sft=False) for ex, ids in gold]
-           + [_gold(builder, ex, ids, fmt, sft=True) for ex, ids in mixed_in])
+    out = [_gold(builder, ex, ids, fmt, sft=False) for ex, ids in gold] + [
+        _gold(builder, ex, ids, fmt, sft=True) for ex, ids in mixed_in
+    ]
     by_task: dict[str, list[tuple[int, Example, list[int]]]] = {}
     for n, (ex, ids) in enumerate(sampled):
         by_task.setdefault(ex.task, []).append((n, ex, ids))
     for task, group in sorted(by_task.items()):
-        sampling = Sampling(getattr(gen.max_new_tokens, task), do_sample=True,
-                            temperature=method.sample_temperature or gen.temperature,
-                            top_p=method.sample_top_p or gen.top_p, seed=seed)
-        outs = generate(model, tok, [ids for _, _, ids in group], sampling, gen.batch_size, builder.stop_strings,
-                        gen.bf16_autocast, desc=f"sample {task}", backend=gen.backend)
+        sampling = Sampling(
+            getattr(gen.max_new_tokens, task),
+            do_sample=True,
+            temperature=method.sample_temperature or gen.temperature,
+            top_p=method.sample_top_p or gen.top_p,
+            seed=seed,
+        )
+        outs = generate(
+            model,
+            tok,
+            [ids for _, _, ids in group],
+            sampling,
+            gen.batch_size,
+            builder.stop_strings,
+            gen.bf16_autocast,
+            desc=f"sample {task}",
+            backend=gen.backend,
+        )
         for (n, ex, ids), c in zip(group, outs):
             if not c.ids:
                 continue
-            out.append(Trajectory(id=f"{ex.id}#{n}", example_id=ex.id, benchmark=ex.benchmark, source="sampled",
-                                  prompt_ids=ids, completion_ids=c.ids, text=c.text, finished=c.finished,
-                                  student_logprobs=c.logprobs))
+            out.append(
+                Trajectory(
+                    id=f"{ex.id}#{n}",
+                    example_id=ex.id,
+                    benchmark=ex.benchmark,
+                    source="sampled",
+                    prompt_ids=ids,
+                    completion_ids=c.ids,
+                    text=c.text,
+                    finished=c.finished,
+                    student_logprobs=c.logprobs,
+                )
+            )
     # samples carry their log-probs from decoding; gold completions are scored in one pass
     unscored = [t for t in out if not t.student_logprobs]
-    lps = completion_logprobs(model, [(t.prompt_ids, t.completion_ids) for t in unscored], tok.pad_token_id,
-                              gen.batch_size, gen.bf16_autocast, desc="student log-probs", max_tokens=gen.score_tokens)
+    lps = completion_logprobs(
+        model,
+        [(t.prompt_ids, t.completion_ids) for t in unscored],
+        tok.pad_token_id,
+        gen.batch_size,
+        gen.bf16_autocast,
+        desc="student log-probs",
+        max_tokens=gen.score_tokens,
+    )
     for t, lp in zip(unscored, lps):
         t.student_logprobs = lp.tolist()
-    return out, {"dropped_over_budget": len(encoded) - len(fitting), "sampled": len(sampled), "gold": len(gold),
-                 "gold_mix": len(mixed_in)}
+    return out, {
+        "dropped_over_budget": len(encoded) - len(fitting),
+        "sampled": len(sampled),
+        "gold": len(gold),
+        "gold_mix": len(mixed_in),
+    }
 
 
-def score_agreement(cfg: Config, teacher, tok, builder: PromptBuilder, trajectories: list[Trajectory],
-                    records: dict[str, dict], by_id: dict[str, Example]) -> tuple[list[Trajectory], dict[str, float]]:
+def score_agreement(
+    cfg: Config,
+    teacher,
+    tok,
+    builder: PromptBuilder,
+    trajectories: list[Trajectory],
+    records: dict[str, dict],
+    by_id: dict[str, Example],
+) -> tuple[list[Trajectory], dict[str, float]]:
     """Teacher log-probs of each sampled token under the K contexts; keep the agreeing ones.
 
     Returns the kept trajectories (with `agreement_scores` and `disagreement`) and stats.
@@ -137,29 +188,42 @@ def score_agreement(cfg: Config, teacher, tok, builder: PromptBuilder, trajector
             continue
         scored.append(t)
         pairs.extend((cast(list[int], p), t.completion_ids) for p in prompts[: agreement.k])
-    lps = completion_logprobs(teacher, pairs, tok.pad_token_id, cfg.generation.batch_size,
-                              cfg.generation.bf16_autocast, desc="agreement scores",
-                              max_tokens=cfg.generation.score_tokens)
+    lps = completion_logprobs(
+        teacher,
+        pairs,
+        tok.pad_token_id,
+        cfg.generation.batch_size,
+        cfg.generation.bf16_autocast,
+        desc="agreement scores",
+        max_tokens=cfg.generation.score_tokens,
+    )
     k = agreement.k
     for i, t in enumerate(scored):
         scores = torch.stack(lps[i * k : (i + 1) * k])  # [K, T]
         t.agreement_scores = scores.tolist()
-        t.disagreement = float(sequence_disagreement(scores[:, None, :], torch.ones(1, scores.shape[1], dtype=torch.bool)))
+        t.disagreement = float(
+            sequence_disagreement(scores[:, None, :], torch.ones(1, scores.shape[1], dtype=torch.bool))
+        )
     if not scored:
         return [], {"dropped_over_budget": dropped, "filtered_out": 0, "kept": 0}
     keep = keep_by_disagreement(torch.tensor([t.disagreement for t in scored]), agreement.filter_quantile).tolist()
     kept = [t for t, k_ in zip(scored, keep) if k_]
-    stats = {"dropped_over_budget": dropped, "filtered_out": len(scored) - len(kept), "kept": len(kept),
-             "filtered_fraction": (len(scored) - len(kept)) / len(scored),
-             "disagreement_mean": float(torch.tensor([t.disagreement for t in scored]).mean())}
+    stats = {
+        "dropped_over_budget": dropped,
+        "filtered_out": len(scored) - len(kept),
+        "kept": len(kept),
+        "filtered_fraction": (len(scored) - len(kept)) / len(scored),
+        "disagreement_mean": float(torch.tensor([t.disagreement for t in scored]).mean()),
+    }
     return kept, stats
 
 
 # --------------------------------------------------------------------------- teacher diagnostics
 
 
-def teacher_diagnostics(cfg: Config, teacher, tok, builder: PromptBuilder, trajectories: list[Trajectory],
-                        by_id: dict[str, Example]) -> dict[str, float | int | None]:
+def teacher_diagnostics(
+    cfg: Config, teacher, tok, builder: PromptBuilder, trajectories: list[Trajectory], by_id: dict[str, Example]
+) -> dict[str, float | int | None]:
     """Whether the round's teacher (privileged prompt) fits the student's answers.
 
     End of turn (`eos_calibration`), the option-letter accuracy of the teacher's and the
@@ -167,17 +231,20 @@ def teacher_diagnostics(cfg: Config, teacher, tok, builder: PromptBuilder, traje
     student's own samples (`sample_accuracy`). A mean over nothing is None.
     """
     examples = [by_id[i] for i in dict.fromkeys(t.example_id for t in trajectories)]
-    return {**eos_calibration(cfg, teacher, tok, builder, trajectories, by_id),
-            **letter_accuracy(cfg, teacher, tok, builder, examples),
-            **sample_accuracy(trajectories, by_id)}
+    return {
+        **eos_calibration(cfg, teacher, tok, builder, trajectories, by_id),
+        **letter_accuracy(cfg, teacher, tok, builder, examples),
+        **sample_accuracy(trajectories, by_id),
+    }
 
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def eos_calibration(cfg: Config, teacher, tok, builder: PromptBuilder, trajectories: list[Trajectory],
-                    by_id: dict[str, Example]) -> dict[str, float | int | None]:
+def eos_calibration(
+    cfg: Config, teacher, tok, builder: PromptBuilder, trajectories: list[Trajectory], by_id: dict[str, Example]
+) -> dict[str, float | int | None]:
     """Mean log-prob of the final EOS over the finished sampled trajectories that end with it:
 
         teacher_eos_logp = mean_i log p_T(EOS | teacher prompt of x_i, y_i,<T)
@@ -186,21 +253,31 @@ def eos_calibration(cfg: Config, teacher, tok, builder: PromptBuilder, trajector
     A teacher far below the student teaches it, token by token, not to stop. Trajectories
     whose teacher prompt exceeds the budget are left out of both means.
     """
-    ended = [t for t in trajectories
-             if t.source == "sampled" and t.finished and t.completion_ids[-1] == tok.eos_token_id]
+    ended = [
+        t for t in trajectories if t.source == "sampled" and t.finished and t.completion_ids[-1] == tok.eos_token_id
+    ]
     prompts = {i: builder.encode_messages(privileged_messages(cfg, by_id[i])) for i in {t.example_id for t in ended}}
     scored = [t for t in ended if prompts[t.example_id] is not None]
     gen = cfg.generation
-    lps = completion_logprobs(teacher, [(cast(list[int], prompts[t.example_id]), t.completion_ids) for t in scored],
-                              tok.pad_token_id,
-                              gen.batch_size, gen.bf16_autocast, desc="teacher end of turn",
-                              max_tokens=gen.score_tokens)
-    return {"eos_trajectories": len(scored), "teacher_eos_logp": _mean([float(lp[-1]) for lp in lps]),
-            "student_eos_logp": _mean([t.student_logprobs[-1] for t in scored])}
+    lps = completion_logprobs(
+        teacher,
+        [(cast(list[int], prompts[t.example_id]), t.completion_ids) for t in scored],
+        tok.pad_token_id,
+        gen.batch_size,
+        gen.bf16_autocast,
+        desc="teacher end of turn",
+        max_tokens=gen.score_tokens,
+    )
+    return {
+        "eos_trajectories": len(scored),
+        "teacher_eos_logp": _mean([float(lp[-1]) for lp in lps]),
+        "student_eos_logp": _mean([t.student_logprobs[-1] for t in scored]),
+    }
 
 
-def letter_accuracy(cfg: Config, model, tok, builder: PromptBuilder,
-                    examples: list[Example]) -> dict[str, float | int | None]:
+def letter_accuracy(
+    cfg: Config, model, tok, builder: PromptBuilder, examples: list[Example]
+) -> dict[str, float | int | None]:
     """Accuracy (%) of the option letter chosen right after an assistant prefix "Answer:",
     over the MCQ examples whose two prompts fit the budget, under the teacher's privileged
     prompt and under the student's prompt, with the same model (the round's teacher):
@@ -212,18 +289,30 @@ def letter_accuracy(cfg: Config, model, tok, builder: PromptBuilder,
         if teacher is not None and len(student) <= builder.max_prompt_tokens:
             rows.append((ex, teacher, student, letters))
     gen = cfg.generation
-    lps = next_token_logprobs(model, [r[1] for r in rows] + [r[2] for r in rows], [r[3] for r in rows] * 2,
-                              tok.pad_token_id, gen.batch_size, gen.bf16_autocast, desc="letter accuracy",
-                              max_tokens=gen.score_tokens)
+    lps = next_token_logprobs(
+        model,
+        [r[1] for r in rows] + [r[2] for r in rows],
+        [r[3] for r in rows] * 2,
+        tok.pad_token_id,
+        gen.batch_size,
+        gen.bf16_autocast,
+        desc="letter accuracy",
+        max_tokens=gen.score_tokens,
+    )
     right = [LETTERS[int(lp.argmax())] == ex.answer for lp, ex in zip(lps, [r[0] for r in rows] * 2)]
     n = len(rows)
-    return {"letter_items": n, "teacher_letter_acc": _mean([100.0 * r for r in right[:n]]),
-            "student_letter_acc": _mean([100.0 * r for r in right[n:]])}
+    return {
+        "letter_items": n,
+        "teacher_letter_acc": _mean([100.0 * r for r in right[:n]]),
+        "student_letter_acc": _mean([100.0 * r for r in right[n:]]),
+    }
 
 
 def sample_accuracy(trajectories: list[Trajectory], by_id: dict[str, Example]) -> dict[str, float | int | None]:
     """Accuracy (%) of the student's sampled MCQ answers, as evaluation parses them."""
     sampled = [(t, by_id[t.example_id]) for t in trajectories if t.source == "sampled"]
     mcq = [(t, ex) for t, ex in sampled if ex.task == "mcq"]
-    return {"sampled_mcq": len(mcq),
-            "student_sample_acc": _mean([100.0 * (parse_mcq(t.text, ex.choices) == ex.answer) for t, ex in mcq])}
+    return {
+        "sampled_mcq": len(mcq),
+        "student_sample_acc": _mean([100.0 * (parse_mcq(t.text, ex.choices) == ex.answer) for t, ex in mcq]),
+    }

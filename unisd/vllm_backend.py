@@ -79,11 +79,14 @@ def require_vllm() -> Any:
     try:
         import vllm
     except ImportError as err:
-        raise VllmUnavailable(f"generation backend 'vllm': vLLM is not installed ({err.msg}); "
-                              f"{INSTALL}, or choose backend hf or fast") from None
+        raise VllmUnavailable(
+            f"generation backend 'vllm': vLLM is not installed ({err.msg}); {INSTALL}, or choose backend hf or fast"
+        ) from None
     if not torch.cuda.is_available():
-        raise VllmUnavailable("generation backend 'vllm': no CUDA GPU is visible (torch.cuda.is_available() "
-                              "is False); it runs on GPU machines only: choose backend hf or fast here")
+        raise VllmUnavailable(
+            "generation backend 'vllm': no CUDA GPU is visible (torch.cuda.is_available() "
+            "is False); it runs on GPU machines only: choose backend hf or fast here"
+        )
     return vllm
 
 
@@ -116,15 +119,22 @@ def sampling_kwargs(sampling: Sampling, eos_ids: set[int], stops: list[str], ind
     the HF path's (`_eos_ids`: the model's generation config, else the tokenizer's)."""
     # ignore_eos: vLLM would also stop at its tokenizer's EOS; our EOS set (stop_token_ids) is the one
     kwargs: dict[str, Any] = {
-        "n": 1, "max_tokens": sampling.max_new_tokens, "stop_token_ids": sorted(eos_ids), "ignore_eos": True,
-        "stop": list(stops) or None, "detokenize": bool(stops),  # vLLM needs text only to find stop strings
-        "skip_special_tokens": True, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-        "frequency_penalty": 0.0, "min_p": 0.0, "min_tokens": 0,
+        "n": 1,
+        "max_tokens": sampling.max_new_tokens,
+        "stop_token_ids": sorted(eos_ids),
+        "ignore_eos": True,
+        "stop": list(stops) or None,
+        "detokenize": bool(stops),  # vLLM needs text only to find stop strings
+        "skip_special_tokens": True,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "min_p": 0.0,
+        "min_tokens": 0,
         "logprobs": 0,  # the sampled token's own log-prob at each step (raw: T=1, see `engine`)
     }
     if sampling.do_sample:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
-                      seed=request_seed(sampling.seed, index))
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, seed=request_seed(sampling.seed, index))
     else:
         kwargs.update(temperature=0.0)  # vLLM: greedy
     return kwargs
@@ -192,7 +202,8 @@ def same_weights(model, folder: Path) -> bool:
 
 def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer_config.json").is_file() and any(
-        (folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+        (folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")
+    )
 
 
 _SCRATCH: list[Path] = []
@@ -215,8 +226,10 @@ def weights_folder(model, tokenizer) -> tuple[Path, Path]:
     folder it was loaded from when that still matches it tensor for tensor, else a
     temporary one it is saved to."""
     if hasattr(model, "peft_config"):
-        raise ValueError("the vllm backend needs a plain model, not a peft-wrapped one: merge its adapter first "
-                         "(merge_and_unload), as the train stage does for each round")
+        raise ValueError(
+            "the vllm backend needs a plain model, not a peft-wrapped one: merge its adapter first "
+            "(merge_and_unload), as the train stage does for each round"
+        )
     source = Path(getattr(model, "name_or_path", "") or "")
     if source.is_dir() and (source / "config.json").is_file() and same_weights(model, source):
         if _has_tokenizer(source):
@@ -265,14 +278,31 @@ def engine(vllm: Any, model_dir: Path, tokenizer_dir: Path, dtype: str) -> Any:
         log.info("vLLM engine: %s (%s)", model_dir, dtype)
         # generation_config="vllm": the model's generation_config.json must not change our sampling;
         # logprobs_mode="raw_logprobs": log-probs of the model's own distribution (T=1), as Completion wants
-        _ENGINE.update(key=key, llm=vllm.LLM(model=str(model_dir), tokenizer=str(tokenizer_dir), dtype=dtype,
-                                            generation_config="vllm", logprobs_mode="raw_logprobs", **args))
+        _ENGINE.update(
+            key=key,
+            llm=vllm.LLM(
+                model=str(model_dir),
+                tokenizer=str(tokenizer_dir),
+                dtype=dtype,
+                generation_config="vllm",
+                logprobs_mode="raw_logprobs",
+                **args,
+            ),
+        )
     return _ENGINE["llm"]
 
 
-def vllm_generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16,
-                  stop_strings: list[str] | None = None, bf16: bool = False, desc: str = "generate",
-                  phases: Phases | None = None) -> list[Completion]:
+def vllm_generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    batch_size: int = 16,
+    stop_strings: list[str] | None = None,
+    bf16: bool = False,
+    desc: str = "generate",
+    phases: Phases | None = None,
+) -> list[Completion]:
     """The "vllm" backend (`unisd.generation.Backend`; see the module docstring)."""
     vllm = require_vllm()
     if not prompts:
@@ -286,8 +316,15 @@ def vllm_generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling
     return convert_outputs(outputs, prompts, tokenizer, eos_ids, stops, sampling, progress)
 
 
-def convert_outputs(outputs: list[Any], prompts: list[list[int]], tokenizer, eos_ids: set[int], stops: list[str],
-                    sampling: Sampling, progress: Progress | None = None) -> list[Completion]:
+def convert_outputs(
+    outputs: list[Any],
+    prompts: list[list[int]],
+    tokenizer,
+    eos_ids: set[int],
+    stops: list[str],
+    sampling: Sampling,
+    progress: Progress | None = None,
+) -> list[Completion]:
     """`LLM.generate`'s outputs (in the order of its prompts) as our completions, after
     checking that each answers the prompt at its place."""
     if len(outputs) != len(prompts):

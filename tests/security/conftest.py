@@ -19,9 +19,14 @@ class Host:
 
     def fields(self) -> dict:
         """What the hostile programs' $-placeholders name."""
-        return {"outside": str(self.outside), "secret_file": str(self.outside / "secret.txt"),
-                "canary": str(self.outside / "canary.txt"), "package_init": str(self.outside / "pkg" / "__init__.py"),
-                "evaluator": os.getpid(), "bystander": self.bystander}
+        return {
+            "outside": str(self.outside),
+            "secret_file": str(self.outside / "secret.txt"),
+            "canary": str(self.outside / "canary.txt"),
+            "package_init": str(self.outside / "pkg" / "__init__.py"),
+            "evaluator": os.getpid(),
+            "bystander": self.bystander,
+        }
 
 
 @pytest.fixture(scope="module")

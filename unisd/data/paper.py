@@ -10,12 +10,23 @@ balanced by rotating options (`balanced_splits`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from unisd.data.convert import (Row, balanced_splits, clean_code, convert_rows, row_id, shuffled, shuffled_mcq,
-                                split_off, text, text_list)
+from unisd.data.convert import (
+    Row,
+    balanced_splits,
+    clean_code,
+    convert_rows,
+    row_id,
+    shuffled,
+    shuffled_mcq,
+    split_off,
+    text,
+    text_list,
+)
 from unisd.data.schema import DataError, Example, decode_utf8, iter_jsonl
 
 TOOLALPACA_RAW = "https://raw.githubusercontent.com/tangqiaoyu/ToolAlpaca/main/data/"
@@ -31,14 +42,20 @@ class Source:
 SOURCES: dict[str, dict[str, Source]] = {
     "scienceqa": {s: Source("derek-thomas/ScienceQA", None, s) for s in ("train", "validation", "test")},
     "gpqa": {"test": Source("Idavidrein/gpqa", "gpqa_main", "train")},
-    "cos_e": {"train": Source("Salesforce/cos_e", "v1.11", "train"),
-              "test": Source("Salesforce/cos_e", "v1.11", "validation")},
-    "mbpp": {"train": Source("google-research-datasets/mbpp", "full", "train"),
-             "validation": Source("google-research-datasets/mbpp", "full", "validation"),
-             "test": Source("google-research-datasets/mbpp", "sanitized", "test")},
+    "cos_e": {
+        "train": Source("Salesforce/cos_e", "v1.11", "train"),
+        "test": Source("Salesforce/cos_e", "v1.11", "validation"),
+    },
+    "mbpp": {
+        "train": Source("google-research-datasets/mbpp", "full", "train"),
+        "validation": Source("google-research-datasets/mbpp", "full", "validation"),
+        "test": Source("google-research-datasets/mbpp", "sanitized", "test"),
+    },
     "humaneval": {"test": Source("openai/openai_humaneval", None, "test")},
-    "toolalpaca": {"train": Source(TOOLALPACA_RAW + "train_data.json", None, "train"),
-                   "test": Source(TOOLALPACA_RAW + "eval_simulated.json", None, "train")},
+    "toolalpaca": {
+        "train": Source(TOOLALPACA_RAW + "train_data.json", None, "train"),
+        "test": Source(TOOLALPACA_RAW + "eval_simulated.json", None, "train"),
+    },
 }
 
 VALIDATION_CARVE = 200  # at most this many train examples become validation when none is published
@@ -52,16 +69,31 @@ def scienceqa_example(i: int, row: Row, split: str) -> Example | None:
     gold = choices[int(row["answer"])]
     options, answer = shuffled_mcq(ex_id, gold, [c for k, c in enumerate(choices) if k != int(row["answer"])])
     context = "\n".join(x for x in (row.get("hint") or "", row.get("lecture") or "") if x.strip())
-    return Example(id=ex_id, benchmark="scienceqa", task="mcq", question=row["question"], context=context,
-                   choices=options, answer=answer, rationale=row.get("solution") or "")
+    return Example(
+        id=ex_id,
+        benchmark="scienceqa",
+        task="mcq",
+        question=row["question"],
+        context=context,
+        choices=options,
+        answer=answer,
+        rationale=row.get("solution") or "",
+    )
 
 
 def gpqa_example(i: int, row: Row, split: str) -> Example:
     ex_id = f"gpqa-{row.get('Record ID') or i}"
     wrong = [row[f"Incorrect Answer {k}"].strip() for k in (1, 2, 3)]
     options, answer = shuffled_mcq(ex_id, row["Correct Answer"].strip(), wrong)
-    return Example(id=ex_id, benchmark="gpqa", task="mcq", question=row["Question"].strip(), choices=options,
-                   answer=answer, rationale=row.get("Explanation") or "")
+    return Example(
+        id=ex_id,
+        benchmark="gpqa",
+        task="mcq",
+        question=row["Question"].strip(),
+        choices=options,
+        answer=answer,
+        rationale=row.get("Explanation") or "",
+    )
 
 
 def cos_e_example(i: int, row: Row, split: str) -> Example:
@@ -70,23 +102,42 @@ def cos_e_example(i: int, row: Row, split: str) -> Example:
     options, answer = shuffled_mcq(ex_id, row["answer"], [c for c in choices if c != row["answer"]])
     if len(options) != len(choices):
         raise ValueError(f"answer {row['answer']!r} is not one of the choices")
-    return Example(id=ex_id, benchmark="cos_e", task="mcq", question=row["question"], choices=options,
-                   answer=answer, rationale=row.get("abstractive_explanation") or "")
+    return Example(
+        id=ex_id,
+        benchmark="cos_e",
+        task="mcq",
+        question=row["question"],
+        choices=options,
+        answer=answer,
+        rationale=row.get("abstractive_explanation") or "",
+    )
 
 
 def mbpp_example(i: int, row: Row, split: str) -> Example:
     # "full" rows have text/test_setup_code; "sanitized" rows have prompt/test_imports.
     setup = row.get("test_setup_code") or "\n".join(text_list(row, "test_imports", optional=True))
-    return Example(id=f"mbpp-{row_id(row, 'task_id')}", benchmark="mbpp", task="code",
-                   question=row.get("text") or row["prompt"], answer=clean_code(text(row, "code")),
-                   tests=text_list(row, "test_list"), test_setup=setup)
+    return Example(
+        id=f"mbpp-{row_id(row, 'task_id')}",
+        benchmark="mbpp",
+        task="code",
+        question=row.get("text") or row["prompt"],
+        answer=clean_code(text(row, "code")),
+        tests=text_list(row, "test_list"),
+        test_setup=setup,
+    )
 
 
 def humaneval_example(i: int, row: Row, split: str) -> Example:
-    return Example(id=row_id(row, "task_id").replace("/", "-"), benchmark="humaneval", task="code",
-                   question=row["prompt"], code_prompt=row["prompt"],
-                   answer=clean_code(text(row, "prompt") + text(row, "canonical_solution")),
-                   tests=[row["test"]], entry_point=row["entry_point"])
+    return Example(
+        id=row_id(row, "task_id").replace("/", "-"),
+        benchmark="humaneval",
+        task="code",
+        question=row["prompt"],
+        code_prompt=row["prompt"],
+        answer=clean_code(text(row, "prompt") + text(row, "canonical_solution")),
+        tests=[row["test"]],
+        entry_point=row["entry_point"],
+    )
 
 
 def toolalpaca_examples(source: str, apis: list[Row], split: str) -> list[Example]:
@@ -103,8 +154,10 @@ def toolalpaca_examples(source: str, apis: list[Row], split: str) -> list[Exampl
     def first_calls(api: Row) -> list[tuple[str, str, str]]:
         """(instruction, action, action input) of each usable item."""
         if "Instances" not in api:
-            return [(instruction, gold[0]["Action"], gold[0]["Action_Input"])
-                    for instruction, gold in zip(api["Instructions"], api["Golden_Answers"], strict=True)]
+            return [
+                (instruction, gold[0]["Action"], gold[0]["Action_Input"])
+                for instruction, gold in zip(api["Instructions"], api["Golden_Answers"], strict=True)
+            ]
         calls = []
         for run in api["Instances"]:
             if run.get("intermediate_steps"):
@@ -115,10 +168,19 @@ def toolalpaca_examples(source: str, apis: list[Row], split: str) -> list[Exampl
 
     def convert(i: int, api: Row) -> list[Example]:
         tools = f"{api['Name']}: {api.get('Description', '')}\n{api['NLDocumentation']}".strip()
-        return [Example(id=f"toolalpaca-{split}-{i:04d}-{j:02d}", benchmark="toolalpaca", task="tool",
-                        question=instruction, tools=tools, answer=action, action_input=_canonical_json(action_input),
-                        meta={"api": api["Name"]})
-                for j, (instruction, action, action_input) in enumerate(first_calls(api), start=1)]
+        return [
+            Example(
+                id=f"toolalpaca-{split}-{i:04d}-{j:02d}",
+                benchmark="toolalpaca",
+                task="tool",
+                question=instruction,
+                tools=tools,
+                answer=action,
+                action_input=_canonical_json(action_input),
+                meta={"api": api["Name"]},
+            )
+            for j, (instruction, action, action_input) in enumerate(first_calls(api), start=1)
+        ]
 
     return convert_rows(source, apis, convert)
 
@@ -131,8 +193,11 @@ def _canonical_json(text: str) -> str:
 
 
 CONVERTERS: dict[str, Callable[[int, Row, str], Example | None]] = {
-    "scienceqa": scienceqa_example, "gpqa": gpqa_example, "cos_e": cos_e_example,
-    "mbpp": mbpp_example, "humaneval": humaneval_example,
+    "scienceqa": scienceqa_example,
+    "gpqa": gpqa_example,
+    "cos_e": cos_e_example,
+    "mbpp": mbpp_example,
+    "humaneval": humaneval_example,
 }
 
 

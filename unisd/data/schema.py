@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -46,7 +47,7 @@ class Example(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Example":
+    def _consistent(self) -> Example:
         if self.task == "mcq":
             if not 2 <= len(self.choices) <= len(LETTERS):
                 raise ValueError(f"mcq needs 2..{len(LETTERS)} choices, got {len(self.choices)}")

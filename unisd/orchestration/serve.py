@@ -14,8 +14,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,12 @@ log = logging.getLogger(__name__)
 def local_prefect_server(port: int = 4200, timeout_s: float = 90) -> Iterator[str]:
     """A Prefect server bound to 127.0.0.1 for the duration of the block; yields its API URL."""
     url = f"http://127.0.0.1:{port}/api"
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+    )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -56,9 +59,14 @@ def deployments(params_file: Path) -> list:
 
     params = {"params_file": str(params_file)}
     return [
-        *(pipeline.to_deployment(name=recipe, parameters={**params, "recipe": recipe},
-                                 description=f"the whole pipeline with recipe {recipe}")
-          for recipe in ("unisd-full", *BASELINES)),
+        *(
+            pipeline.to_deployment(
+                name=recipe,
+                parameters={**params, "recipe": recipe},
+                description=f"the whole pipeline with recipe {recipe}",
+            )
+            for recipe in ("unisd-full", *BASELINES)
+        ),
         compare.to_deployment(name="compare", parameters=params, description="baselines vs unisd-full, with report"),
         ablation.to_deployment(name="ablation", parameters=params, description="component ablation, with report"),
     ]

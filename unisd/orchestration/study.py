@@ -9,9 +9,9 @@ from typing import Any
 
 from prefect import flow
 
+from unisd.config import Config, load_config
 from unisd.orchestration.pipeline import tracked_recipe
 from unisd.orchestration.recovery import begin_flow
-from unisd.config import Config, load_config
 from unisd.study import Cell, report_dir, run_study
 from unisd.tracking import StageRun, Tracker, recover
 

@@ -16,8 +16,9 @@ copied (verified) into place when another run asked for the same work at another
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import Task, task
 from prefect.client.schemas.objects import TaskRun
@@ -68,8 +69,16 @@ def _run_name(spec: StageSpec) -> Callable[..., str]:
 
 
 # a retry delay of 0 or a backoff: no single overload of `task` takes both
-TASKS = {name: task(recorded(spec.function), name=name, task_run_name=_run_name(spec),  # type: ignore[call-overload]
-                    cache_key_fn=stage_cache_key(spec), persist_result=True, retries=spec.retries,
-                    retry_delay_seconds=exponential_backoff(backoff_factor=10) if spec.retries else 0,
-                    retry_condition_fn=worth_retrying)
-         for name, spec in STAGES.items()}
+TASKS = {
+    name: task(
+        recorded(spec.function),
+        name=name,
+        task_run_name=_run_name(spec),  # type: ignore[call-overload]
+        cache_key_fn=stage_cache_key(spec),
+        persist_result=True,
+        retries=spec.retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=10) if spec.retries else 0,
+        retry_condition_fn=worth_retrying,
+    )
+    for name, spec in STAGES.items()
+}

@@ -41,9 +41,22 @@ from typing import Any
 import numpy as np
 
 from unisd.artifacts import write_json_atomic, write_text_atomic
-from unisd.report.analysis import (OVERALL, agreement_variants, best_baseline, choose_headline, drift, flips,
-                                   gains, headline, interactions, mcq_table, scores, seed_table, task_table,
-                                   training)
+from unisd.report.analysis import (
+    OVERALL,
+    agreement_variants,
+    best_baseline,
+    choose_headline,
+    drift,
+    flips,
+    gains,
+    headline,
+    interactions,
+    mcq_table,
+    scores,
+    seed_table,
+    task_table,
+    training,
+)
 from unisd.report.figures import figures
 from unisd.report.load import ReportError, Study, infer_kind, load_study
 from unisd.report.markdown import markdown
@@ -72,18 +85,26 @@ def analyse(s: Study) -> dict[str, Any]:
     others = [r for r in s.runs if r.kind not in ("base", "baseline")]
     inter, skipped_pairs = interactions(s)
     return {
-        "study": s.info, "runs": {r.name: {"label": r.label, "kind": r.kind, "seed": r.seed} for r in s.runs},
-        "headline": headline(s, hl, base, best), "best_baseline": best,
-        "mcq": mcq_table(s), **{task: task_table(s, task) for task in s.tasks if task != "mcq"},
-        "flips": flips(s, hl, base), "scores": scores(s), "seeds": seed_table(s, hl),
+        "study": s.info,
+        "runs": {r.name: {"label": r.label, "kind": r.kind, "seed": r.seed} for r in s.runs},
+        "headline": headline(s, hl, base, best),
+        "best_baseline": best,
+        "mcq": mcq_table(s),
+        **{task: task_table(s, task) for task in s.tasks if task != "mcq"},
+        "flips": flips(s, hl, base),
+        "scores": scores(s),
+        "seeds": seed_table(s, hl),
         "vs_base": gains(s, s.runs, lambda r: s.partner(s.labelled(base), r.seed) if base else None),
         "vs_best_baseline": gains(s, others, lambda r: s.partner(s.labelled(best), r.seed) if best else None),
         "drift": drift(s),
         "components": gains(s, s.of_kind("component"), lambda r: s.partner(s.labelled("sd"), r.seed)),
-        "interactions": inter, "skipped_pairs": skipped_pairs,
-        "leave_one_out": gains(s, s.of_kind("leave_one_out"), lambda r: s.partner(s.of_kind("full"), r.seed),
-                               reverse=True),
-        "agreement": agreement_variants(s), "training": training(s),
+        "interactions": inter,
+        "skipped_pairs": skipped_pairs,
+        "leave_one_out": gains(
+            s, s.of_kind("leave_one_out"), lambda r: s.partner(s.of_kind("full"), r.seed), reverse=True
+        ),
+        "agreement": agreement_variants(s),
+        "training": training(s),
     }
 
 
@@ -93,8 +114,10 @@ def dvc_metrics(data: dict[str, Any]) -> dict[str, Any]:
     generative score per benchmark and overall, and the overall gain over the base model."""
     head, runs = data["headline"], {}
     for name, row in head["runs"].items():
-        runs[name] = {"headline": {k: row["value"][k] for k in ("score", "lo", "hi")},
-                      "score": {bench: cell["score"] for bench, cell in data["scores"][name].items()}}
+        runs[name] = {
+            "headline": {k: row["value"][k] for k in ("score", "lo", "hi")},
+            "score": {bench: cell["score"] for bench, cell in data["scores"][name].items()},
+        }
         if name in data["vs_base"]:
             runs[name]["gain_over_base"] = data["vs_base"][name][OVERALL]["diff_pct"]
     return {"headline": f"{head['benchmark']} {head['metric']}", "runs": runs}

@@ -14,33 +14,57 @@ label's first run.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import numpy as np
 
 from unisd.report.load import GENERATIVE, ReportError, Run, Study
-from unisd.stats import (bootstrap_ci, flip_counts, interaction, overall_ci, paired_overall_test, paired_test,
-                         pooled_ci, pooled_paired_test, seed_summary)
+from unisd.stats import (
+    bootstrap_ci,
+    flip_counts,
+    interaction,
+    overall_ci,
+    paired_overall_test,
+    paired_test,
+    pooled_ci,
+    pooled_paired_test,
+    seed_summary,
+)
 
 OVERALL = "overall"
 PAPER_GAIN = {"base": 5.4, "best baseline": 2.8}  # unisd-full's overall gains in the paper (Qwen2.5-7B)
 DEFAULT_HEADLINE = ("sciq", "rot_acc")
 AGREEMENT = re.compile(r"^agreement_(tok|seq)_(random|retrieval|induction)$")
-DRIFT_KEYS = {"ppl_ret": "PPLret (base model's perplexity on this model's answers; lower = closer to base)",
-              "gold_ppl": "Gold PPL (this model's perplexity on the references)",
-              "jsd_to_base": "JSD(base, model) per token on this model's answers"}
+DRIFT_KEYS = {
+    "ppl_ret": "PPLret (base model's perplexity on this model's answers; lower = closer to base)",
+    "gold_ppl": "Gold PPL (this model's perplexity on the references)",
+    "jsd_to_base": "JSD(base, model) per token on this model's answers",
+}
 MCQ_ACCURACIES = ("rot_acc", GENERATIVE)  # with intervals from the predictions
-MCQ_STATED = ("circular_acc", "ll_acc", "ll_norm_acc", "rot_gold_prob", "parse_rate", "finish_rate",
-              "one_letter_baseline", "letter_hist")  # as metrics.json states them
+MCQ_STATED = (
+    "circular_acc",
+    "ll_acc",
+    "ll_norm_acc",
+    "rot_gold_prob",
+    "parse_rate",
+    "finish_rate",
+    "one_letter_baseline",
+    "letter_hist",
+)  # as metrics.json states them
 # the filter stage's teacher diagnostics (its stats.json), per round, as the report's
 # columns: (header, keys shown side by side); agreement-weight statistics are every
 # other numeric key with "weight" in its name
-DIAGNOSTICS = (("EOS log-prob teacher / student", ("teacher_eos_logp", "student_eos_logp")),
-               ("letter acc % teacher / student", ("teacher_letter_acc", "student_letter_acc")),
-               ("student sample acc %", ("student_sample_acc",)), ("dropped truncated", ("dropped_truncated",)),
-               ("filtered fraction", ("filtered_fraction",)), ("disagreement", ("disagreement_mean",)))
+DIAGNOSTICS = (
+    ("EOS log-prob teacher / student", ("teacher_eos_logp", "student_eos_logp")),
+    ("letter acc % teacher / student", ("teacher_letter_acc", "student_letter_acc")),
+    ("student sample acc %", ("student_sample_acc",)),
+    ("dropped truncated", ("dropped_truncated",)),
+    ("filtered fraction", ("filtered_fraction",)),
+    ("disagreement", ("disagreement_mean",)),
+)
 FILTER_KEYS = tuple(k for _, keys in DIAGNOSTICS for k in keys)
 
 
@@ -66,8 +90,10 @@ def choose_headline(study: Study) -> Headline:
     lacking = [r.name for r in study.runs if bench not in r.outcomes.get(metric, {})]
     if lacking:
         who = "every run" if len(lacking) == len(study.runs) else ", ".join(lacking)
-        note += (f"; {metric} is missing for {who} (evaluated before it existed, or with eval.choice_scores off), "
-                 "so generative accuracy leads")
+        note += (
+            f"; {metric} is missing for {who} (evaluated before it existed, or with eval.choice_scores off), "
+            "so generative accuracy leads"
+        )
         metric = GENERATIVE
     return Headline(bench, metric, note)
 
@@ -101,8 +127,10 @@ def best_baseline(study: Study, hl: Headline) -> str | None:
 def _references(kind: str, base: str | None, best: str | None) -> dict[str, str]:
     """The labels a model of this kind is compared with: the base model for every other
     model, the best baseline for every model that is neither base nor baseline."""
-    refs = {"vs_base": base if kind != "base" else None,
-            "vs_best_baseline": best if kind not in ("base", "baseline") else None}
+    refs = {
+        "vs_base": base if kind != "base" else None,
+        "vs_best_baseline": best if kind not in ("base", "baseline") else None,
+    }
     return {key: label for key, label in refs.items() if label is not None}
 
 
@@ -128,19 +156,32 @@ def headline(study: Study, hl: Headline, base: str | None, best: str | None) -> 
         value, lo, hi = pooled_ci(group, **kw)
         row = {"seeds": len(group), "value": {"score": value, "lo": lo, "hi": hi}}
         for key, ref_label in _references(study.labelled(label)[0].kind, base, best).items():
-            row[key] = {"reference": ref_label,
-                        **pooled_paired_test(group, [outcomes(r) for r in study.labelled(ref_label)], **paired)}
+            row[key] = {
+                "reference": ref_label,
+                **pooled_paired_test(group, [outcomes(r) for r in study.labelled(ref_label)], **paired),
+            }
         pooled[label] = row
-    return {"benchmark": hl.benchmark, "metric": hl.metric, "note": hl.note, "best_baseline": best, "runs": runs,
-            "pooled": pooled}
+    return {
+        "benchmark": hl.benchmark,
+        "metric": hl.metric,
+        "note": hl.note,
+        "best_baseline": best,
+        "runs": runs,
+        "pooled": pooled,
+    }
 
 
 def scores(study: Study) -> dict[str, dict[str, dict[str, float]]]:
     """Per run, benchmark and overall (the mean over every benchmark, MCQ and code): the
     generative score with its bootstrap interval."""
     kw = study.stats_kw
-    return {run.name: {**{b: _ci(run.correct[b], kw) for b in study.benchmarks},
-                       OVERALL: _mean_ci(run, GENERATIVE, study.benchmarks, kw)} for run in study.runs}
+    return {
+        run.name: {
+            **{b: _ci(run.correct[b], kw) for b in study.benchmarks},
+            OVERALL: _mean_ci(run, GENERATIVE, study.benchmarks, kw),
+        }
+        for run in study.runs
+    }
 
 
 def mcq_table(study: Study) -> dict[str, Any]:
@@ -153,12 +194,23 @@ def mcq_table(study: Study) -> dict[str, Any]:
         row: dict[str, Any] = {}
         for b in benches:
             stated = run.metrics["benchmarks"][b]
-            row[b] = {**{m: _ci(run.outcomes[m][b], kw) for m in MCQ_ACCURACIES if _has(run, m, [b])},
-                      **{k: stated[k] for k in MCQ_STATED if stated.get(k) is not None}}
+            row[b] = {
+                **{m: _ci(run.outcomes[m][b], kw) for m in MCQ_ACCURACIES if _has(run, m, [b])},
+                **{k: stated[k] for k in MCQ_STATED if stated.get(k) is not None},
+            }
         row["pooled"] = {m: _mean_ci(run, m, benches, kw) for m in MCQ_ACCURACIES if _has(run, m, benches)}
         runs[run.name] = row
-    gold = {b: next((r.metrics["benchmarks"][b]["gold_hist"] for r in study.runs
-                     if r.metrics["benchmarks"][b].get("gold_hist")), None) for b in benches}
+    gold = {
+        b: next(
+            (
+                r.metrics["benchmarks"][b]["gold_hist"]
+                for r in study.runs
+                if r.metrics["benchmarks"][b].get("gold_hist")
+            ),
+            None,
+        )
+        for b in benches
+    }
     return {"benchmarks": benches, "runs": runs, "gold_hist": gold}
 
 
@@ -166,9 +218,16 @@ def task_table(study: Study, task: str) -> dict[str, Any]:
     """Per benchmark of a non-MCQ task (code: pass@1) and run: the score with its
     interval, and the mean over the task's benchmarks."""
     kw, benches = study.stats_kw, study.of_task(task)
-    return {"benchmarks": benches,
-            "runs": {run.name: {**{b: _ci(run.correct[b], kw) for b in benches},
-                                "pooled": _mean_ci(run, GENERATIVE, benches, kw)} for run in study.runs}}
+    return {
+        "benchmarks": benches,
+        "runs": {
+            run.name: {
+                **{b: _ci(run.correct[b], kw) for b in benches},
+                "pooled": _mean_ci(run, GENERATIVE, benches, kw),
+            }
+            for run in study.runs
+        },
+    }
 
 
 def flips(study: Study, hl: Headline, base: str | None) -> dict[str, dict[str, Any]]:
@@ -180,15 +239,24 @@ def flips(study: Study, hl: Headline, base: str | None) -> dict[str, dict[str, A
         ref = study.partner(study.labelled(base), run.seed) if base else None
         if ref is None or run.label == base:
             continue
-        out[run.name] = {"reference": ref.name, "benchmarks": {
-            b: {m: flip_counts(run.outcomes[m][b], ref.outcomes[m][b]) for m in dict.fromkeys((hl.metric, GENERATIVE))
-                if _has(run, m, [b]) and _has(ref, m, [b])} for b in study.benchmarks}}
+        out[run.name] = {
+            "reference": ref.name,
+            "benchmarks": {
+                b: {
+                    m: flip_counts(run.outcomes[m][b], ref.outcomes[m][b])
+                    for m in dict.fromkeys((hl.metric, GENERATIVE))
+                    if _has(run, m, [b]) and _has(ref, m, [b])
+                }
+                for b in study.benchmarks
+            },
+        }
     return out
 
 
 def seed_table(study: Study, hl: Headline) -> dict[str, dict[str, dict[str, float]]]:
     """Mean ± sample std over seeds of the headline and the generative scores, for labels
     run with several seeds."""
+
     def values(run: Run) -> dict[str, float]:
         per_bench = {b: m[GENERATIVE] for b, m in run.metrics["benchmarks"].items()}
         return {"headline": _value(run, hl), **per_bench, OVERALL: float(np.mean(list(per_bench.values())))}
@@ -197,8 +265,10 @@ def seed_table(study: Study, hl: Headline) -> dict[str, dict[str, dict[str, floa
     for label in study.labels:
         rows = [values(r) for r in study.labelled(label)]
         if len(rows) > 1:
-            out[label] = {col: dict(zip(("mean", "std"), seed_summary([r[col] for r in rows])), n_seeds=len(rows))
-                          for col in rows[0]}
+            out[label] = {
+                col: dict(zip(("mean", "std"), seed_summary([r[col] for r in rows])), n_seeds=len(rows))
+                for col in rows[0]
+            }
     return out
 
 
@@ -208,8 +278,9 @@ def compare(study: Study, a: Run, b: Run) -> dict[str, dict[str, Any]]:
     return {**out, OVERALL: paired_overall_test(a.correct, b.correct, **study.paired_kw)}
 
 
-def gains(study: Study, runs: list[Run], reference: Callable[[Run], Run | None],
-          reverse: bool = False) -> dict[str, dict[str, Any]]:
+def gains(
+    study: Study, runs: list[Run], reference: Callable[[Run], Run | None], reverse: bool = False
+) -> dict[str, dict[str, Any]]:
     """Each run against its reference run: run − reference (reference − run if `reverse`)."""
     out = {}
     for run in runs:
@@ -240,10 +311,14 @@ def interactions(study: Study) -> tuple[dict[str, dict[str, Any]], list[str]]:
 def agreement_variants(study: Study) -> dict[str, Any]:
     """Overall paired differences: token vs sequence per context, and between contexts per level."""
     found = {match.groups(): study.labelled(r.label)[0] for r in study.runs if (match := AGREEMENT.match(r.label))}
-    pairs = [((("tok", ctx), ("seq", ctx)), f"token − sequence ({ctx})")
-             for ctx in ("random", "retrieval", "induction")]
-    pairs += [(((lvl, c1), (lvl, c2)), f"{c1} − {c2} ({lvl})") for lvl in ("tok", "seq")
-              for c1, c2 in combinations(("retrieval", "induction", "random"), 2)]
+    pairs = [
+        ((("tok", ctx), ("seq", ctx)), f"token − sequence ({ctx})") for ctx in ("random", "retrieval", "induction")
+    ]
+    pairs += [
+        (((lvl, c1), (lvl, c2)), f"{c1} − {c2} ({lvl})")
+        for lvl in ("tok", "seq")
+        for c1, c2 in combinations(("retrieval", "induction", "random"), 2)
+    ]
     out = {}
     for (ka, kb), name in pairs:
         if ka in found and kb in found:
@@ -283,11 +358,16 @@ def training(study: Study) -> dict[str, dict[str, Any]]:
     dropped and what fraction was filtered, and the agreement weights. A mechanism whose
     weights stay near 1 or that clips nothing cannot change the result; a teacher that
     gives the end of turn less probability than the student teaches it to keep talking."""
-    return {r.name: {"steps": len(r.curves), "final_loss": r.curves[-1]["loss"] if r.curves else None,
-                     "teacher_updates": sum(c.get("ema_update", 0) for c in r.curves),
-                     "token_weight_mean": _step_mean(r.curves, "token_weight_mean"),
-                     "token_weight_min": min((c["token_weight_min"] for c in r.curves if "token_weight_min" in c),
-                                             default=None),
-                     "clipped_frac": _step_mean(r.curves, "clipped_frac"),
-                     "rounds": {k: [s.get(k) for s in r.filter_stats] for k in _round_keys(r.filter_stats)}}
-            for r in study.runs if r.curves or r.filter_stats}
+    return {
+        r.name: {
+            "steps": len(r.curves),
+            "final_loss": r.curves[-1]["loss"] if r.curves else None,
+            "teacher_updates": sum(c.get("ema_update", 0) for c in r.curves),
+            "token_weight_mean": _step_mean(r.curves, "token_weight_mean"),
+            "token_weight_min": min((c["token_weight_min"] for c in r.curves if "token_weight_min" in c), default=None),
+            "clipped_frac": _step_mean(r.curves, "clipped_frac"),
+            "rounds": {k: [s.get(k) for s in r.filter_stats] for k in _round_keys(r.filter_stats)},
+        }
+        for r in study.runs
+        if r.curves or r.filter_stats
+    }

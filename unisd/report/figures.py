@@ -18,8 +18,17 @@ from unisd.report.load import Run, Study
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-CURVE_TERMS = ("loss", "divergence", "sft", "feature", "contrastive", "token_weight_mean", "seq_weight_mean",
-               "clipped_frac", "grad_norm")
+CURVE_TERMS = (
+    "loss",
+    "divergence",
+    "sft",
+    "feature",
+    "contrastive",
+    "token_weight_mean",
+    "seq_weight_mean",
+    "clipped_frac",
+    "grad_norm",
+)
 
 
 def signed(x: float) -> str:
@@ -31,6 +40,8 @@ def _figure(figsize: tuple[float, float]) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize, layout="constrained")
+
+
 def _colors(runs: list[Run]) -> dict[str, Any]:
     """One colour per run, the same in every figure (tab20: distinct for up to 20 runs)."""
     from matplotlib import colormaps
@@ -56,8 +67,15 @@ def fig_scores(study: Study, table: dict, out: Path) -> str:
         cells = [table[name][g] for g in groups]
         ys = np.array([c["score"] for c in cells])
         err = np.array([[y - c["lo"] for y, c in zip(ys, cells)], [c["hi"] - y for y, c in zip(ys, cells)]])
-        ax.bar(np.arange(len(groups)) + (i - (len(names) - 1) / 2) * width, ys, width, yerr=err, capsize=2,
-               label=name, color=colors[name])
+        ax.bar(
+            np.arange(len(groups)) + (i - (len(names) - 1) / 2) * width,
+            ys,
+            width,
+            yerr=err,
+            capsize=2,
+            label=name,
+            color=colors[name],
+        )
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_ylabel("score (%)")
     ax.legend(fontsize=7, ncol=max(1, len(names) // 8), bbox_to_anchor=(1.01, 1), loc="upper left")
@@ -72,8 +90,15 @@ def _heatmap(fig: Figure, ax, values: np.ndarray, rows: list[str], cols: list[st
     ax.set_yticks(range(len(rows)), rows)
     for (i, j), v in np.ndenumerate(values):
         if np.isfinite(v):
-            ax.text(j, i, signed(v), ha="center", va="center", fontsize=7,
-                    color="white" if abs(v) > 0.6 * limit else "black")  # readable on the saturated ends
+            ax.text(
+                j,
+                i,
+                signed(v),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if abs(v) > 0.6 * limit else "black",
+            )  # readable on the saturated ends
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
 
@@ -102,8 +127,14 @@ def fig_drift(study: Study, table: dict, drift_: dict, out: Path) -> str:
     ax = fig.subplots()
     for name, d in drift_.items():
         x, cell = d["ppl_ret"]["mean"], table[name][OVERALL]
-        ax.errorbar(x, cell["score"], yerr=[[cell["score"] - cell["lo"]], [cell["hi"] - cell["score"]]], fmt="o",
-                    capsize=2, color=colors[name])
+        ax.errorbar(
+            x,
+            cell["score"],
+            yerr=[[cell["score"] - cell["lo"]], [cell["hi"] - cell["score"]]],
+            fmt="o",
+            capsize=2,
+            color=colors[name],
+        )
         ax.annotate(name, (x, cell["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("PPLret, mean over benchmarks (lower = closer to base)")
     ax.set_ylabel("overall score (%)")
@@ -122,14 +153,16 @@ def fig_curves(study: Study, out: Path) -> str:
         for run in runs:
             points = [p for p in run.curves if term in p]
             if points:
-                ax.plot([p["step"] for p in points], [p[term] for p in points], label=run.name, lw=1,
-                        color=colors[run.name])
+                ax.plot(
+                    [p["step"] for p in points], [p[term] for p in points], label=run.name, lw=1, color=colors[run.name]
+                )
         ax.set_title(term, fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
-    for ax in axes[len(terms):]:
+    for ax in axes[len(terms) :]:
         ax.set_axis_off()
     axes[0].legend(fontsize=6)
     return _save(fig, out / "curves.png")
+
 
 def figures(study: Study, data: dict, out: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Draw the figures whose inputs exist; say why the others were skipped (and remove their old PNGs)."""

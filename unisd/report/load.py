@@ -24,11 +24,20 @@ from unisd.recipes import BASELINES, COMPONENTS
 BASELINE_LABELS = tuple(b for b in BASELINES if b != "base")
 GENERATIVE = "score"
 # metrics.json's per-benchmark accuracy (%) -> the per-example field of predictions/<benchmark>.jsonl
-OUTCOMES = {GENERATIVE: "correct", "rot_acc": "rot_correct", "circular_acc": "circular_correct",
-            "ll_acc": "ll_correct", "ll_norm_acc": "ll_norm_correct"}
+OUTCOMES = {
+    GENERATIVE: "correct",
+    "rot_acc": "rot_correct",
+    "circular_acc": "circular_correct",
+    "ll_acc": "ll_correct",
+    "ll_norm_acc": "ll_norm_correct",
+}
 # metrics.json's aggregates: (task whose benchmarks it averages, None for all; the per-benchmark metric)
-AGGREGATES = {"overall": (None, GENERATIVE), "mcq_overall": ("mcq", GENERATIVE),
-              "mcq_rot_overall": ("mcq", "rot_acc"), "code_overall": ("code", GENERATIVE)}
+AGGREGATES = {
+    "overall": (None, GENERATIVE),
+    "mcq_overall": ("mcq", GENERATIVE),
+    "mcq_rot_overall": ("mcq", "rot_acc"),
+    "code_overall": ("code", GENERATIVE),
+}
 TASKS = {b.name: b.task for suite in SUITES.values() for b in suite.benchmarks}
 
 
@@ -126,16 +135,22 @@ def _check(name: str, metrics: dict[str, Any], outcomes: dict[str, Outcomes]) ->
                 raise ReportError(f"{name}/{bench}: no evaluated examples")
             value, stated = 100.0 * sum(rows.values()) / len(rows), benchmarks[bench][metric]
             if len(rows) != benchmarks[bench]["n"] or not math.isclose(value, stated, abs_tol=1e-6):
-                raise ReportError(f"{name}/{bench}: predictions give n={len(rows)}, {metric}={value} "
-                                  f"but metrics.json says n={benchmarks[bench]['n']}, {metric}={stated}")
+                raise ReportError(
+                    f"{name}/{bench}: predictions give n={len(rows)}, {metric}={value} "
+                    f"but metrics.json says n={benchmarks[bench]['n']}, {metric}={stated}"
+                )
     for key, (task, metric) in AGGREGATES.items():
         if metrics.get(key) is None or math.isnan(metrics[key]):  # not stated, or no such benchmark
             continue
-        values = [m[metric] for b, m in benchmarks.items()
-                  if (task is None or task_of(b) == task) and m.get(metric) is not None and not math.isnan(m[metric])]
+        values = [
+            m[metric]
+            for b, m in benchmarks.items()
+            if (task is None or task_of(b) == task) and m.get(metric) is not None and not math.isnan(m[metric])
+        ]
         if not values or not math.isclose(float(np.mean(values)), metrics[key], abs_tol=1e-6):
-            raise ReportError(f"{name}: {key} {metrics[key]} is not the mean of the {task or 'all'} "
-                              f"benchmarks' {metric} ({values})")
+            raise ReportError(
+                f"{name}: {key} {metrics[key]} is not the mean of the {task or 'all'} benchmarks' {metric} ({values})"
+            )
 
 
 def load_run(name: str, spec: dict[str, Any]) -> Run:
@@ -147,10 +162,17 @@ def load_run(name: str, spec: dict[str, Any]) -> Run:
     outcomes = _outcomes(name, metrics, eval_dir)
     _check(name, metrics, outcomes)
     label = spec.get("label", name)
-    return Run(name=name, label=label, kind=spec.get("kind") or infer_kind(label), seed=spec.get("seed"),
-               components=list(spec.get("components") or [label]), metrics=metrics, outcomes=outcomes,
-               curves=_load_curves(_paths(spec.get("curves"))),
-               filter_stats=[json.loads(p.read_text()) for p in _paths(spec.get("filter_stats"))])
+    return Run(
+        name=name,
+        label=label,
+        kind=spec.get("kind") or infer_kind(label),
+        seed=spec.get("seed"),
+        components=list(spec.get("components") or [label]),
+        metrics=metrics,
+        outcomes=outcomes,
+        curves=_load_curves(_paths(spec.get("curves"))),
+        filter_stats=[json.loads(p.read_text()) for p in _paths(spec.get("filter_stats"))],
+    )
 
 
 @dataclass
@@ -160,8 +182,11 @@ class Study:
 
     @property
     def stats_kw(self) -> dict[str, Any]:
-        return {"n_boot": self.info.get("n_boot", 10000), "seed": self.info.get("stats_seed", 0),
-                "level": self.info.get("level", 0.95)}
+        return {
+            "n_boot": self.info.get("n_boot", 10000),
+            "seed": self.info.get("stats_seed", 0),
+            "level": self.info.get("level", 0.95),
+        }
 
     @property
     def paired_kw(self) -> dict[str, Any]:
@@ -207,6 +232,8 @@ def load_study(study: dict[str, Any]) -> Study:
         if run.benchmarks != runs[0].benchmarks:
             raise ReportError(f"{run.name} was evaluated on {run.benchmarks}, {runs[0].name} on {runs[0].benchmarks}")
         if run.metrics.get("split") != runs[0].metrics.get("split"):
-            raise ReportError(f"{run.name} was evaluated on the {run.metrics.get('split')} split, "
-                              f"{runs[0].name} on the {runs[0].metrics.get('split')} split")
+            raise ReportError(
+                f"{run.name} was evaluated on the {run.metrics.get('split')} split, "
+                f"{runs[0].name} on the {runs[0].metrics.get('split')} split"
+            )
     return Study({k: v for k, v in study.items() if k != "models"}, runs)

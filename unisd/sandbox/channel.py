@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import selectors
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .judge import Judge
 
@@ -31,7 +31,7 @@ class _Tail:
             del self.data[: len(self.data) - self.cap]
 
     def text(self) -> str:
-        return bytes(self.data[-self.cap:] if self.cap else b"").decode("utf-8", errors="replace")
+        return bytes(self.data[-self.cap :] if self.cap else b"").decode("utf-8", errors="replace")
 
 
 class _Lines:
@@ -51,8 +51,17 @@ class _Lines:
             self.judge.fail("report line too long")
 
 
-def exchange(job: bytes, job_fd: int, out_fd: int, err_fd: int, report_fd: int, judge: Judge, deadline: float,
-             cap: int, close: Callable[[int], None]) -> tuple[str, str, bool]:
+def exchange(
+    job: bytes,
+    job_fd: int,
+    out_fd: int,
+    err_fd: int,
+    report_fd: int,
+    judge: Judge,
+    deadline: float,
+    cap: int,
+    close: Callable[[int], None],
+) -> tuple[str, str, bool]:
     """Feed the job and read everything until the pipes close, the judge has failed the
     run, or the deadline passes; returns (stdout tail, stderr tail, timed out). Closes the
     job pipe with `close` once written (the runner reads it to the end); the reading ends
@@ -76,7 +85,7 @@ def exchange(job: bytes, job_fd: int, out_fd: int, err_fd: int, report_fd: int, 
             for key, _ in sel.select(left):
                 if key.fd == job_fd:
                     try:
-                        pending = pending[os.write(job_fd, pending[:_CHUNK]):]
+                        pending = pending[os.write(job_fd, pending[:_CHUNK]) :]
                     except BrokenPipeError:
                         pending = pending[:0]
                     if not pending:

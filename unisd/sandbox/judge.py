@@ -34,8 +34,9 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from typing import Any, Callable, cast
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from .inside import codec
 
@@ -56,7 +57,7 @@ class CodeTest(str):
     tests: str
     solution_names: frozenset[str]
 
-    def __new__(cls, solution: str, tests: str, solution_names: frozenset[str] = frozenset()) -> "CodeTest":
+    def __new__(cls, solution: str, tests: str, solution_names: frozenset[str] = frozenset()) -> CodeTest:
         self = super().__new__(cls, f"{solution}\n\n{tests}")
         self.solution, self.tests, self.solution_names = solution, tests, frozenset(solution_names)
         return self
@@ -93,24 +94,58 @@ def plan(test: CodeTest) -> Plan:
 
 # ----------------------------------------------------------------------------- splitting
 
-_HOST_FUNCS: dict[str, Callable[..., Any]] = {f.__name__: f for f in (abs, len, set, frozenset, sorted, tuple, list, dict, bool, int, float, str,
-                                       min, max, sum, all, any)}
-_MATH_FUNCS: dict[str, Callable[..., Any]] = {f.__name__: f for f in (math.isclose, math.fabs, math.isnan, math.isinf, math.isfinite, math.floor,
-                                       math.ceil, math.sqrt)}
+_HOST_FUNCS: dict[str, Callable[..., Any]] = {
+    f.__name__: f
+    for f in (abs, len, set, frozenset, sorted, tuple, list, dict, bool, int, float, str, min, max, sum, all, any)
+}
+_MATH_FUNCS: dict[str, Callable[..., Any]] = {
+    f.__name__: f
+    for f in (math.isclose, math.fabs, math.isnan, math.isinf, math.isfinite, math.floor, math.ceil, math.sqrt)
+}
 _MATH_CONSTS = {"pi": math.pi, "e": math.e, "tau": math.tau, "inf": math.inf, "nan": math.nan}
-_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.Not: operator.not_, ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Invert: operator.invert}
+_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {
+    ast.Not: operator.not_,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+    ast.Invert: operator.invert,
+}
 # +/- also on probes; the others only on constants (the dataset's, never the sandbox's: 2 ** huge).
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {ast.Add: operator.add, ast.Sub: operator.sub}
-_CONST_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {ast.Mult: operator.mul, ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv,
-                 ast.Mod: operator.mod, ast.Pow: operator.pow}
-_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
-            ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not,
-            ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
+_CONST_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.Is: operator.is_,
+    ast.IsNot: operator.is_not,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
+}
 # Values that are not plain (a function, a generator) cannot be probes: their parent is.
 _NOT_PROBES = (ast.Lambda, ast.GeneratorExp, ast.Starred, ast.Yield, ast.YieldFrom, ast.Await, ast.Slice)
 # Code in these may not run at all, so its sites cannot be required.
-_CONDITIONAL = (ast.If, ast.While, ast.Try, ast.Match, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
-                ast.Lambda, ast.With, ast.AsyncWith, ast.AsyncFor)
+_CONDITIONAL = (
+    ast.If,
+    ast.While,
+    ast.Try,
+    ast.Match,
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.ClassDef,
+    ast.Lambda,
+    ast.With,
+    ast.AsyncWith,
+    ast.AsyncFor,
+)
 _PROBE = "_probe_"
 
 
@@ -191,7 +226,8 @@ class _Split:
         if isinstance(node, ast.Call):
             func = node.func
             known = (isinstance(func, ast.Name) and func.id in self.names.funcs) or (
-                isinstance(func, ast.Attribute) and self._math(func) and func.attr in _MATH_FUNCS)
+                isinstance(func, ast.Attribute) and self._math(func) and func.attr in _MATH_FUNCS
+            )
             return known and all(k.arg is not None for k in node.keywords)
         return False
 
@@ -208,8 +244,11 @@ class _Split:
                 raise _Absorb
             return new
         if isinstance(node, ast.Call):
-            return ast.Call(node.func, [self.split(a) for a in node.args],
-                            [ast.keyword(k.arg, self.split(k.value)) for k in node.keywords])
+            return ast.Call(
+                node.func,
+                [self.split(a) for a in node.args],
+                [ast.keyword(k.arg, self.split(k.value)) for k in node.keywords],
+            )
         new = type(node)()
         for name, value in ast.iter_fields(node):
             if isinstance(value, ast.expr):
@@ -230,8 +269,9 @@ class _Rewriter(ast.NodeTransformer):
 
     def visit_Assert(self, node: ast.Assert) -> list[ast.stmt]:
         node = cast(ast.Assert, self.generic_visit(node))  # the same node, its children rewritten
-        parts = node.test.values if isinstance(node.test, ast.BoolOp) and isinstance(node.test.op, ast.And) \
-            else [node.test]
+        parts = (
+            node.test.values if isinstance(node.test, ast.BoolOp) and isinstance(node.test.op, ast.And) else [node.test]
+        )
         return [self._site(part, node) for part in parts]
 
     def _site(self, test: ast.expr, where: ast.stmt) -> ast.stmt:
@@ -282,7 +322,7 @@ def evaluate(template: ast.expr, values: list[Any]) -> Any:
     if isinstance(template, ast.Constant):
         return template.value
     if isinstance(template, ast.Name):
-        return values[int(template.id[len(_PROBE):])]
+        return values[int(template.id[len(_PROBE) :])]
     if isinstance(template, (ast.Tuple, ast.List, ast.Set)):
         items = [ev(e) for e in template.elts]
         return {ast.Tuple: tuple, ast.List: list, ast.Set: set}[type(template)](items)
@@ -357,8 +397,14 @@ class Judge:
         return self.fail("malformed report")
 
     def _site(self, body: object) -> None:
-        if not (type(body) is list and len(body) == 2 and type(body[0]) is int and type(body[1]) is list
-                and 0 <= body[0] < len(self.plan.sites) and len(body[1]) == self.plan.sites[body[0]].probes):
+        if not (
+            type(body) is list
+            and len(body) == 2
+            and type(body[0]) is int
+            and type(body[1]) is list
+            and 0 <= body[0] < len(self.plan.sites)
+            and len(body[1]) == self.plan.sites[body[0]].probes
+        ):
             return self.fail("malformed report")
         k, encoded = body
         try:

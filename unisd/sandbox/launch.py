@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 
 Level = Literal["namespaces", "best_effort"]
 LIB_PARENT = str(Path(__file__).parent)  # holds the `inside` package
-INIT_BOOT = ("# unisd-sandbox init\n"
-             "import sys; sys.path.append(sys.argv[1]); from inside import init; init.main(sys.argv[2])")
+INIT_BOOT = (
+    "# unisd-sandbox init\nimport sys; sys.path.append(sys.argv[1]); from inside import init; init.main(sys.argv[2])"
+)
 # The evaluator's environment (tokens, keys) never reaches the sandbox.
 HOST_ENV = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
 SYSTEM_LIBS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32")
@@ -82,16 +83,24 @@ def label() -> str:
     return f"unisd-sandbox-of-{os.getpid()}"
 
 
-def start(iso: Isolation, tmp_bytes: int, stdin: int, stdout: int, stderr: int, report: int,
-          lifeline: int) -> Started:
+def start(iso: Isolation, tmp_bytes: int, stdin: int, stdout: int, stderr: int, report: int, lifeline: int) -> Started:
     """Start the sandbox (`tmp_bytes`: the size of its writable tmpfs); the caller owns the
     pipes and closes its copies of these ends."""
     common: dict = dict(stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
     if iso.level == "namespaces":
         binds, links = _runtime()
-        cfg: dict[str, Any] = {"python": python(), "binds": binds, "links": links, "inside": LIB_PARENT + "/inside",
-               "mountpoint": os.path.realpath(tempfile.gettempdir()), "report_fd": report, "lifeline_fd": lifeline,
-               "rootless": os.geteuid() != 0, "tmp_bytes": tmp_bytes, "label": label()}
+        cfg: dict[str, Any] = {
+            "python": python(),
+            "binds": binds,
+            "links": links,
+            "inside": LIB_PARENT + "/inside",
+            "mountpoint": os.path.realpath(tempfile.gettempdir()),
+            "report_fd": report,
+            "lifeline_fd": lifeline,
+            "rootless": os.geteuid() != 0,
+            "tmp_bytes": tmp_bytes,
+            "label": label(),
+        }
         argv = _unshare(cfg["rootless"]) + [python(), "-I", "-S", "-B", "-c", INIT_BOOT, LIB_PARENT, json.dumps(cfg)]
         return Started(subprocess.Popen(argv, pass_fds=(report, lifeline), env=HOST_ENV, cwd="/", **common), 3, None)
     workdir = tempfile.mkdtemp(prefix=label() + "-")
@@ -110,8 +119,17 @@ def start(iso: Isolation, tmp_bytes: int, stdin: int, stdout: int, stderr: int, 
 
 def _unshare(rootless: bool) -> list[str]:
     user = ["--user", "--map-root-user"] if rootless else []
-    return [shutil.which("unshare", path=HOST_ENV["PATH"]) or "unshare", *user, "--pid", "--kill-child", "--mount",
-            "--net", "--ipc", "--uts", "--"]
+    return [
+        shutil.which("unshare", path=HOST_ENV["PATH"]) or "unshare",
+        *user,
+        "--pid",
+        "--kill-child",
+        "--mount",
+        "--net",
+        "--ipc",
+        "--uts",
+        "--",
+    ]
 
 
 @functools.cache
@@ -119,11 +137,14 @@ def _runtime() -> tuple[list[str], list[tuple[str, str]]]:
     """What the program's filesystem shows of the host, read-only: the interpreter's prefix
     and the system library directories, bound; those that are symlinks (merged /usr:
     /lib -> usr/lib) recreated as symlinks."""
-    dirs = sorted({os.path.realpath(sys.base_prefix), os.path.dirname(python())}
-                  | {os.path.realpath(p) for p in SYSTEM_LIBS if os.path.isdir(p)})
+    dirs = sorted(
+        {os.path.realpath(sys.base_prefix), os.path.dirname(python())}
+        | {os.path.realpath(p) for p in SYSTEM_LIBS if os.path.isdir(p)}
+    )
     binds = [d for i, d in enumerate(dirs) if not any(d.startswith(p + "/") for p in dirs[:i])]
-    links = [(p, os.readlink(p)) for p in SYSTEM_LIBS
-             if os.path.islink(p) and not any(p.startswith(b + "/") for b in binds)]
+    links = [
+        (p, os.readlink(p)) for p in SYSTEM_LIBS if os.path.islink(p) and not any(p.startswith(b + "/") for b in binds)
+    ]
     return binds, links
 
 
@@ -155,13 +176,20 @@ def available(probe) -> Isolation:
         if _available is None:
             _available = _decide(probe)
             if _available.level == "namespaces":
-                log.info("sandbox isolation: namespaces (unshare%s), seccomp %s",
-                         ", user namespace" if os.geteuid() != 0 else "", "on" if _available.seccomp else "off")
+                log.info(
+                    "sandbox isolation: namespaces (unshare%s), seccomp %s",
+                    ", user namespace" if os.geteuid() != 0 else "",
+                    "on" if _available.seccomp else "off",
+                )
             else:
-                log.warning("sandbox isolation: BEST EFFORT (no namespaces: %s). Weaker: no filesystem or process "
-                            "isolation, only rlimits, seccomp %s, an audit hook and the program's uid %d. Results record "
-                            "isolation=best_effort; eval.code_isolation=strict refuses to score. See docs/security.md.",
-                            _available.reason, "on" if _available.seccomp else "off", _available.record()["uid"])
+                log.warning(
+                    "sandbox isolation: BEST EFFORT (no namespaces: %s). Weaker: no filesystem or process "
+                    "isolation, only rlimits, seccomp %s, an audit hook and the program's uid %d. Results record "
+                    "isolation=best_effort; eval.code_isolation=strict refuses to score. See docs/security.md.",
+                    _available.reason,
+                    "on" if _available.seccomp else "off",
+                    _available.record()["uid"],
+                )
         return _available
 
 
@@ -180,5 +208,8 @@ def _decide(probe) -> Isolation:
     nobody = Isolation("best_effort", has_seccomp, why, as_nobody=True)
     if not (why_not := probe(nobody)):
         return nobody
-    return Isolation("best_effort", has_seccomp, f"{why}; and as uid {SANDBOX_ID} it cannot start ({why_not}), so it "
-                                                  f"keeps the evaluator's uid 0")
+    return Isolation(
+        "best_effort",
+        has_seccomp,
+        f"{why}; and as uid {SANDBOX_ID} it cannot start ({why_not}), so it keeps the evaluator's uid 0",
+    )

@@ -19,9 +19,10 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 from unisd.progress import Progress
 
@@ -62,8 +63,9 @@ class IsolationUnavailable(RuntimeError):
     """`strict` isolation was asked for and this machine cannot give it."""
 
 
-def run_many(tests: Sequence[CodeTest], limits: Limits = Limits(), workers: int = 2,
-             desc: str = "sandbox") -> list[SandboxResult]:
+def run_many(
+    tests: Sequence[CodeTest], limits: Limits = Limits(), workers: int = 2, desc: str = "sandbox"
+) -> list[SandboxResult]:
     """Judge each solution against its tests (`unisd.scoring.code_program`), concurrently,
     results in input order."""
     for test in tests:
@@ -97,8 +99,10 @@ def _result(future: Future) -> SandboxResult:
 def isolation(limits: Limits) -> launch.Isolation:
     iso = launch.available(_probe)
     if limits.isolation == "strict" and (iso.level != "namespaces" or not iso.seccomp):
-        raise IsolationUnavailable(f"strict sandbox isolation needs namespaces and seccomp; this machine gives "
-                                   f"{iso.level}, seccomp {'on' if iso.seccomp else 'off'} ({iso.reason})")
+        raise IsolationUnavailable(
+            f"strict sandbox isolation needs namespaces and seccomp; this machine gives "
+            f"{iso.level}, seccomp {'on' if iso.seccomp else 'off'} ({iso.reason})"
+        )
     return iso
 
 
@@ -181,8 +185,9 @@ class _Interrupted(Exception):
     """The batch was stopped while this run started."""
 
 
-def _run(test: CodeTest, tests: Plan, limits: Limits, iso: launch.Isolation, record: dict, start: float,
-         batch: _Batch) -> SandboxResult:
+def _run(
+    test: CodeTest, tests: Plan, limits: Limits, iso: launch.Isolation, record: dict, start: float, batch: _Batch
+) -> SandboxResult:
     fds = _Fds()
     job_r, job_w = fds.pipe()
     out_r, out_w = fds.pipe()
@@ -196,12 +201,33 @@ def _run(test: CodeTest, tests: Plan, limits: Limits, iso: launch.Isolation, rec
         if not batch.add(started):
             raise _Interrupted("the evaluation was interrupted")
         judge = Judge(tests)
-        job = {"limits": {"memory_bytes": limits.memory_mb << 20, "cpu_s": int(limits.timeout_s) + 1,
-                          "file_bytes": limits.file_mb << 20, "nproc": limits.nproc, "nofile": 64, "core": 0},
-               "best_effort": iso.level == "best_effort", "parent": os.getpid(), "seccomp": iso.seccomp,
-               "report_fd": started.report_fd, "solution": test.solution, "tests": tests.inside_tests}
-        stdout, stderr, timed_out = channel.exchange(json.dumps(job).encode(), job_w, out_r, err_r, rep_r, judge,
-                                                     start + limits.timeout_s, limits.output_chars, fds.close)
+        job = {
+            "limits": {
+                "memory_bytes": limits.memory_mb << 20,
+                "cpu_s": int(limits.timeout_s) + 1,
+                "file_bytes": limits.file_mb << 20,
+                "nproc": limits.nproc,
+                "nofile": 64,
+                "core": 0,
+            },
+            "best_effort": iso.level == "best_effort",
+            "parent": os.getpid(),
+            "seccomp": iso.seccomp,
+            "report_fd": started.report_fd,
+            "solution": test.solution,
+            "tests": tests.inside_tests,
+        }
+        stdout, stderr, timed_out = channel.exchange(
+            json.dumps(job).encode(),
+            job_w,
+            out_r,
+            err_r,
+            rep_r,
+            judge,
+            start + limits.timeout_s,
+            limits.output_chars,
+            fds.close,
+        )
     finally:
         if started is not None:
             _stop(started, fds, life_w)
@@ -235,6 +261,7 @@ def _stopped_on_termination(pool: ThreadPoolExecutor, batch: _Batch) -> Iterator
     if previous in (None, signal.SIG_IGN):  # not ours to handle (no Python handler can be restored)
         previous = None
     else:
+
         def on_term(signum: int, frame: object) -> None:
             pool.shutdown(wait=False, cancel_futures=True)
             batch.stop()

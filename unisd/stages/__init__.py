@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from unisd.artifacts import atomic_dir, dir_digest, write_json_atomic, write_text_atomic
 from unisd.config import Config, digest_json
@@ -121,15 +122,30 @@ def lineage_file(cfg: Config, out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def stage_output(ctx: StageContext, run_name: str, stage: str, cfg: Config, inputs: Mapping[str, Path | None], out: Path,
-                 params: dict[str, Any], extra: dict[str, Any] | None = None) -> Iterator[tuple[Any, Path]]:
+def stage_output(
+    ctx: StageContext,
+    run_name: str,
+    stage: str,
+    cfg: Config,
+    inputs: Mapping[str, Path | None],
+    out: Path,
+    params: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Iterator[tuple[Any, Path]]:
     """A logged stage run writing `out` atomically: yields (MLflow run, scratch dir)."""
     meta = {"stage": stage, "cache_key": cache_key(stage, cfg, inputs, extra), "code_version": stage_code(stage)}
     with ctx.stage(run_name, params) as run:
         with atomic_dir(out, meta) as tmp:
             yield run, tmp
-        write_json_atomic(lineage_file(cfg, out), {"mlflow_run_id": run.run_id, "mlflow_model_id": run.model_id,
-                                                   "stage": run_name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        write_json_atomic(
+            lineage_file(cfg, out),
+            {
+                "mlflow_run_id": run.run_id,
+                "mlflow_model_id": run.model_id,
+                "stage": run_name,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
 
 
 def log_read(run: Any, name: str, path: Path, context: str, n_rows: int) -> None:
@@ -167,7 +183,9 @@ def format_table(metrics: dict[str, Any]) -> str:
     head = f"{'benchmark':<16}{'n':>6}{'score':>9}{'gold_ppl':>10}{'ppl_ret':>10}{'unparsed':>10}"
     lines = [f"{metrics.get('label', '')} on {metrics.get('split', '')}", head, "-" * len(head)]
     for b, m in metrics["benchmarks"].items():
-        lines.append(f"{b:<16}{m['n']:>6}{m['score']:>9.1f}{m.get('gold_ppl', float('nan')):>10.2f}"
-                     f"{m.get('ppl_ret', float('nan')):>10.2f}{m.get('unparseable', ''):>10}")
+        lines.append(
+            f"{b:<16}{m['n']:>6}{m['score']:>9.1f}{m.get('gold_ppl', float('nan')):>10.2f}"
+            f"{m.get('ppl_ret', float('nan')):>10.2f}{m.get('unparseable', ''):>10}"
+        )
     lines.append(f"{'overall':<16}{'':>6}{metrics['overall']:>9.1f}")
     return "\n".join(lines)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from unisd.config import Config
 from unisd.data.schema import Example, write_jsonl
@@ -18,8 +19,9 @@ def contexts_stage(cfg: Config, model: Path, data: Path, out: Path, ctx: StageCo
 
     agreement = cfg.method.agreement
     inputs = {"model": model, "data": data}
-    with stage_output(ctx, "contexts", "contexts", cfg, inputs, out, {"kind": agreement.contexts, "k": agreement.k}) \
-            as (run, tmp):
+    with stage_output(
+        ctx, "contexts", "contexts", cfg, inputs, out, {"kind": agreement.contexts, "k": agreement.k}
+    ) as (run, tmp):
         records: list[dict[str, Any]] = []
         examples = train_examples(cfg, data)
         log_train_splits(run, data, examples)
@@ -60,9 +62,16 @@ def _induced(cfg: Config, model_dir: Path, groups: dict[str, list[Example]]) -> 
     for bench, exs in groups.items():
         demo_sets = contexts.induction_demo_sets(exs, k, cfg.run.seed)
         prompts = [_fitting_request(builder, demos, cfg.prompts.mcq_format) for demos in demo_sets]
-        outs = generate(model, tok, prompts, Sampling(96, do_sample=True, temperature=0.7, seed=cfg.run.seed),
-                        cfg.generation.batch_size, builder.stop_strings, desc=f"induce {bench}",
-                        backend=cfg.generation.backend)
+        outs = generate(
+            model,
+            tok,
+            prompts,
+            Sampling(96, do_sample=True, temperature=0.7, seed=cfg.run.seed),
+            cfg.generation.batch_size,
+            builder.stop_strings,
+            desc=f"induce {bench}",
+            backend=cfg.generation.backend,
+        )
         instructions = [" ".join(c.text.split()) or "Solve the problem step by step." for c in outs]
         records += contexts.induction_records(exs, k, [[d.id for d in ds] for ds in demo_sets], instructions)
     return records
@@ -75,5 +84,7 @@ def _fitting_request(builder: PromptBuilder, demos: list[Example], mcq_format: M
     for n in range(len(demos), 0, -1):
         if (ids := builder.encode(induction_request(demos[:n], mcq_format))) is not None:
             return ids
-    raise ValueError(f"an induction request with one demonstration ({demos[0].id}) exceeds "
-                     f"prompts.max_prompt_tokens={builder.max_prompt_tokens}")
+    raise ValueError(
+        f"an induction request with one demonstration ({demos[0].id}) exceeds "
+        f"prompts.max_prompt_tokens={builder.max_prompt_tokens}"
+    )

@@ -20,8 +20,9 @@ def eval_examples(cfg: Config, data: Path, bench: str) -> list[Example]:
     return examples
 
 
-def evaluate_stage(cfg: Config, model: Path, data: Path, out: Path, ctx: StageContext, label: str = "base",
-                   base: Path | None = None) -> Path:
+def evaluate_stage(
+    cfg: Config, model: Path, data: Path, out: Path, ctx: StageContext, label: str = "base", base: Path | None = None
+) -> Path:
     """Evaluate a model on the configured split: predictions and metrics.json in `out`."""
     from unisd.evaluate import evaluate_model
 

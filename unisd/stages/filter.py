@@ -16,8 +16,17 @@ from unisd.stages.inputs import prompt_builder, read_jsonl, train_examples
 log = logging.getLogger(__name__)
 
 
-def filter_stage(cfg: Config, trajectories: Path, base: Path, data: Path, out: Path, ctx: StageContext,
-                 round_idx: int, contexts: Path | None = None, previous: Path | None = None) -> Path:
+def filter_stage(
+    cfg: Config,
+    trajectories: Path,
+    base: Path,
+    data: Path,
+    out: Path,
+    ctx: StageContext,
+    round_idx: int,
+    contexts: Path | None = None,
+    previous: Path | None = None,
+) -> Path:
     """What the round trains on, and how well its teacher fits the student's samples.
 
     Truncated samples (cut at the token limit) are dropped unless `train_set.keep_truncated`;
@@ -51,14 +60,25 @@ def filter_stage(cfg: Config, trajectories: Path, base: Path, data: Path, out: P
             else:
                 scoring = {"filtered_out": 0, "filtered_fraction": 0.0}
         kept = distilled + sft
-        stats = {"trajectories": len(trajs), "dropped_truncated": len(trajs) - len(complete), **scoring,
-                 "kept": len(kept), **diagnostics}
+        stats = {
+            "trajectories": len(trajs),
+            "dropped_truncated": len(trajs) - len(complete),
+            **scoring,
+            "kept": len(kept),
+            **diagnostics,
+        }
         write_jsonl(tmp / "filtered.jsonl", kept)
         write_json_atomic(tmp / "stats.json", stats)
         run.log_metrics(stats)
-        log.info("filter round %d: kept %d of %d trajectories (%d truncated dropped); teacher EOS log-p %s vs "
-                 "student %s", round_idx, len(kept), len(trajs), stats["dropped_truncated"],
-                 _fmt(stats["teacher_eos_logp"]), _fmt(stats["student_eos_logp"]))
+        log.info(
+            "filter round %d: kept %d of %d trajectories (%d truncated dropped); teacher EOS log-p %s vs student %s",
+            round_idx,
+            len(kept),
+            len(trajs),
+            stats["dropped_truncated"],
+            _fmt(stats["teacher_eos_logp"]),
+            _fmt(stats["student_eos_logp"]),
+        )
     return out
 
 

@@ -25,9 +25,11 @@ def generate_stage(cfg: Config, student: Path, data: Path, out: Path, ctx: Stage
         model = load_model(student, cfg.model.dtype, cfg.model.device)
         trajectories, stats = sample_trajectories(cfg, model, tok, builder, examples, cfg.run.seed * 1000 + round_idx)
         write_jsonl(tmp / "trajectories.jsonl", trajectories)
-        stats.update(trajectories=len(trajectories),
-                     mean_completion_tokens=sum(len(t.completion_ids) for t in trajectories) / max(len(trajectories), 1),
-                     truncated=sum(not t.finished for t in trajectories))
+        stats.update(
+            trajectories=len(trajectories),
+            mean_completion_tokens=sum(len(t.completion_ids) for t in trajectories) / max(len(trajectories), 1),
+            truncated=sum(not t.finished for t in trajectories),
+        )
         write_json_atomic(tmp / "stats.json", stats)
         run.log_metrics(stats)
     return out

@@ -30,10 +30,19 @@ def prepare_stage(cfg: Config, out: Path, ctx: StageContext) -> Path:
                 write_jsonl(path, examples)
                 digest = dir_digest(path)
                 splits.setdefault(name, {})[split] = {"n": len(examples), "sha256": digest}
-                run.log_dataset(f"{name}/{split}", out / name / f"{split}.jsonl", digest, split, len(examples),
-                                origin=cfg.data.sources.get(name) or bench.source)
-            splits[name]["_source"] = {"source": cfg.data.sources.get(name) or bench.source,
-                                       "license": bench.license, "task": bench.task}
+                run.log_dataset(
+                    f"{name}/{split}",
+                    out / name / f"{split}.jsonl",
+                    digest,
+                    split,
+                    len(examples),
+                    origin=cfg.data.sources.get(name) or bench.source,
+                )
+            splits[name]["_source"] = {
+                "source": cfg.data.sources.get(name) or bench.source,
+                "license": bench.license,
+                "task": bench.task,
+            }
         write_json_atomic(tmp / "splits.json", splits)
         run.log_artifacts(tmp / "splits.json")
         run.log_metrics({f"{b}.{s}.n": v["n"] for b, d in splits.items() for s, v in d.items() if s != "_source"})

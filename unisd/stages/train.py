@@ -17,8 +17,18 @@ if TYPE_CHECKING:
     from unisd.train import TrainItem
 
 
-def train_stage(cfg: Config, filtered: Path, base: Path, data: Path, out: Path, ctx: StageContext, round_idx: int,
-                negatives: Path | None = None, previous: Path | None = None, on_step=None) -> Path:
+def train_stage(
+    cfg: Config,
+    filtered: Path,
+    base: Path,
+    data: Path,
+    out: Path,
+    ctx: StageContext,
+    round_idx: int,
+    negatives: Path | None = None,
+    previous: Path | None = None,
+    on_step=None,
+) -> Path:
     """Train round `round_idx` on the filtered trajectories; resumable after interruption."""
     from unisd.logged_model import save_trained_model
     from unisd.train import train_round
@@ -33,23 +43,29 @@ def train_stage(cfg: Config, filtered: Path, base: Path, data: Path, out: Path, 
         log_read(run, f"filtered/round-{round_idx}", filtered / "filtered.jsonl", "training", len(trajs))
         items, stats = _train_items(cfg, trajs, base, data, negatives)
         if not items:
-            raise ValueError(f"round {round_idx}: no trajectories left to train on ({stats}; the filter stage "
-                             f"drops samples cut at the token limit unless train_set.keep_truncated)")
+            raise ValueError(
+                f"round {round_idx}: no trajectories left to train on ({stats}; the filter stage "
+                f"drops samples cut at the token limit unless train_set.keep_truncated)"
+            )
         run.log_metrics({f"items/{k}": v for k, v in stats.items()})
         info = train_round(cfg, items, base, dir_digest(base), tmp, work, run, previous, on_step)
         write_json_atomic(tmp / "metrics.json", {**info, **stats})
         run.log_artifacts(tmp / "curves.jsonl")
         save = functools.partial(save_trained_model, cfg, tmp, base)
-        model_id = run.log_model(f"{cfg.recipe}-round{round_idx}", save,
-                                 {"final_loss": info["final_loss"] or float("nan"), "steps": info["steps"]})
+        model_id = run.log_model(
+            f"{cfg.recipe}-round{round_idx}",
+            save,
+            {"final_loss": info["final_loss"] or float("nan"), "steps": info["steps"]},
+        )
         if round_idx == cfg.train_set.rounds:  # the recipe's trained model
             run.register_model(model_id, cfg.recipe)
     shutil.rmtree(work, ignore_errors=True)
     return out
 
 
-def _train_items(cfg: Config, trajs: list[Any], base: Path, data: Path, negatives: Path | None
-                 ) -> tuple[list[TrainItem], dict[str, int]]:
+def _train_items(
+    cfg: Config, trajs: list[Any], base: Path, data: Path, negatives: Path | None
+) -> tuple[list[TrainItem], dict[str, int]]:
     """TrainItems with the teacher's privileged prompt, a negative and agreement scores
     (gold_mix items: only prompt and completion, for the cross-entropy)."""
     from unisd.train import TrainItem
@@ -62,8 +78,12 @@ def _train_items(cfg: Config, trajs: list[Any], base: Path, data: Path, negative
     items, no_negative, over_budget = [], 0, 0
     for t in trajs:
         ex = by_id[t.example_id]
-        item = TrainItem(t.prompt_ids, t.completion_ids, sft=t.sft,
-                         scores=t.agreement_scores if method.agreement.enabled and not t.sft else None)
+        item = TrainItem(
+            t.prompt_ids,
+            t.completion_ids,
+            sft=t.sft,
+            scores=t.agreement_scores if method.agreement.enabled and not t.sft else None,
+        )
         if method.loss == "distill" and not t.sft:
             item.teacher_prompt = builder.encode_messages(privileged_messages(cfg, ex))
             if method.contrastive.enabled:
@@ -76,5 +96,10 @@ def _train_items(cfg: Config, trajs: list[Any], base: Path, data: Path, negative
                 over_budget += 1
                 continue
         items.append(item)
-    return items, {"trajectories": len(trajs), "items": len(items), "sft_items": sum(it.sft for it in items),
-                   "dropped_no_negative": no_negative, "dropped_over_budget": over_budget}
+    return items, {
+        "trajectories": len(trajs),
+        "items": len(items),
+        "sft_items": sum(it.sft for it in items),
+        "dropped_no_negative": no_negative,
+        "dropped_over_budget": over_budget,
+    }

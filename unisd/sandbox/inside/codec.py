@@ -30,10 +30,21 @@ if TYPE_CHECKING:
 MAX_DEPTH = 100
 
 _SEQUENCES: dict[type, str] = {tuple: "tuple", set: "set", frozenset: "frozenset", collections.deque: "deque"}
-_MAPPINGS: dict[type, str] = {dict: "dict", collections.OrderedDict: "odict", collections.Counter: "counter",
-             collections.defaultdict: "dict"}
-_BUILD = {"tuple": tuple, "set": set, "frozenset": frozenset, "deque": collections.deque, "dict": dict,
-          "odict": collections.OrderedDict, "counter": collections.Counter}
+_MAPPINGS: dict[type, str] = {
+    dict: "dict",
+    collections.OrderedDict: "odict",
+    collections.Counter: "counter",
+    collections.defaultdict: "dict",
+}
+_BUILD = {
+    "tuple": tuple,
+    "set": set,
+    "frozenset": frozenset,
+    "deque": collections.deque,
+    "dict": dict,
+    "odict": collections.OrderedDict,
+    "counter": collections.Counter,
+}
 
 
 def encode(value: Any, depth: int = 0) -> object:
@@ -70,7 +81,7 @@ def decode(data: Any, depth: int = 0) -> object:
         return [decode(v, depth + 1) for v in data]
     if kind is not dict or len(data) != 1:
         raise ValueError(f"not an encoded value: {kind.__name__}")
-    (tag, body), = data.items()
+    ((tag, body),) = data.items()
     if tag == "float" and type(body) is str:
         return _float(body)
     if tag == "complex" and type(body) is list and len(body) == 2 and all(type(b) is str for b in body):

@@ -18,7 +18,8 @@ from . import linux
 
 TYPE_CHECKING = False  # the sandbox's interpreter imports no `typing`; type checkers read this as true
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from collections.abc import Callable
+    from typing import Any
 
 
 def die_with_parent(parent: int) -> None:
@@ -35,8 +36,9 @@ def install_audit_hook(workdir: str) -> None:
         del sys.modules[name]  # imported by the runner: make the candidate's import go through the hook
 
 
-def _hook(workdir, read_roots, realpath=os.path.realpath, fspath=os.fspath,
-          sep=os.sep) -> Callable[[str, tuple[Any, ...]], None]:
+def _hook(
+    workdir, read_roots, realpath=os.path.realpath, fspath=os.fspath, sep=os.sep
+) -> Callable[[str, tuple[Any, ...]], None]:
     def inside(path, roots) -> bool:
         try:
             p = realpath(fspath(path))
@@ -45,19 +47,76 @@ def _hook(workdir, read_roots, realpath=os.path.realpath, fspath=os.fspath,
         return any(p == r or p.startswith(r + sep) for r in roots)
 
     write_roots = (workdir,)
-    blocked_imports = frozenset({"_posixsubprocess", "subprocess", "_ctypes", "ctypes", "_socket", "socket",
-                                 "multiprocessing", "_multiprocessing", "pty", "_xxsubinterpreters", "readline",
-                                 "_sqlite3", "sqlite3"})
-    path_events = {"os.remove": 1, "os.rmdir": 1, "os.rename": 2, "shutil.rmtree": 1, "os.truncate": 1,
-                   "os.chmod": 1, "os.chown": 1, "os.link": 2, "os.symlink": 2, "os.mkdir": 1, "os.utime": 1,
-                   "os.chflags": 1, "os.lchflags": 1, "os.lchmod": 1, "shutil.copyfile": 2, "shutil.copymode": 2,
-                   "shutil.copystat": 2, "shutil.copytree": 2, "shutil.move": 2, "os.mkfifo": 1, "os.mknod": 1,
-                   "os.setxattr": 1, "os.removexattr": 1}
-    denied_events = frozenset({"os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
-                               "subprocess.Popen", "os.kill", "os.killpg", "pty.spawn", "os.chdir", "os.fchdir",
-                               "resource.setrlimit", "resource.prlimit", "sys.addaudithook",
-                               "sys._current_frames", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-                               "code.__new__", "os.setuid", "os.setgid", "os.chroot", "sqlite3.connect"})
+    blocked_imports = frozenset(
+        {
+            "_posixsubprocess",
+            "subprocess",
+            "_ctypes",
+            "ctypes",
+            "_socket",
+            "socket",
+            "multiprocessing",
+            "_multiprocessing",
+            "pty",
+            "_xxsubinterpreters",
+            "readline",
+            "_sqlite3",
+            "sqlite3",
+        }
+    )
+    path_events = {
+        "os.remove": 1,
+        "os.rmdir": 1,
+        "os.rename": 2,
+        "shutil.rmtree": 1,
+        "os.truncate": 1,
+        "os.chmod": 1,
+        "os.chown": 1,
+        "os.link": 2,
+        "os.symlink": 2,
+        "os.mkdir": 1,
+        "os.utime": 1,
+        "os.chflags": 1,
+        "os.lchflags": 1,
+        "os.lchmod": 1,
+        "shutil.copyfile": 2,
+        "shutil.copymode": 2,
+        "shutil.copystat": 2,
+        "shutil.copytree": 2,
+        "shutil.move": 2,
+        "os.mkfifo": 1,
+        "os.mknod": 1,
+        "os.setxattr": 1,
+        "os.removexattr": 1,
+    }
+    denied_events = frozenset(
+        {
+            "os.fork",
+            "os.forkpty",
+            "os.exec",
+            "os.posix_spawn",
+            "os.spawn",
+            "os.system",
+            "subprocess.Popen",
+            "os.kill",
+            "os.killpg",
+            "pty.spawn",
+            "os.chdir",
+            "os.fchdir",
+            "resource.setrlimit",
+            "resource.prlimit",
+            "sys.addaudithook",
+            "sys._current_frames",
+            "gc.get_objects",
+            "gc.get_referrers",
+            "gc.get_referents",
+            "code.__new__",
+            "os.setuid",
+            "os.setgid",
+            "os.chroot",
+            "sqlite3.connect",
+        }
+    )
     denied_prefixes = ("socket.", "ctypes.", "_posixsubprocess", "mmap.")
 
     def hook(event: str, args: tuple[Any, ...]) -> None:

@@ -38,8 +38,9 @@ SANDBOX_ID = 65534
 LIB = "/unisd"  # the runner imports `inside` from here
 SETUP_FAILED = 125
 DEVICES = ("null", "zero", "urandom", "random")
-RUNNER_BOOT = ("# unisd-sandbox runner\n"
-               "import sys; sys.path.append(sys.argv[1]); from inside import runner; runner.main()")
+RUNNER_BOOT = (
+    "# unisd-sandbox runner\nimport sys; sys.path.append(sys.argv[1]); from inside import runner; runner.main()"
+)
 
 
 def main(config: str) -> None:
@@ -77,8 +78,13 @@ def _payload(cfg: dict) -> None:
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
     os.mkdir(root + "/tmp")  # first: a runtime under /tmp must be bound on top of it, not hidden by it
-    linux.mount("tmpfs", root + "/tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-                f"size={cfg['tmp_bytes']},nr_inodes=4096,mode=1777")
+    linux.mount(
+        "tmpfs",
+        root + "/tmp",
+        "tmpfs",
+        linux.MS_NOSUID | linux.MS_NODEV,
+        f"size={cfg['tmp_bytes']},nr_inodes=4096,mode=1777",
+    )
     for path, target in cfg["links"]:
         os.makedirs(root + os.path.dirname(path), exist_ok=True)
         os.symlink(target, root + path)
@@ -127,8 +133,13 @@ def _bind(source: str, target: str, readonly: bool) -> None:
 
 def _locked_flags(path: str) -> int:
     f = os.statvfs(path).f_flag
-    pairs = ((os.ST_NODEV, linux.MS_NODEV), (os.ST_NOEXEC, linux.MS_NOEXEC), (os.ST_NOATIME, linux.MS_NOATIME),
-             (os.ST_NODIRATIME, linux.MS_NODIRATIME), (os.ST_RELATIME, linux.MS_RELATIME))
+    pairs = (
+        (os.ST_NODEV, linux.MS_NODEV),
+        (os.ST_NOEXEC, linux.MS_NOEXEC),
+        (os.ST_NOATIME, linux.MS_NOATIME),
+        (os.ST_NODIRATIME, linux.MS_NODIRATIME),
+        (os.ST_RELATIME, linux.MS_RELATIME),
+    )
     return sum(ms for st, ms in pairs if f & st)
 
 

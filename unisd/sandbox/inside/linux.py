@@ -53,5 +53,7 @@ def pivot_root(new_root: str, put_old: str) -> None:
 def prctl(option: int, arg2: int = 0, arg3: object = 0) -> None:
     """prctl(2); `arg3` may be a ctypes pointer (the seccomp filter)."""
     third = ctypes.c_ulong(arg3) if isinstance(arg3, int) else arg3
-    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), third, ctypes.c_ulong(0), ctypes.c_ulong(0)),
-           f"prctl {option}")
+    _check(
+        _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), third, ctypes.c_ulong(0), ctypes.c_ulong(0)),
+        f"prctl {option}",
+    )

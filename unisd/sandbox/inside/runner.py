@@ -20,9 +20,14 @@ import traceback
 from . import codec, seccomp
 
 _report_fd = 3  # the job says which
-_LIMITS = {"memory_bytes": (resource.RLIMIT_AS, resource.RLIMIT_DATA), "cpu_s": (resource.RLIMIT_CPU,),
-           "file_bytes": (resource.RLIMIT_FSIZE,), "nproc": (resource.RLIMIT_NPROC,),
-           "nofile": (resource.RLIMIT_NOFILE,), "core": (resource.RLIMIT_CORE,)}
+_LIMITS = {
+    "memory_bytes": (resource.RLIMIT_AS, resource.RLIMIT_DATA),
+    "cpu_s": (resource.RLIMIT_CPU,),
+    "file_bytes": (resource.RLIMIT_FSIZE,),
+    "nproc": (resource.RLIMIT_NPROC,),
+    "nofile": (resource.RLIMIT_NOFILE,),
+    "core": (resource.RLIMIT_CORE,),
+}
 
 
 def main() -> None:
@@ -66,7 +71,7 @@ def _report(site: int, *values: object) -> None:
 def _send(record: dict) -> None:
     data = memoryview(json.dumps(record, separators=(",", ":")).encode() + b"\n")
     while data:
-        data = data[os.write(_report_fd, data):]
+        data = data[os.write(_report_fd, data) :]
 
 
 def _describe(exc: BaseException) -> str:
