@@ -145,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    # Prefect's 20 s for its temporary server is too short on 2 busy cores
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     parser = argparse.ArgumentParser(
         prog="unisd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -223,16 +221,20 @@ def _main(argv: list[str] | None) -> int:
             require_vllm()  # vLLM and a GPU, or one line and exit status 2 before any stage runs
         if args.command == "run":
             from unisd.orchestration.pipeline import run_pipeline
+            from unisd.orchestration.serve import flow_server
 
-            run_pipeline(Path(args.params).resolve(), args.overrides)
+            with flow_server():
+                run_pipeline(Path(args.params).resolve(), args.overrides)
         elif args.command == "serve":
             _serve(args)
         elif args.command in ("study", "report"):
             overrides = {".".join(k): v for k, v in map(parse_override, args.overrides)}
             if args.command == "study":
                 from unisd.orchestration import study
+                from unisd.orchestration.serve import flow_server
 
-                getattr(study, args.study)(str(Path(args.params).resolve()), overrides)
+                with flow_server():
+                    getattr(study, args.study)(str(Path(args.params).resolve()), overrides)
             else:
                 from unisd.study import run_study
 

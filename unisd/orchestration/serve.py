@@ -1,8 +1,10 @@
-"""Serving the deployments: `unisd serve [--with-server]`.
+"""Prefect servers of our own, and serving the deployments: `unisd serve [--with-server]`.
 
 With `--with-server` a Prefect server is started on 127.0.0.1 first and stopped when
 serving ends; otherwise PREFECT_API_URL must point at a running server. Then, from
-another shell: `prefect deployment run 'pipeline/unisd-full'`.
+another shell: `prefect deployment run 'pipeline/unisd-full'`. `unisd run` and `unisd
+study` without PREFECT_API_URL get a server of their own (`flow_server`) that the kernel
+stops if they die, even by kill -9; Prefect's temporary server would outlive them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,13 +26,16 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def local_prefect_server(port: int = 4200, timeout_s: float = 90) -> Iterator[str]:
-    """A Prefect server bound to 127.0.0.1 for the duration of the block; yields its API URL."""
+    """A Prefect server bound to 127.0.0.1 for the duration of the block; yields its API URL.
+    The server runs in one process (`prefect server start` serves in the foreground) that
+    gets SIGTERM from the kernel when this process dies."""
     url = f"http://127.0.0.1:{port}/api"
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+        preexec_fn=_dies_with(os.getpid()),
     )
     try:
         deadline = time.monotonic() + timeout_s
@@ -48,6 +55,40 @@ def local_prefect_server(port: int = 4200, timeout_s: float = 90) -> Iterator[st
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _dies_with(parent: int):
+    """A child's pre-exec step: SIGTERM when `parent` dies (Linux; elsewhere nothing)."""
+
+    def preexec() -> None:
+        if sys.platform == "linux":
+            from unisd.sandbox.inside import linux
+
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # it died before the line above
+                os._exit(1)
+
+    return preexec
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def flow_server() -> Iterator[None]:
+    """The Prefect API for a flow command: PREFECT_API_URL's server when set, else a server
+    of this process on a free port (startup allowed 180 s: 2 busy cores)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with local_prefect_server(free_port(), timeout_s=180) as url, temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
 
 
 def deployments(params_file: Path) -> list:
