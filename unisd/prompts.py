@@ -45,6 +45,7 @@ DEMO_OUTRO = (
 EXAMPLE_INTRO = "Here is a solved example with a good response:"
 EXAMPLE_OUTRO = "Now solve this problem in your own way."
 REPEAT_REQUEST = "Solve the same problem again and reply in exactly the same format."
+CONFIRMATION = "That is correct. Here is the same problem again; answer it the same way."
 REFERENCE_INTRO = "Here is reference material from related problems:"
 TASK_INTRO = "Now solve this problem."
 ANSWER_PREFIX = "Answer:"
@@ -109,7 +110,7 @@ def gold_response(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
     return f"Thought: I should call {ex.answer}.\nAction: {ex.answer}\nAction Input: {ex.action_input}"
 
 
-TeacherTemplate = Literal["spec", "worked_example", "assistant_turn", "prior_exchange"]
+TeacherTemplate = Literal["spec", "worked_example", "assistant_turn", "prior_exchange", "confirmed_exchange"]
 
 
 def teacher_messages(
@@ -130,12 +131,19 @@ def teacher_messages(
     from it only by the earlier exchange. Under assistant_turn the last user turn carries
     no task, and the teacher's first tokens lean to openers such as "I'm ready to assist
     you." (measured: unisd-full on SciQ then answered only that; README, validation).
+    But a question asked again reads as "that was wrong": the teacher then avoids the
+    letter it just gave (its letter accuracy on SciQ train fell to 12.8%, the student's
+    is 22.1%; README, validation).
+    confirmed_exchange: as prior_exchange, with the last user turn saying the earlier
+    answer was correct before repeating the task.
     """
     task, demo = task_text(ex, mcq_format), demonstration.strip()
     if template == "assistant_turn":
         return [user(task), assistant(demo), user(REPEAT_REQUEST)]
     if template == "prior_exchange":
         return [user(task), assistant(demo), user(task)]
+    if template == "confirmed_exchange":
+        return [user(task), assistant(demo), user(f"{CONFIRMATION}\n\n{task}")]
     if template == "worked_example":
         return [user(f"{EXAMPLE_INTRO}\n\nProblem:\n{problem_text(ex)}\nResponse:\n{demo}\n\n{EXAMPLE_OUTRO}\n{task}")]
     return [user(f"{task}\n\n{DEMO_INTRO}\n{demo}\n\n{DEMO_OUTRO}")]
