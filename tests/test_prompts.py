@@ -347,3 +347,14 @@ def test_reference_text_with_an_induced_instruction():
         "Here is reference material from related problems:\n\nWrite small, tested functions.\n\n"
         "Now solve this problem.\n" + task_text(MBPP)
     )
+
+
+def test_confirmed_exchange_says_the_demonstration_was_right_then_repeats_the_task():
+    assert teacher_messages(MCQ, MCQ_GOLD, "confirmed_exchange") == [
+        {"role": "user", "content": MCQ_TASK},
+        {"role": "assistant", "content": MCQ_GOLD},
+        {
+            "role": "user",
+            "content": "That is correct. Here is the same problem again; answer it the same way.\n\n" + MCQ_TASK,
+        },
+    ]
