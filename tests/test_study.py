@@ -15,7 +15,7 @@ from project import tiny_params
 from unisd.config import Config
 from unisd.report import ReportError
 from unisd.stages import Layout
-from unisd.study import Cell, run_study
+from unisd.study import Cell, StudyError, run_cell_recorded, run_study
 
 
 def _fake_cell(cfg: Config, cell: Cell) -> None:
@@ -85,6 +85,39 @@ def test_study_resumes_cell_by_cell(small_study):
     other_params = Launcher()
     run_study(small_study, {"eval.limit": 1}, "compare", other_params)
     assert other_params.ran == ["base-s42", "sft-s42", "unisd-full-s42"]  # stale under other params
+
+
+def test_a_failed_cell_fails_alone_when_cells_run_together(small_study):
+    """`map_cells` (the Dask runner's shape): the other cells are recorded and reported,
+    the failed one is named, and the next run runs only it."""
+
+    def together(launcher):
+        def run(pending):
+            results = []
+            for cfg, cell in pending:
+                try:
+                    results.append(run_cell_recorded(cfg, cell, launcher))
+                except Exception as err:
+                    results.append(err)
+            return results
+
+        return run
+
+    class Broken(Launcher):
+        def __call__(self, cfg, cell):
+            if cell.name == "sft-s42":
+                raise RuntimeError("out of memory")
+            super().__call__(cfg, cell)
+
+    with pytest.raises(StudyError, match="1 cell.*sft-s42: RuntimeError: out of memory"):
+        run_study(small_study, {}, "compare", Launcher(), together(Broken()))
+    cells = _cells(small_study)
+    assert [c["status"] for c in cells.values()] == ["done", "missing", "done"]
+    assert cells["sft-s42"]["error"] == "RuntimeError: out of memory"
+    again = Launcher()
+    run_study(small_study, {}, "compare", again, together(again))
+    assert again.ran == ["sft-s42"]
+    assert [c["status"] for c in _cells(small_study).values()] == ["done"] * 3
 
 
 def test_cells_evaluated_before_records_are_timed_as_cache(small_study):

@@ -209,6 +209,17 @@ class StudyCfg(Section):
         }
     )
 
+    # where the cells run: sequential (in this process, one after another) or dask (each
+    # cell a Prefect task on a Dask cluster; README "Scaling out")
+    runner: Literal["sequential", "dask"] = "sequential"
+    # a running Dask scheduler, "tcp://10.0.0.5:8786"; null: a LocalCluster on 127.0.0.1
+    # with `workers` worker processes of one thread each
+    dask_address: str | None = None
+    workers: int = Field(default=2, ge=1)
+    # torch threads per cell (set before the cell, restored after); null: torch's default
+    # when sequential, 1 on a Dask worker. Pin it (1) for metrics identical across runners
+    threads: int | None = Field(default=None, ge=1)
+
     @field_validator("recipes", "components")
     @classmethod
     def _known(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -185,8 +186,35 @@ def _wall_time(cells: dict[str, dict[str, Any]], previous: Path) -> float | None
     return json.loads(previous.read_text())["study"].get("wall_time_s") if previous.is_file() else None
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` (None: left alone), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# Runs the given cells (all pending, none done) somewhere, together: for each, its record
+# (`run_cell_recorded`'s) or the exception it failed with. A failed cell fails alone.
+CellMap = Callable[[list[tuple[Config, Cell]]], list["dict[str, Any] | BaseException"]]
+
+
+class StudyError(RuntimeError):
+    """Cells of a study failed; the others are recorded and in the report."""
+
+
 def run_study(
-    params_file: Path, overrides: dict[str, Any], study: str, run_cell: Callable[[Config, Cell], Any] | None = None
+    params_file: Path,
+    overrides: dict[str, Any],
+    study: str,
+    run_cell: Callable[[Config, Cell], Any] | None = None,
+    map_cells: CellMap | None = None,
 ) -> Path:
     """Run the cells of `study` ("compare" or "ablation") that are not done, then write its report.
 
@@ -195,11 +223,16 @@ def run_study(
     soon as it finishes, so an interrupted study loses only the cell in progress (whose
     stages resume from the cache and its last checkpoint). Without `run_cell` nothing
     runs: the report covers the cells evaluated so far and names the others.
+
+    Cells run one after another in this process with `study.threads` torch threads, or,
+    given `map_cells`, all pending cells are handed to it at once (a Dask cluster); there
+    a failed cell fails alone: the report is written with the others, then StudyError.
     """
     cfg = load_config(params_file, overrides)
     cells = CELLS[study](cfg)
     configs = [cell_config(cfg, params_file, overrides, study, cell) for cell in cells]  # all validated first
-    states = {}
+    states: dict[str, dict[str, Any]] = {}
+    pending: list[tuple[Config, Cell]] = []
     for i, (cell, cell_cfg) in enumerate(zip(cells, configs), start=1):
         state = cell_status(cell_cfg)
         if run_cell is not None and state["status"] == "done":
@@ -212,11 +245,25 @@ def run_study(
                 state["finished"],
                 record_path(cell_cfg),
             )
+        elif run_cell is not None and map_cells is not None:
+            pending.append((cell_cfg, cell))
         elif run_cell is not None:
             log.info("study %s: cell %d/%d %s", study, i, len(cells), cell.name)
-            state = run_cell_recorded(cell_cfg, cell, run_cell)
+            with torch_threads(cfg.study.threads):
+                state = run_cell_recorded(cell_cfg, cell, run_cell)
         states[cell.name] = state
+    failed: dict[str, BaseException] = {}
+    if pending and map_cells is not None:
+        log.info("study %s: %d of %d cells submitted", study, len(pending), len(cells))
+        for (cell_cfg, cell), result in zip(pending, map_cells(pending)):
+            if isinstance(result, BaseException):
+                failed[cell.name] = result
+                states[cell.name] = {**cell_status(cell_cfg), "error": f"{type(result).__name__}: {result}"}
+            else:
+                states[cell.name] = result
     present = [(c, k) for c, k in zip(cells, configs) if states[c.name]["status"] in ("done", "unrecorded")]
+    if not present and failed:
+        raise StudyError(f"{study}: every cell run failed: " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
     if not present:
         raise ReportError(f"no cell of the {study} study has been evaluated yet: run `unisd study {study}` first")
     models = {cell.name: cell_entry(cell_cfg, cell) for cell, cell_cfg in present}
@@ -242,4 +289,10 @@ def run_study(
         "cells": states,
         "models": models,
     }
-    return write_report(info, report_dir(cfg, study))
+    report = write_report(info, report_dir(cfg, study))
+    if failed:
+        raise StudyError(
+            f"{study}: {len(failed)} cell(s) failed, the others are recorded and reported ({report}): "
+            + "; ".join(f"{name}: {type(err).__name__}: {err}" for name, err in failed.items())
+        )
+    return report

@@ -20,11 +20,11 @@ from unisd.stages import StageContext, format_table
 from unisd.tracking import Tracker, recover
 
 
-def tracked_recipe(cfg: Config, name: str, parent: str | None = None) -> dict[str, Any]:
+def tracked_recipe(cfg: Config, name: str, parent: str | None = None, launcher: str = "prefect") -> dict[str, Any]:
     """Run one recipe under an MLflow parent run (nested in `parent` if given)."""
     tracker = Tracker(cfg)
     recover(cfg, tracker)
-    tags = {"unisd.launcher": "prefect", "prefect.flow_run_id": str(flow_run.id or ""), "unisd.recipe": cfg.recipe}
+    tags = {"unisd.launcher": launcher, "prefect.flow_run_id": str(flow_run.id or ""), "unisd.recipe": cfg.recipe}
     run_id = tracker.start_pipeline(name, tags, parent)
     runner = StageRunner(cfg, StageContext(tracker, run_id, tags))
     ok = False
