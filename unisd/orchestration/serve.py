@@ -88,7 +88,11 @@ def flow_server() -> Iterator[None]:
         yield
         return
     with local_prefect_server(free_port(), timeout_s=180) as url, temporary_settings(updates={PREFECT_API_URL: url}):
-        yield
+        os.environ["PREFECT_API_URL"] = url  # and for the processes this one starts (Dask workers)
+        try:
+            yield
+        finally:
+            del os.environ["PREFECT_API_URL"]
 
 
 def deployments(params_file: Path) -> list:
