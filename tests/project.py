@@ -12,6 +12,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+def scrambled(model):
+    """`model` with every matrix redrawn from N(0, 0.3²) (seed 0), in place. With the tiny
+    llama's default initialisation every prompt greedily repeats one token, so equal
+    outputs would prove little; scrambled, each prompt's continuation differs."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
 def tiny_params(model_dir: Path, **sections) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"]["name"] = str(model_dir)

@@ -6,39 +6,31 @@ share each batch) — and every item must come out the same: identical greedy to
 correctness, and scores equal to within 1e-4 (fp32 GEMMs block differently for other
 shapes; measured differences are ~2e-5 nats, experiments/eval_determinism.py). bf16 is
 not batch-invariant (one of 8 answers changed there), so published numbers use fp32.
-The tiny llama's weights are redrawn at a large scale so that every prompt gets its own
-continuation (with the default initialisation each one repeats a single token).
+The tiny llama is `scrambled`, so that every prompt gets its own continuation.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
-from project import tiny_params
+from project import scrambled, tiny_params
 
 from unisd.config import build_config
 from unisd.data import load_benchmark, write_jsonl
 from unisd.evaluate import evaluate_model
-from unisd.modeling import load_model
+from unisd.modeling import load_model, load_tokenizer
 
 SCORES = ("rot_probs", "ll", "gold_ppl", "ppl_ret")
 
 
 @pytest.fixture(scope="module")
 def chaotic_dir(tiny_model_dir, tmp_path_factory):
-    model = load_model(tiny_model_dir)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     out = tmp_path_factory.mktemp("chaotic")
-    model.save_pretrained(out)
-    for f in tiny_model_dir.iterdir():
-        if "token" in f.name or f.name.endswith(".jinja"):
-            (out / f.name).write_bytes(f.read_bytes())
+    scrambled(load_model(tiny_model_dir)).save_pretrained(out)
+    load_tokenizer(tiny_model_dir).save_pretrained(out)
     return out
 
 
@@ -70,8 +62,6 @@ def evaluate(tmp_path, model_dir, data_dir, limit: int, batch_size: int, threads
         torch.set_num_threads(before)
     records = {}
     for bench in ("sciq", "mbpp"):
-        import json
-
         for line in (out / "predictions" / f"{bench}.jsonl").read_text().splitlines():
             r = json.loads(line)
             records[r["id"]] = r

@@ -12,6 +12,7 @@ import logging
 
 import pytest
 import torch
+from project import scrambled
 
 import unisd.fast_decode as fd
 from unisd.generation import Sampling, _Batch, _decode_step, generate
@@ -25,12 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def chaotic(tiny_model_dir):
     """(model, tokenizer, prompts): the tiny llama with N(0, 0.3²) matrices, and 23 prompts of 8–80 tokens."""
     tok = load_tokenizer(tiny_model_dir)
-    model = load_model(tiny_model_dir)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model = scrambled(load_model(tiny_model_dir))
     builder = PromptBuilder.for_tokenizer(tok, max_prompt_tokens=4096)
     return model, tok, [builder.encode(f"question {i}: " + "word " * (3 * i)) for i in range(23)]
 

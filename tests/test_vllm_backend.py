@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from project import scrambled
 
 import unisd.vllm_backend as vb
 from unisd.generation import Sampling, generate
@@ -165,13 +166,7 @@ def chaotic(tiny_model_dir, tmp_path_factory):
     matrices, saved and loaded back as a stage output would be, and 12 prompts."""
     folder = tmp_path_factory.mktemp("chaotic")
     tok = load_tokenizer(tiny_model_dir)
-    model = load_model(tiny_model_dir)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.save_pretrained(folder)
+    scrambled(load_model(tiny_model_dir)).save_pretrained(folder)
     tok.save_pretrained(folder)
     builder = PromptBuilder.for_tokenizer(tok, max_prompt_tokens=4096)
     return load_model(folder), tok, [builder.encode(f"question {i}: " + "word " * (3 * i)) for i in range(12)]
