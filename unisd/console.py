@@ -4,8 +4,8 @@ By default: one line when each stage starts and one when it ends (its cache stat
 time, `unisd.orchestration.runner`), unisd's own messages and progress lines, the tables, and every
 library's warnings. Left out unless `--verbose`: other libraries' INFO records (httpx's
 line per HTTP request to the Prefect API, its csrf-token probes, MLflow's database
-set-up), Hugging Face, MLflow and other tqdm progress bars ("Loading weights",
-"Downloading artifacts", the GGUF dequantisation), FutureWarnings addressed to library authors, and Prefect's per-task
+set-up), Hugging Face and MLflow progress bars ("Loading weights", "Downloading
+artifacts"), FutureWarnings addressed to library authors, and Prefect's per-task
 "Finished in state" lines (the stage's own end line says it). The Prefect UI still
 receives every flow and task log.
 
@@ -45,7 +45,6 @@ def configure(verbose: bool = False, prefect: bool = False) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # bars that no switch reaches (transformers' GGUF loader)
     for handler in root.handlers:
         handler.addFilter(_QuietTaskRuns())
     warnings.filterwarnings("ignore", category=FutureWarning)
