@@ -147,8 +147,8 @@ def test_served_deployment_runs_and_caches(tmp_path, tiny_model_dir, monkeypatch
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
 def test_a_stopped_run_stops_its_temporary_prefect_server(tmp_path, tiny_model_dir, sig, code, word):
-    """`unisd run` without PREFECT_API_URL starts a temporary Prefect server (a child
-    process); SIGTERM or Ctrl-C mid-flow must end the run with a message and stop it."""
+    """`unisd run` without PREFECT_API_URL starts a Prefect server of its own (a child
+    `prefect server start`); SIGTERM or Ctrl-C mid-flow must end the run with a message and stop it."""
     project = copy_project(tmp_path / "project", tiny_params(tiny_model_dir))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(
@@ -173,7 +173,7 @@ def test_a_stopped_run_stops_its_temporary_prefect_server(tmp_path, tiny_model_d
             if "Beginning flow run" in log[-1]:
                 break
         children = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
-        servers = [pid for pid in children if "uvicorn" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+        servers = [pid for pid in children if "server\0start" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
         assert servers, "".join(log)
         run.send_signal(sig)
         rest, _ = run.communicate(timeout=120)

@@ -32,6 +32,9 @@ def configure(verbose: bool = False, prefect: bool = False) -> None:
     """Set up the console of one command; `prefect`: the command runs Prefect flows."""
     root = logging.getLogger()
     if prefect:
+        # unisd's records outside a flow (server start, model conversion) stay console-only,
+        # without a warning that they cannot reach the API; read when Prefect is imported
+        os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
         from prefect.logging.configuration import ensure_logging_setup
 
         ensure_logging_setup()  # the root logger gets Prefect's console handler
