@@ -10,7 +10,9 @@ and the digest it had when written. Records persist in Prefect's local result st
 (PREFECT_RESULTS_LOCAL_STORAGE_PATH), which several projects may share. A cached
 record is used only while its output still matches that digest file by file, and is
 copied (verified) into place when another run asked for the same work at another path
-(see `unisd.orchestration.runner.StageRunner`).
+(see `unisd.orchestration.runner.StageRunner`). Isolation is SERIALIZABLE: a run that
+asks for a stage another process is computing waits for it and is then served its record
+(`unisd.orchestration.locks`), so no work is done twice.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import Task, task
+from prefect.cache_policies import CachePolicy
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
@@ -28,18 +31,20 @@ from prefect.tasks import exponential_backoff
 
 from unisd.artifacts import dir_digest
 from unisd.errors import INPUT_ERRORS
+from unisd.orchestration.locks import serializable
 from unisd.registry import STAGES, StageSpec
 
 
-def stage_cache_key(spec: StageSpec) -> Callable[[TaskRunContext, dict[str, Any]], str]:
-    """The task's cache key: the stage's, from the paths and arguments the task was given."""
+def stage_cache_policy(spec: StageSpec) -> CachePolicy:
+    """The stage's cache key, computed from the paths and arguments the task was given,
+    under SERIALIZABLE isolation with locks that die with their process."""
 
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         paths = {k: Path(parameters[k]) for k in spec.inputs if parameters.get(k) is not None}
         extras = {k: parameters.get(k) for k in spec.extra}
         return f"{spec.name}-{spec.key(parameters['cfg'], paths, extras)[:48]}"
 
-    return key
+    return serializable(key)
 
 
 def recorded(stage_fn: Callable[..., Path]) -> Callable[..., dict[str, str]]:
@@ -74,7 +79,7 @@ TASKS = {
         recorded(spec.function),
         name=name,
         task_run_name=_run_name(spec),  # type: ignore[call-overload]
-        cache_key_fn=stage_cache_key(spec),
+        cache_policy=stage_cache_policy(spec),
         persist_result=True,
         retries=spec.retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=10) if spec.retries else 0,
