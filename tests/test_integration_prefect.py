@@ -61,11 +61,12 @@ def test_served_deployment_runs_and_caches(tmp_path, tiny_model_dir, monkeypatch
     port = free_port()
     with local_prefect_server(port) as api:
         env = {**os.environ, "PREFECT_API_URL": api}
+        served = (tmp_path / "serve.log").open("w")
         server = subprocess.Popen(
             [str(BIN / "unisd"), "serve", "--params", str(project / "params.yaml")],
             cwd=project,
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=served,
             stderr=subprocess.STDOUT,
         )
         try:
@@ -96,6 +97,9 @@ def test_served_deployment_runs_and_caches(tmp_path, tiny_model_dir, monkeypatch
             server.terminate()
             server.wait(timeout=30)
         task_runs = read_task_runs(api)
+    # the flow runs' consoles (processes of their own) as `unisd run`'s: a line per stage, no per-task lines
+    console = (tmp_path / "serve.log").read_text()
+    assert "train-r1: started" in console and "Task run '" not in console, console
 
     # task runs named like the stages' MLflow runs, each linked to the runs it read from
     assert {run.name for run in task_runs} == STAGES

@@ -28,8 +28,12 @@ class _QuietTaskRuns(logging.Filter):
         return not (record.name == "prefect.task_runs" and record.levelno < logging.WARNING)
 
 
+VERBOSE_ENV = "UNISD_VERBOSE"  # "1": the command was --verbose; read by the flow runs it starts
+
+
 def configure(verbose: bool = False, prefect: bool = False) -> None:
     """Set up the console of one command; `prefect`: the command runs Prefect flows."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     root = logging.getLogger()
     if prefect:
         # unisd's records outside a flow (server start, model conversion) stay console-only,
@@ -48,6 +52,16 @@ def configure(verbose: bool = False, prefect: bool = False) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for handler in root.handlers:
-        handler.addFilter(_QuietTaskRuns())
+    quiet_task_runs()
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def quiet_task_runs() -> None:
+    """Prefect's per-task lines off the console of this process, unless the `unisd`
+    command that started it was --verbose. Flow runs call it first: `unisd serve` and
+    Prefect workers run each flow in a process of its own, which `configure` never saw."""
+    if os.environ.get(VERBOSE_ENV) == "1":
+        return
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _QuietTaskRuns) for f in handler.filters):
+            handler.addFilter(_QuietTaskRuns())

@@ -28,6 +28,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run
 from prefect.states import Crashed
 
+from unisd import console
 from unisd.artifacts import owner_gone, process_token
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def claim_flow_run() -> None:
 
 
 def begin_flow() -> None:
-    """What every unisd flow does first: clear what killed flows left, then claim its own run."""
+    """What every unisd flow does first: its console, clear what killed flows left, then claim its own run."""
+    console.quiet_task_runs()
     crash_orphaned_flow_runs()
     claim_flow_run()

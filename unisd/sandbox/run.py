@@ -110,12 +110,14 @@ _PROBE = CodeTest("def f():\n    return 1\n", "assert f() == 1\n")
 
 
 def _probe(iso: launch.Isolation) -> str:
-    result = run_one(_PROBE, Limits(timeout_s=30), iso)
+    result = run_one(_PROBE, Limits(timeout_s=30), iso, warn=False)  # the caller reports why
     last_line = (result.stderr.strip().splitlines() or [""])[-1][:300]
     return "" if result.passed else f"{result.reason}: {last_line}"
 
 
-def run_one(test: CodeTest, limits: Limits, iso: launch.Isolation, batch: _Batch | None = None) -> SandboxResult:
+def run_one(
+    test: CodeTest, limits: Limits, iso: launch.Isolation, batch: _Batch | None = None, warn: bool = True
+) -> SandboxResult:
     start = time.monotonic()
     record = iso.record()
     try:
@@ -123,7 +125,8 @@ def run_one(test: CodeTest, limits: Limits, iso: launch.Isolation, batch: _Batch
     except (TestsUnjudgeable, _Interrupted) as err:
         reason = str(err)
     except Exception as err:  # a harness-level surprise: this item fails, the evaluation goes on
-        log.warning("sandbox run failed: %s: %s", type(err).__name__, err)
+        if warn:
+            log.warning("sandbox run failed: %s: %s", type(err).__name__, err)
         reason = f"sandbox error: {type(err).__name__}: {err}"
     return SandboxResult("failed", None, time.monotonic() - start, isolation=record, reason=reason)
 
