@@ -358,3 +358,34 @@ def test_confirmed_exchange_says_the_demonstration_was_right_then_repeats_the_ta
             "content": "That is correct. Here is the same problem again; answer it the same way.\n\n" + MCQ_TASK,
         },
     ]
+
+
+def test_answer_prefilled_opens_every_mcq_response_with_the_answer_prefix(tok):
+    """answer_prefilled: the student's and the teacher's prompts end in "Answer:", the
+    model writes the rest, and prefix + completion is the answer_first response."""
+    from unisd.config import Config
+    from unisd.prompts import completion_text, gold_completion, response_prefix
+    from unisd.trajectories import teacher_prompt
+
+    pb = PromptBuilder.for_tokenizer(tok)
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def text(piece):
+        return tok(piece, add_special_tokens=False)["input_ids"]
+
+    opened = [start] + text("assistant\n") + text("Answer:")
+    student = pb.encode_task(MCQ, "answer_prefilled")
+    assert student == [start] + text("user\n") + text(task_text(MCQ, "answer_first")) + [end] + text("\n") + opened
+    assert pb.encode_task(MCQ, "answer_first") == student[: -len(text("Answer:"))]
+    cfg = Config.model_validate({"prompts": {"mcq_format": "answer_prefilled", "teacher_template": "worked_example"}})
+    teacher = teacher_prompt(cfg, pb, MCQ)
+    assert teacher[-len(opened) :] == opened and "Answer: B\nReason:" in tok.decode(teacher)  # the whole demo
+    assert gold_completion(MCQ, "answer_prefilled") == " B\nReason: The correct option is B: carbon dioxide."
+    assert "Answer:" + gold_completion(MCQ, "answer_prefilled") == gold_response(MCQ, "answer_first")
+    assert parse_mcq(response_prefix("mcq", "answer_prefilled") + " C\nReason: not B", MCQ.choices) == "C"
+    # code and tool responses are written whole, whatever the MCQ format
+    assert pb.encode_task(MBPP, "answer_prefilled") == pb.encode(task_text(MBPP))
+    assert gold_completion(MBPP, "answer_prefilled") == gold_response(MBPP)
+    with pytest.raises(ValueError, match="sciq-0001: a response in format answer_prefilled must begin with 'Answer:'"):
+        completion_text(MCQ, "B. carbon dioxide", "answer_prefilled")

@@ -183,5 +183,8 @@ def test_sample_accuracy_parses_like_the_evaluation(tok):
         traj(tok, MCQS[2], "Answer: C", source="gold"),  # not a sample
         traj(tok, CODE, "def add(a, b): return a + b"),
     ]  # not MCQ
-    assert sample_accuracy(trajs, by_id) == {"sampled_mcq": 4, "student_sample_acc": 50.0}
-    assert sample_accuracy(trajs[4:], by_id) == {"sampled_mcq": 0, "student_sample_acc": None}
+    assert sample_accuracy(trajs, by_id, "reason_first") == {"sampled_mcq": 4, "student_sample_acc": 50.0}
+    assert sample_accuracy(trajs[4:], by_id, "reason_first") == {"sampled_mcq": 0, "student_sample_acc": None}
+    # answer_prefilled samples are what follows "Answer:": " D" is D, " C" after it is still D
+    prefilled = [traj(tok, MCQS[3], " D\nReason: not C"), traj(tok, MCQS[2], " B")]
+    assert sample_accuracy(prefilled, by_id, "answer_prefilled") == {"sampled_mcq": 2, "student_sample_acc": 50.0}

@@ -34,7 +34,7 @@ from unisd.data.suites import SUITES
 from unisd.generation import Sampling, generate
 from unisd.logprobs import completion_logprobs, perplexity, retention
 from unisd.modeling import load_model, load_tokenizer
-from unisd.prompts import McqFormat, PromptBuilder, gold_response, task_text
+from unisd.prompts import McqFormat, PromptBuilder, gold_completion, response_prefix
 from unisd.sandbox import Limits, run_many
 from unisd.scoring import code_program, parse_mcq, tool_scores
 
@@ -78,7 +78,7 @@ def score_items(cfg: Config, items: list[Item]) -> None:
     for it in items:
         ex, rec = it.example, it.record
         if ex.task == "mcq":
-            rec["parsed"] = parse_mcq(rec["completion"], ex.choices)
+            rec["parsed"] = parse_mcq(response_prefix(ex.task, cfg.prompts.mcq_format) + rec["completion"], ex.choices)
             rec["correct"] = rec["parsed"] == ex.answer
         elif ex.task == "tool":
             rec.update(tool_scores(ex, rec["completion"]))
@@ -193,7 +193,7 @@ def evaluate_model(
         examples = eval_examples(cfg, data_dir, bench)
         items, dropped = [], 0
         for ex in examples:
-            ids = builder.encode(task_text(ex, fmt))
+            ids = builder.encode_task(ex, fmt)
             if ids is None:
                 dropped += 1
                 continue
@@ -227,7 +227,7 @@ def evaluate_model(
             if cfg.eval.ppl:
                 golds = completion_logprobs(
                     model,
-                    [(it.prompt, builder.encode_response(gold_response(it.example, fmt))) for it in items],
+                    [(it.prompt, builder.encode_response(gold_completion(it.example, fmt))) for it in items],
                     tok.pad_token_id,
                     cfg.eval.batch_size,
                     bf16,

@@ -327,7 +327,7 @@ def negative_request(ex: Example, index: int, mcq_format: McqFormat = "reason_fi
     _require_task(ex)
     if ex.task == "mcq":
         letter = _wrong_letter(ex, index)
-        where = "start" if mcq_format == "answer_first" else "end"
+        where = "end" if mcq_format == "reason_first" else "start"
         ask = (
             f"Write a short, convincing response that argues that the answer is option {letter} "
             f"({ex.choices[LETTERS.index(letter)]}), without hedging. "

@@ -10,10 +10,14 @@ become token ids through the tokenizer's chat template, or through a plain fallb
 template for base models without one. `PromptBuilder.encode_messages` applies the
 prompt-length budget; over-long prompts are dropped and counted by the caller.
 
-MCQ answers come in one of two layouts (`McqFormat`): reason_first ("Reasoning: …"
-then "Answer: X" on the last line) or answer_first ("Answer: X" first, then one
-"Reason: …" line). The format instruction of the task and the gold response follow the
-same choice (`prompts.mcq_format`), which every caller passes on.
+MCQ answers come in one of three layouts (`McqFormat`): reason_first ("Reasoning: …"
+then "Answer: X" on the last line), answer_first ("Answer: X" first, then one "Reason:
+…" line), or answer_prefilled: answer_first with the assistant turn opened by "Answer:"
+in every prompt that a response follows (student, teacher, contexts), so the model
+writes " X" then its reason, and the letter is always the first completion token, where
+the teacher's demonstration says most. The format instruction of the task and the gold
+response follow the same choice (`prompts.mcq_format`), which every caller passes on;
+`response_prefix` is the prefilled part, `completion_text` the rest.
 """
 
 from __future__ import annotations
@@ -23,15 +27,17 @@ from typing import Any, Literal
 
 from unisd.data.schema import LETTERS, Example
 
-McqFormat = Literal["reason_first", "answer_first"]
+McqFormat = Literal["reason_first", "answer_first", "answer_prefilled"]
+_ANSWER_FIRST = (
+    "Give the option letter first, then one short reason, in this format:\nAnswer: <letter>\nReason: <one sentence>"
+)
 MCQ_FORMATS: dict[str, str] = {
     "reason_first": (
         "Reason briefly, then give only the option letter on the last line, in this format:\n"
         "Reasoning: <one or two sentences>\nAnswer: <letter>"
     ),
-    "answer_first": (
-        "Give the option letter first, then one short reason, in this format:\nAnswer: <letter>\nReason: <one sentence>"
-    ),
+    "answer_first": _ANSWER_FIRST,
+    "answer_prefilled": _ANSWER_FIRST,
 }
 CODE_FORMAT = "Write the complete Python function in a single ```python code block."
 TOOL_FORMAT = (
@@ -95,7 +101,7 @@ def task_text(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
 def mcq_response(reasoning: str, letter: str, mcq_format: McqFormat = "reason_first") -> str:
     """An MCQ answer in the chosen layout, its reasoning on one line (whitespace joined)."""
     reasoning = " ".join(reasoning.split())
-    if mcq_format == "answer_first":
+    if mcq_format != "reason_first":
         return f"Answer: {letter}\nReason: {reasoning}"
     return f"Reasoning: {reasoning}\nAnswer: {letter}"
 
@@ -108,6 +114,24 @@ def gold_response(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
     if ex.task == "code":
         return f"```python\n{ex.answer.strip()}\n```"
     return f"Thought: I should call {ex.answer}.\nAction: {ex.answer}\nAction Input: {ex.action_input}"
+
+
+def response_prefix(task: str, mcq_format: McqFormat) -> str:
+    """The start of the response that the prompt itself opens the assistant turn with."""
+    return ANSWER_PREFIX if task == "mcq" and mcq_format == "answer_prefilled" else ""
+
+
+def completion_text(ex: Example, response: str, mcq_format: McqFormat) -> str:
+    """What the model writes of a whole `response`: all of it after the prefilled prefix."""
+    prefix = response_prefix(ex.task, mcq_format)
+    if not response.startswith(prefix):
+        raise ValueError(f"{ex.id}: a response in format {mcq_format} must begin with {prefix!r}")
+    return response[len(prefix) :]
+
+
+def gold_completion(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
+    """What the model must write of the gold response after its prompt (the prefix excluded)."""
+    return completion_text(ex, gold_response(ex, mcq_format), mcq_format)
 
 
 TeacherTemplate = Literal["spec", "worked_example", "assistant_turn", "prior_exchange", "confirmed_exchange"]
@@ -205,9 +229,13 @@ class PromptBuilder:
         ids = self.tokenizer(rendered, add_special_tokens=add_special)["input_ids"]
         return ids if len(ids) <= self.max_prompt_tokens else None
 
-    def encode(self, text: str) -> list[int] | None:
-        """A one-turn prompt: `text` as the user's message."""
-        return self.encode_messages([user(text)])
+    def encode(self, text: str, assistant_prefix: str = "") -> list[int] | None:
+        """A one-turn prompt: `text` as the user's message (then `assistant_prefix`)."""
+        return self.encode_messages([user(text)], assistant_prefix)
+
+    def encode_task(self, ex: Example, mcq_format: McqFormat) -> list[int] | None:
+        """The student's prompt of `ex`: its task, then the format's prefilled response start."""
+        return self.encode(task_text(ex, mcq_format), response_prefix(ex.task, mcq_format))
 
     def encode_response(self, text: str) -> list[int]:
         """Token ids of a response, ended by EOS so that stopping is learned and scored."""

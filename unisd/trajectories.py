@@ -25,7 +25,17 @@ from unisd.contexts import context_texts
 from unisd.data.schema import LETTERS, Example
 from unisd.generation import Sampling, generate
 from unisd.logprobs import completion_logprobs, next_token_logprobs
-from unisd.prompts import ANSWER_PREFIX, McqFormat, Message, PromptBuilder, gold_response, task_text, teacher_messages
+from unisd.prompts import (
+    ANSWER_PREFIX,
+    McqFormat,
+    Message,
+    PromptBuilder,
+    gold_completion,
+    gold_response,
+    response_prefix,
+    task_text,
+    teacher_messages,
+)
 from unisd.scoring import parse_mcq
 
 log = logging.getLogger(__name__)
@@ -63,6 +73,15 @@ def privileged_messages(cfg: Config, ex: Example, demonstration: str | None = No
     return teacher_messages(ex, demo, cfg.prompts.teacher_template, fmt)
 
 
+def teacher_prompt(
+    cfg: Config, builder: PromptBuilder, ex: Example, demonstration: str | None = None
+) -> list[int] | None:
+    """Token ids of `privileged_messages`, opened as the student's prompt is (the format's
+    prefilled response start), so both score the same completion tokens; None: over budget."""
+    prefix = response_prefix(ex.task, cfg.prompts.mcq_format)
+    return builder.encode_messages(privileged_messages(cfg, ex, demonstration), prefix)
+
+
 def gold_mix_picks(n: int, fraction: float, seed: int) -> list[int]:
     """The round(fraction · n) of n prompts (indices, ascending) that also get their gold
     response as an SFT item (`gold_mix`), a seeded choice."""
@@ -70,7 +89,7 @@ def gold_mix_picks(n: int, fraction: float, seed: int) -> list[int]:
 
 
 def _gold(builder: PromptBuilder, ex: Example, ids: list[int], fmt: McqFormat, sft: bool) -> Trajectory:
-    text = gold_response(ex, fmt)
+    text = gold_completion(ex, fmt)
     return Trajectory(
         id=f"{ex.id}#gold" if sft else ex.id,
         example_id=ex.id,
@@ -89,7 +108,7 @@ def sample_trajectories(
     """Student samples (or gold completions) for `examples`, and the `gold_mix` share of
     them again as gold SFT items; returns them and counts."""
     method, gen, fmt = cfg.method, cfg.generation, cfg.prompts.mcq_format
-    encoded = [(ex, builder.encode(task_text(ex, fmt))) for ex in examples]
+    encoded = [(ex, builder.encode_task(ex, fmt)) for ex in examples]
     fitting = [(ex, ids) for ex, ids in encoded if ids is not None]
     rng = random.Random(f"{seed}:mix")
     sampled: list[tuple[Example, list[int]]] = []
@@ -181,8 +200,11 @@ def score_agreement(
     pairs: list[tuple[list[int], list[int]]] = []
     dropped = 0
     for t in trajectories:
-        texts = context_texts(by_id[t.example_id], records[t.example_id], by_id, cfg.prompts.mcq_format)
-        prompts = [builder.encode(text) for text in texts]
+        ex, fmt = by_id[t.example_id], cfg.prompts.mcq_format
+        prompts = [
+            builder.encode(text, response_prefix(ex.task, fmt))
+            for text in context_texts(ex, records[ex.id], by_id, fmt)
+        ]
         if len(prompts) < agreement.k or any(p is None for p in prompts):
             dropped += 1
             continue
@@ -234,7 +256,7 @@ def teacher_diagnostics(
     return {
         **eos_calibration(cfg, teacher, tok, builder, trajectories, by_id),
         **letter_accuracy(cfg, teacher, tok, builder, examples),
-        **sample_accuracy(trajectories, by_id),
+        **sample_accuracy(trajectories, by_id, cfg.prompts.mcq_format),
     }
 
 
@@ -256,7 +278,7 @@ def eos_calibration(
     ended = [
         t for t in trajectories if t.source == "sampled" and t.finished and t.completion_ids[-1] == tok.eos_token_id
     ]
-    prompts = {i: builder.encode_messages(privileged_messages(cfg, by_id[i])) for i in {t.example_id for t in ended}}
+    prompts = {i: teacher_prompt(cfg, builder, by_id[i]) for i in {t.example_id for t in ended}}
     scored = [t for t in ended if prompts[t.example_id] is not None]
     gen = cfg.generation
     lps = completion_logprobs(
@@ -308,11 +330,11 @@ def letter_accuracy(
     }
 
 
-def sample_accuracy(trajectories: list[Trajectory], by_id: dict[str, Example]) -> dict[str, float | int | None]:
+def sample_accuracy(
+    trajectories: list[Trajectory], by_id: dict[str, Example], fmt: McqFormat
+) -> dict[str, float | int | None]:
     """Accuracy (%) of the student's sampled MCQ answers, as evaluation parses them."""
     sampled = [(t, by_id[t.example_id]) for t in trajectories if t.source == "sampled"]
     mcq = [(t, ex) for t, ex in sampled if ex.task == "mcq"]
-    return {
-        "sampled_mcq": len(mcq),
-        "student_sample_acc": _mean([100.0 * (parse_mcq(t.text, ex.choices) == ex.answer) for t, ex in mcq]),
-    }
+    right = [parse_mcq(response_prefix(ex.task, fmt) + t.text, ex.choices) == ex.answer for t, ex in mcq]
+    return {"sampled_mcq": len(mcq), "student_sample_acc": _mean([100.0 * r for r in right])}

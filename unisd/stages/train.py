@@ -69,7 +69,7 @@ def _train_items(
     """TrainItems with the teacher's privileged prompt, a negative and agreement scores
     (gold_mix items: only prompt and completion, for the cross-entropy)."""
     from unisd.train import TrainItem
-    from unisd.trajectories import privileged_messages
+    from unisd.trajectories import teacher_prompt
 
     method = cfg.method
     _, builder = prompt_builder(cfg, base)
@@ -85,13 +85,13 @@ def _train_items(
             scores=t.agreement_scores if method.agreement.enabled and not t.sft else None,
         )
         if method.loss == "distill" and not t.sft:
-            item.teacher_prompt = builder.encode_messages(privileged_messages(cfg, ex))
+            item.teacher_prompt = teacher_prompt(cfg, builder, ex)
             if method.contrastive.enabled:
                 if ex.id not in negs:
                     no_negative += 1
                     continue
                 chosen = random.Random(f"{cfg.run.seed}:{ex.id}").choice(negs[ex.id])
-                item.negative_prompt = builder.encode_messages(privileged_messages(cfg, ex, chosen["text"]))
+                item.negative_prompt = teacher_prompt(cfg, builder, ex, chosen["text"])
             if item.teacher_prompt is None or (method.contrastive.enabled and item.negative_prompt is None):
                 over_budget += 1
                 continue
