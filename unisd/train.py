@@ -6,9 +6,12 @@ only, distillation or SFT), and each micro-batch's loss is the objective of
 `unisd.objective.batch_loss` (docs/method.md §1–§2, §7.3), the formula in its docstring.
 
 LoRA (peft) or full fine-tuning; AdamW with warmup + cosine, grad-norm clipping and
-accumulation; accelerate places the model. A resumable checkpoint is written atomically
-every `checkpoint_every` optimizer steps; a rerun after an interruption continues from
-it and ends with the same weights. A non-finite loss stops the run naming the step.
+accumulation. A resumable checkpoint is written atomically every `checkpoint_every`
+optimizer steps; a rerun after an interruption continues from it and ends with the same
+weights. A non-finite loss stops the run naming the step. accelerate places the model
+and, under `accelerate launch` (`unisd.distributed`), gives each process its share of
+every step's micro-batches and the all-reduce that makes their gradient one process's
+(`train_round`).
 """
 
 from __future__ import annotations
