@@ -20,16 +20,18 @@ gradient norm by a factor of 2; no reduction leaves the processes with different
 """
 
 import shutil
+import sys
 
 import pytest
 import torch
 from test_train import DEMO, QUESTIONS, Run, adapter, curves, make_cfg, run_round
 
 from unisd import distributed
+from unisd.config import ConfigError
 from unisd.modeling import load_tokenizer
 from unisd.train import TrainItem
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROBE = distributed.__file__.replace("unisd/distributed.py", "tests/ddp_probe.py")
 COMPONENTS = {
     "agreement": {"gamma": 1.0},
@@ -98,6 +100,7 @@ def max_difference(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_loss_curve_and_weights_of_one(runs):
     one, two = curves(runs["one"]), curves(runs["two"])
     assert [c["step"] for c in two] == [1, 2, 3, 4]
@@ -115,6 +118,7 @@ def test_two_processes_give_the_loss_curve_and_weights_of_one(runs):
     assert max_difference(a1, a2) < 1e-5
 
 
+@pytest.mark.slow
 def test_every_process_holds_the_same_student_and_ema_teacher(runs):
     rank0, rank1 = (torch.load(runs["work"] / f"rank{r}.pt") for r in (0, 1))
     for part in ("student", "teacher"):
@@ -127,6 +131,7 @@ def test_every_process_holds_the_same_student_and_ema_teacher(runs):
     assert max_difference(rank0["teacher"], rank0["student"]) > 1e-3
 
 
+@pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_on_one_process(runs, tiny_model_dir, items):
     work, out = runs["root"] / "resume" / "work", runs["root"] / "resume" / "out"
     work.mkdir(parents=True)
@@ -142,3 +147,27 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs, tiny_model_dir, i
         assert [c[key] for c in resumed] == pytest.approx([c[key] for c in one], rel=1e-5, abs=1e-7), key
     assert max_difference(adapter(out), adapter(runs["one"])) < 1e-5
     assert max_difference(torch.load(out / "teacher.pt"), torch.load(runs["one"] / "teacher.pt")) < 1e-5
+
+
+def test_the_launch_splits_the_global_batch_and_this_process_threads(tmp_path, tiny_model_dir):
+    job = tmp_path / "job.pt"
+    one = config(tmp_path, tiny_model_dir, 1)
+    assert not distributed.launched(one)  # one process: train_round in the stage's process
+    two = config(tmp_path, tiny_model_dir, 2)
+    command = distributed.launch_command(two, job)
+    assert distributed.launched(two) and command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    flags = dict(zip(command[4:-3:2], command[5:-3:2]))  # after --multi_gpu, before the worker
+    assert command[3] == "--multi_gpu" and command[-3:] == ["-m", "unisd.distributed", str(job)]
+    assert flags["--num_processes"] == "2" and flags["--num_cpu_threads_per_process"] == "1"  # 1 thread here
+    assert flags["--main_process_port"] == "0"  # accelerate picks a free one
+    filed = make_cfg(tmp_path, tiny_model_dir, accelerate_config="node0.yaml")
+    assert distributed.launched(filed)
+    assert distributed.launch_command(filed, job)[3:] == [
+        "--config_file",
+        str(tmp_path / "node0.yaml"),
+        "-m",
+        "unisd.distributed",
+        str(job),
+    ]
+    with pytest.raises(ConfigError, match=r"grad_accum \(4\) must be a multiple of processes \(3\)"):
+        config(tmp_path, tiny_model_dir, 3)

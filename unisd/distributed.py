@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -77,17 +76,11 @@ def _replay(path: Path, run) -> None:
     path.unlink()
 
 
-def _free_port() -> int:
-    """A free port for the processes' rendezvous: two trainings on one machine must not meet."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_command(cfg: Config, job: Path) -> list[str]:
     """`accelerate launch` of the training processes: the accelerate config file's
     settings, or `train.processes` on this machine, each with an equal share of this
-    process's torch threads (what `OMP_NUM_THREADS` sets in each)."""
+    process's torch threads (what `OMP_NUM_THREADS` sets in each), meeting on a free
+    port (port 0: accelerate picks one), so that two trainings on one machine do not meet."""
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if cfg.train.accelerate_config is not None:
         command += ["--config_file", str(cfg.root / cfg.train.accelerate_config)]
@@ -97,7 +90,7 @@ def launch_command(cfg: Config, job: Path) -> list[str]:
             *("--multi_gpu", "--num_processes", str(n), "--num_machines", "1"),
             *("--mixed_precision", "no", "--dynamo_backend", "no"),
             *("--num_cpu_threads_per_process", str(max(1, torch.get_num_threads() // n))),
-            *("--main_process_port", str(_free_port())),
+            *("--main_process_port", "0"),
         ]
     return [*command, *WORKER, str(job)]
 
