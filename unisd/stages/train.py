@@ -31,7 +31,7 @@ def train_stage(
 ) -> Path:
     """Train round `round_idx` on the filtered trajectories; resumable after interruption.
     In `train.processes` processes (or as `train.accelerate_config` says) when asked:
-    `unisd.distributed`."""
+    `unisd.distributed` (`on_step`, a test hook, is for the one-process path)."""
     from unisd.distributed import launched, train_in_processes
     from unisd.logged_model import save_trained_model
     from unisd.train import train_round
