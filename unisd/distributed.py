@@ -79,8 +79,8 @@ def _replay(path: Path, run) -> None:
 def launch_command(cfg: Config, job: Path) -> list[str]:
     """`accelerate launch` of the training processes: the accelerate config file's
     settings, or `train.processes` on this machine, each with an equal share of this
-    process's torch threads (what `OMP_NUM_THREADS` sets in each), meeting on a free
-    port (port 0: accelerate picks one), so that two trainings on one machine do not meet."""
+    process's torch threads (what `OMP_NUM_THREADS` sets in each), and their rendezvous on
+    a free port (0: accelerate picks one) so that two trainings on one machine stay apart."""
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if cfg.train.accelerate_config is not None:
         command += ["--config_file", str(cfg.root / cfg.train.accelerate_config)]
@@ -109,8 +109,8 @@ def train_in_processes(
     `launch_command` starts; returns its `train_info`."""
     work.mkdir(parents=True, exist_ok=True)
     job, metrics = work / "job.pt", work / "metrics.jsonl"
-    round_args = {"cfg": cfg, "items": items, "base_dir": base_dir, "base_digest": base_digest}
-    torch.save({**round_args, "out": out, "work": work, "init_dir": init_dir}, job)
+    arguments = {"cfg": cfg, "items": items, "base_dir": base_dir, "base_digest": base_digest}
+    torch.save({**arguments, "out": out, "work": work, "init_dir": init_dir}, job)  # all but `run`
     metrics.unlink(missing_ok=True)  # a resumed run logs from its checkpoint on, as in one process
     command = launch_command(cfg, job)
     log.info("training in processes: %s", shlex.join(command))
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     (job,) = sys.argv[1:] if argv is None else argv
     console.configure()
-    round_args = torch.load(job, weights_only=False)
-    train_round(**round_args, run=MetricsFile(Path(job).with_name("metrics.jsonl")))
+    arguments = torch.load(job, weights_only=False)
+    train_round(**arguments, run=MetricsFile(Path(job).with_name("metrics.jsonl")))
     return 0
 
 
