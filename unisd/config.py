@@ -186,6 +186,26 @@ class TrainCfg(Section):
         description="keep a frozen teacher's hidden states for items seen again "
         "(epochs > 1): completion tokens × hidden size floats",
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        description="data-parallel training processes on this machine, under `accelerate launch` "
+        "(unisd.distributed); each runs grad_accum / processes micro-batches of every step",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="an accelerate config file (relative to the project) to launch the training "
+        "processes with: several machines or GPUs; it then says the process count",
+    )
+
+    @model_validator(mode="after")
+    def _whole_shares(self) -> TrainCfg:
+        if self.grad_accum % self.processes:
+            raise ValueError(
+                f"grad_accum ({self.grad_accum}) must be a multiple of processes "
+                f"({self.processes}): the same global batch, split evenly"
+            )
+        return self
 
 
 class StudyCfg(Section):

@@ -6,9 +6,12 @@ only, distillation or SFT), and each micro-batch's loss is the objective of
 `unisd.objective.batch_loss` (docs/method.md §1–§2, §7.3), the formula in its docstring.
 
 LoRA (peft) or full fine-tuning; AdamW with warmup + cosine, grad-norm clipping and
-accumulation; accelerate places the model. A resumable checkpoint is written atomically
-every `checkpoint_every` optimizer steps; a rerun after an interruption continues from
-it and ends with the same weights. A non-finite loss stops the run naming the step.
+accumulation. A resumable checkpoint is written atomically every `checkpoint_every`
+optimizer steps; a rerun after an interruption continues from it and ends with the same
+weights. A non-finite loss stops the run naming the step. accelerate places the model
+and, under `accelerate launch` (`unisd.distributed`), gives each process its share of
+every step's micro-batches and the all-reduce that makes their gradient one process's
+(`train_round`).
 """
 
 from __future__ import annotations
@@ -112,22 +115,24 @@ class TeacherCache:
 # --------------------------------------------------------------------------- setup
 
 
-def build_student(cfg: Config, base_dir: Path, init_dir: Path | None) -> Any:
+def build_student(cfg: Config, base_dir: Path, init_dir: Path | None, device: str | None = None) -> Any:
     """The student (a transformers model, peft-wrapped under LoRA): the base model with a
     LoRA adapter (or all weights) trainable, continuing from a previous round's output
-    when `init_dir` is given."""
+    when `init_dir` is given; on `device` (this process's, under N processes), by default
+    `model.device`."""
     from unisd.modeling import load_model
 
+    device = device or cfg.model.device
     lora = cfg.train.lora
     if not lora.enabled:
         start = init_dir / "model" if init_dir else base_dir
-        full = load_model(start, cfg.model.dtype, cfg.model.device)
+        full = load_model(start, cfg.model.dtype, device)
         full.train()
         return full
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    model: Any = load_model(base_dir, cfg.model.dtype, cfg.model.device)  # peft-wrapped below
+    model: Any = load_model(base_dir, cfg.model.dtype, device)  # peft-wrapped below
     alpha: Any = lora.alpha  # peft annotates an int; the float scale works as it always has
     peft_cfg = LoraConfig(
         r=lora.r,
@@ -212,7 +217,113 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+# --------------------------------------------------------------------------- processes
+
+
+def _accelerator(cfg: Config) -> Any:
+    """accelerate's view of this process: its rank, device and the collectives. One
+    process unless the run was started by `accelerate launch` (`unisd.distributed`).
+
+    The data parallelism is DDP's (every process holds the whole student, gradients are
+    summed across processes once per optimizer step), done here rather than by the
+    DistributedDataParallel wrapper: the objective runs the decoder and the LM head
+    itself, a chunk at a time (`completion_hidden`, `unisd.chunked`), and DDP's wrapper
+    only synchronises gradients after a forward through it. Sharded training (FSDP,
+    DeepSpeed) would need that wrapper's forward and the teacher's in-place weight swap
+    to see unsharded parameters: it is refused, not silently run as something else.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
+    sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    if accelerator.distributed_type in sharded:
+        raise TrainingError(
+            f"accelerate asks for {accelerator.distributed_type.value}: unisd trains data-parallel only "
+            "(every process holds the whole model; README 'N-process training')"
+        )
+    n, accum = accelerator.num_processes, cfg.train.grad_accum
+    if accum % n:
+        raise TrainingError(
+            f"train.grad_accum ({accum}) is not a multiple of the {n} processes: each process runs "
+            "grad_accum / N micro-batches of every optimizer step"
+        )
+    return accelerator
+
+
+def _sum_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Every process's gradient becomes the sum over processes of theirs.
+
+    Process r accumulated Σ_{j∈r} ∇L_j / k over its share of the k micro-batches (each
+    loss divided by the global k, as one process does), so the sum over processes is
+    Σ_j ∇L_j / k: one process's gradient of the same global batch, up to the order of
+    the float additions. One all-reduce of one flat buffer (the trainable parameters'
+    size once more: small for a LoRA adapter)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), "sum")
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).to(p.dtype)
+
+
+def _restore_rng(states: list[dict[str, Any]], accelerator, seed: int, step: int) -> None:
+    """Each process continues its own random stream (LoRA dropout) from a checkpoint
+    written by as many processes; with another count the streams restart from the seed
+    and the step (the dropout masks then differ from an uninterrupted run's)."""
+    if len(states) == accelerator.num_processes:
+        _set_rng_state(states[accelerator.process_index])
+        return
+    log.warning(
+        "checkpoint written by %d processes, resumed on %d: random streams restart from the seed",
+        len(states),
+        accelerator.num_processes,
+    )
+    torch.manual_seed(hash((seed, step, accelerator.process_index)) % 2**63)
+
+
 # --------------------------------------------------------------------------- the loop
+
+
+def _share_of_a_step(
+    cfg: Config, lm, teacher: Teacher, head_name: str, items, group, tok, cache, accelerator, step: int
+) -> dict[str, Any]:
+    """Forward and backward of this process's share of one optimizer step's micro-batches
+    (`group`, the global batch): each loss is divided by the global accumulation k, so
+    that the gradients summed over processes are one process's (`_sum_gradients`).
+    Returns the share's sums: loss and terms (Σ_j L_j / k), tokens, and the first
+    failure (a non-finite loss), which every process raises after they have all met."""
+    accum, bf16 = len(group), cfg.train.bf16_autocast
+    share = len(group) // accelerator.num_processes
+    first = accelerator.process_index * share
+    report: dict[str, Any] = {"loss": 0.0, "terms": {}, "tokens": 0, "failure": None}
+    for j in range(first, first + share):
+        idx = group[j]
+        batch = collate([items[i] for i in idx], tok.pad_token_id, lm.device) | {"ids": idx}
+        with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, terms = batch_loss(cfg.method, lm, teacher, head_name, batch, cfg.train.chunk_size, cache)
+        if not torch.isfinite(loss):
+            report["failure"] = (
+                f"non-finite loss ({float(loss)}) at step {step + 1}, micro-batch {j + 1}; terms {terms}"
+            )
+            break
+        accelerator.backward(loss / accum)
+        report["loss"] += loss.item() / accum
+        for k, v in terms.items():
+            report["terms"][k] = report["terms"].get(k, 0.0) + v / accum
+        report["tokens"] += int(batch["student"]["attention_mask"].sum())
+    return report
+
+
+def _combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The global batch's loss, terms and tokens: sums of the processes' shares (each
+    already divided by the global k). A term logged by some micro-batches only (SFT
+    items' `sft`) is averaged over all k, as with one process."""
+    terms: dict[str, float] = {}
+    for r in reports:
+        for k, v in r["terms"].items():
+            terms[k] = terms.get(k, 0.0) + v
+    return {"loss": sum(r["loss"] for r in reports), "terms": terms, "tokens": sum(r["tokens"] for r in reports)}
 
 
 def train_round(
@@ -230,17 +341,27 @@ def train_round(
 
     `work` holds the resumable checkpoint (kept across failures, deleted on success).
     `on_step` is called after each optimizer step (tests use it to interrupt a run).
+
+    Under `accelerate launch` every process runs this function: each takes an equal,
+    contiguous share of every optimizer step's k micro-batches, gradients are summed
+    across processes (`_sum_gradients`), and every process applies the same update to
+    the same weights, so the student and the teacher (an EMA of the student's weights)
+    stay identical everywhere. The main process alone logs and writes the checkpoint and
+    the outputs; a checkpoint resumes on any number of processes.
     """
-    from accelerate import Accelerator
+    from accelerate.utils import gather_object
     from transformers import get_cosine_schedule_with_warmup
 
     from unisd.modeling import load_tokenizer
 
     method = cfg.method
     check_lineage(init_dir, base_digest)
-    torch.manual_seed(cfg.run.seed)
-    accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
-    model = build_student(cfg, base_dir, init_dir)
+    accelerator = _accelerator(cfg)
+    main = accelerator.is_main_process
+    torch.manual_seed(cfg.run.seed)  # the same initial student (the LoRA initialisation) in every process
+    model = build_student(cfg, base_dir, init_dir, str(accelerator.device))
+    if accelerator.process_index:  # other processes draw their own dropout masks; the main one continues
+        torch.manual_seed(cfg.run.seed + accelerator.process_index)
     teacher = Teacher(model, method.teacher.kind, method.teacher.ema_every, method.teacher.ema_beta)
     if init_dir is not None:
         # The previous round's teacher: an EMA teacher continues from it, and a frozen one
@@ -252,50 +373,38 @@ def train_round(
     head_weight = model.get_output_embeddings().weight
     head_name = next((n for n, p in model.named_parameters() if p is head_weight), "lm_head.weight")
     params = [p for p in model.parameters() if p.requires_grad]
+    # Plain torch objects: accelerate's prepared scheduler would step N times per step.
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     batches = micro_batches([it.sft for it in items], cfg, cfg.run.seed)
     accum = cfg.train.grad_accum
     total = cfg.train.max_steps or math.ceil(len(batches) / accum)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total), total)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    lm = accelerator.unwrap_model(model)
 
     step, curves = 0, []
     ckpt = work / "checkpoint.pt"
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         with torch.no_grad():
-            for n, p in lm.named_parameters():
+            for n, p in model.named_parameters():
                 if n in state["trainable"]:
                     p.copy_(state["trainable"][n])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         teacher.load_state_dict(state["teacher"])
-        _set_rng_state(state["rng"])
         step, curves = state["step"], state["curves"]
+        _restore_rng(state["rng"], accelerator, cfg.run.seed, step)
         log.info("resuming from %s at step %d of %d", ckpt, step, total)
 
     tok = load_tokenizer(base_dir)
-    bf16 = cfg.train.bf16_autocast
-    device_type = lm.device.type
-    cache = _teacher_cache(cfg, items, lm, total * accum, len(batches) // cfg.train.epochs)
+    cache = _teacher_cache(cfg, items, model, total * accum, len(batches) // cfg.train.epochs)
     while step < total:
-        started, n_tokens, loss_sum = time.monotonic(), 0, 0.0
-        terms_sum: dict[str, float] = {}
+        started = time.monotonic()
         group = [batches[(step * accum + j) % len(batches)] for j in range(accum)]
-        for j, idx in enumerate(group):
-            batch = collate([items[i] for i in idx], tok.pad_token_id, lm.device) | {"ids": idx}
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-                loss, terms = batch_loss(method, lm, teacher, head_name, batch, cfg.train.chunk_size, cache)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite loss ({float(loss)}) at step {step + 1}, micro-batch {j + 1}; terms {terms}"
-                )
-            accelerator.backward(loss / accum)
-            loss_sum += loss.item() / accum
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + v / accum
-            n_tokens += int(batch["student"]["attention_mask"].sum())
+        mine = _share_of_a_step(cfg, model, teacher, head_name, items, group, tok, cache, accelerator, step)
+        reports = gather_object([mine])  # every process's share, in every process
+        if failure := next((r["failure"] for r in reports if r["failure"]), None):
+            raise TrainingError(failure)
+        _sum_gradients(accelerator, params)
         grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
         optimizer.step()
         scheduler.step()
@@ -303,27 +412,37 @@ def train_round(
         step += 1
         teacher_moved = teacher.after_step(step)
         elapsed = time.monotonic() - started
+        done = _combine(reports)
         point = {
             "step": step,
-            "loss": loss_sum,
-            **terms_sum,
+            "loss": done["loss"],
+            **done["terms"],
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
-            "tokens_per_s": n_tokens / max(elapsed, 1e-9),
+            "tokens_per_s": done["tokens"] / max(elapsed, 1e-9),
             "ema_update": int(teacher_moved),
         }
         curves.append(point)
-        run.log_metrics({f"train/{k}": v for k, v in point.items() if k != "step"}, step=step)
-        if step % 10 == 0 or step == total:
-            progress_log.info("train step %d/%d: loss %.4f, %.0f tok/s", step, total, loss_sum, point["tokens_per_s"])
+        if main:
+            run.log_metrics({f"train/{k}": v for k, v in point.items() if k != "step"}, step=step)
+        if main and (step % 10 == 0 or step == total):
+            progress_log.info(
+                "train step %d/%d: loss %.4f, %.0f tok/s", step, total, done["loss"], point["tokens_per_s"]
+            )
         if step % cfg.train.checkpoint_every == 0 and step < total:
-            _save_checkpoint(ckpt, lm, optimizer, scheduler, teacher, step, curves)
-            run.log_checkpoint(step, point, ckpt)
+            rng = gather_object([_rng_state()])  # each process's random streams
+            if main:
+                _save_checkpoint(ckpt, model, optimizer, scheduler, teacher, step, curves, rng)
+                run.log_checkpoint(step, point, ckpt)
+            accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(step)
 
-    info = _write_outputs(cfg, lm, tok, teacher, out, base_digest, step, curves)
-    ckpt.unlink(missing_ok=True)
+    info = _train_info(cfg, base_digest, step, curves)
+    if main:
+        _write_outputs(cfg, model, tok, teacher, out, curves, info)
+        ckpt.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     return info
 
 
@@ -338,7 +457,11 @@ def _sort_target_modules(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _save_checkpoint(path: Path, lm, optimizer, scheduler, teacher: Teacher, step: int, curves: list) -> None:
+def _save_checkpoint(
+    path: Path, lm, optimizer, scheduler, teacher: Teacher, step: int, curves: list, rng: list[dict[str, Any]]
+) -> None:
+    """What a resume on any number of processes needs: the weights and the optimizer
+    (the same in every process), the step, and every process's random streams (`rng`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(
@@ -347,7 +470,7 @@ def _save_checkpoint(path: Path, lm, optimizer, scheduler, teacher: Teacher, ste
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "teacher": teacher.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng,
             "step": step,
             "curves": curves,
         },
@@ -356,10 +479,17 @@ def _save_checkpoint(path: Path, lm, optimizer, scheduler, teacher: Teacher, ste
     os.replace(tmp, path)
 
 
-def _write_outputs(
-    cfg: Config, lm, tok, teacher: Teacher, out: Path, base_digest: str, steps: int, curves: list
-) -> dict[str, Any]:
-    """Adapter (LoRA), teacher weights, curves, and the merged model for evaluation."""
+def _train_info(cfg: Config, base_digest: str, steps: int, curves: list) -> dict[str, Any]:
+    return {
+        "base_digest": base_digest,
+        "steps": steps,
+        "recipe": cfg.recipe,
+        "final_loss": curves[-1]["loss"] if curves else None,
+    }
+
+
+def _write_outputs(cfg: Config, lm, tok, teacher: Teacher, out: Path, curves: list, info: dict[str, Any]) -> None:
+    """Adapter (LoRA), teacher weights, curves, the merged model for evaluation, and `info`."""
     torch.save(teacher.state_dict(), out / "teacher.pt")
     if cfg.train.lora.enabled:
         lm.save_pretrained(out / "adapter")
@@ -370,11 +500,4 @@ def _write_outputs(
     with open(out / "curves.jsonl", "w") as fh:  # timings stay in MLflow: the file is reproducible
         for point in curves:
             fh.write(json.dumps({k: v for k, v in point.items() if k not in TIMINGS}) + "\n")
-    info = {
-        "base_digest": base_digest,
-        "steps": steps,
-        "recipe": cfg.recipe,
-        "final_loss": curves[-1]["loss"] if curves else None,
-    }
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info

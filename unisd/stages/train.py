@@ -29,7 +29,10 @@ def train_stage(
     previous: Path | None = None,
     on_step=None,
 ) -> Path:
-    """Train round `round_idx` on the filtered trajectories; resumable after interruption."""
+    """Train round `round_idx` on the filtered trajectories; resumable after interruption.
+    In `train.processes` processes (or as `train.accelerate_config` says) when asked:
+    `unisd.distributed` (`on_step`, a test hook, is for the one-process path)."""
+    from unisd.distributed import launched, train_in_processes
     from unisd.logged_model import save_trained_model
     from unisd.train import train_round
     from unisd.trajectories import Trajectory
@@ -48,7 +51,10 @@ def train_stage(
                 f"drops samples cut at the token limit unless train_set.keep_truncated)"
             )
         run.log_metrics({f"items/{k}": v for k, v in stats.items()})
-        info = train_round(cfg, items, base, dir_digest(base), tmp, work, run, previous, on_step)
+        if launched(cfg):
+            info = train_in_processes(cfg, items, base, dir_digest(base), tmp, work, run, previous)
+        else:
+            info = train_round(cfg, items, base, dir_digest(base), tmp, work, run, previous, on_step)
         write_json_atomic(tmp / "metrics.json", {**info, **stats})
         run.log_artifacts(tmp / "curves.jsonl")
         save = functools.partial(save_trained_model, cfg, tmp, base)
