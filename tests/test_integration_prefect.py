@@ -177,7 +177,9 @@ def test_a_stopped_run_stops_its_temporary_prefect_server(tmp_path, tiny_model_d
             if "Beginning flow run" in log[-1]:
                 break
         children = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
-        servers = [pid for pid in children if "server\0start" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+        servers = [
+            pid for pid in children if "server\0start" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+        ]
         assert servers, "".join(log)
         run.send_signal(sig)
         rest, _ = run.communicate(timeout=120)
