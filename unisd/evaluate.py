@@ -34,7 +34,7 @@ from unisd.data.suites import SUITES
 from unisd.generation import Sampling, generate
 from unisd.logprobs import completion_logprobs, perplexity, retention
 from unisd.modeling import load_model, load_tokenizer
-from unisd.prompts import McqFormat, PromptBuilder, gold_completion, response_prefix
+from unisd.prompts import McqFormat, PromptBuilder, gold_completion, response_text
 from unisd.sandbox import Limits, run_many
 from unisd.scoring import code_program, parse_mcq, tool_scores
 
@@ -78,7 +78,7 @@ def score_items(cfg: Config, items: list[Item]) -> None:
     for it in items:
         ex, rec = it.example, it.record
         if ex.task == "mcq":
-            rec["parsed"] = parse_mcq(response_prefix(ex.task, cfg.prompts.mcq_format) + rec["completion"], ex.choices)
+            rec["parsed"] = parse_mcq(response_text(ex, rec["completion"], cfg.prompts.mcq_format), ex.choices)
             rec["correct"] = rec["parsed"] == ex.answer
         elif ex.task == "tool":
             rec.update(tool_scores(ex, rec["completion"]))

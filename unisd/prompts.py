@@ -129,6 +129,11 @@ def completion_text(ex: Example, response: str, mcq_format: McqFormat) -> str:
     return response[len(prefix) :]
 
 
+def response_text(ex: Example, completion: str, mcq_format: McqFormat) -> str:
+    """The whole response a completion belongs to (the prefilled prefix, then the completion): what parsing reads."""
+    return response_prefix(ex.task, mcq_format) + completion
+
+
 def gold_completion(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
     """What the model must write of the gold response after its prompt (the prefix excluded)."""
     return completion_text(ex, gold_response(ex, mcq_format), mcq_format)

@@ -33,6 +33,7 @@ from unisd.prompts import (
     gold_completion,
     gold_response,
     response_prefix,
+    response_text,
     task_text,
     teacher_messages,
 )
@@ -336,5 +337,5 @@ def sample_accuracy(
     """Accuracy (%) of the student's sampled MCQ answers, as evaluation parses them."""
     sampled = [(t, by_id[t.example_id]) for t in trajectories if t.source == "sampled"]
     mcq = [(t, ex) for t, ex in sampled if ex.task == "mcq"]
-    right = [parse_mcq(response_prefix(ex.task, fmt) + t.text, ex.choices) == ex.answer for t, ex in mcq]
+    right = [parse_mcq(response_text(ex, t.text, fmt), ex.choices) == ex.answer for t, ex in mcq]
     return {"sampled_mcq": len(mcq), "student_sample_acc": _mean([100.0 * r for r in right])}
