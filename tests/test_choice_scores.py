@@ -181,9 +181,10 @@ def reference_rotation(model, builder, ex) -> list[float]:
     return mean
 
 
-def reference_loglik(model, builder, ex) -> list[float]:
+def reference_loglik(model, builder, ex, text: str | None = None) -> list[float]:
+    """Σ log p(option tokens | `text` (default: the cloze text) in the chat, "Answer:"), token by token."""
     tok, sums = builder.tokenizer, []
-    head = chat(tok, cloze_text(ex))
+    head = chat(tok, cloze_text(ex) if text is None else text)
     for option in ex.choices:
         context = tok(head, add_special_tokens=False)["input_ids"]
         whole = tok(head + " " + option, add_special_tokens=False)["input_ids"]
@@ -215,3 +216,15 @@ def test_batched_scores_match_one_unpadded_forward_per_prompt(tiny, batch_size, 
             "ll_correct",
             "ll_norm_correct",
         }
+
+
+def test_open_answer_scores_options_after_the_students_own_prompt_and_has_no_rotations(tiny):
+    """open_answer shows no letters: only the option log-likelihoods, read after the
+    student's task text (question and format instruction, no options)."""
+    model, builder = tiny
+    run = Scoring(model, builder.tokenizer.pad_token_id, batch_size=4)
+    for ex, got in zip(EXAMPLES, choice_scores(run, builder, EXAMPLES, "open_answer")):
+        assert set(got) == {"ll", "ll_correct", "ll_norm_correct"}
+        want = reference_loglik(model, builder, ex, task_text(ex, "open_answer"))
+        assert got["ll"] == pytest.approx(want, abs=1e-4), ex.id
+        assert want != pytest.approx(reference_loglik(model, builder, ex), abs=1e-4)  # the instruction is read

@@ -92,3 +92,9 @@ def test_overall_metrics_leave_out_groups_without_numbers():
     }
     no_rot = {"sciq": {"score": 20.0}}  # eval.choice_scores off: no rot_acc, no headline
     assert overall_metrics(no_rot, TASKS, "sciq") == {"overall": 20.0, "mcq_overall": 20.0}
+    open_answer = {"sciq": {"score": 20.0, "ll_acc": 85.0}}  # no letters shown: no rot_acc
+    assert overall_metrics(open_answer, TASKS, "sciq")["headline"] == {
+        "benchmark": "sciq",
+        "metric": "ll_acc",
+        "value": 85.0,
+    }

@@ -389,3 +389,37 @@ def test_answer_prefilled_opens_every_mcq_response_with_the_answer_prefix(tok):
     assert gold_completion(MBPP, "answer_prefilled") == gold_response(MBPP)
     with pytest.raises(ValueError, match="sciq-0001: a response in format answer_prefilled must begin with 'Answer:'"):
         completion_text(MCQ, "B. carbon dioxide", "answer_prefilled")
+
+
+def test_open_answer_lists_no_options_and_names_the_answer(tok):
+    """open_answer: the options are not shown, the response opens with "Answer:" and the
+    model names the option's text; demonstrations and negatives follow."""
+    from unisd.config import Config
+    from unisd.negatives import clean_self_generated, negative_request, programmatic_negatives
+    from unisd.prompts import gold_completion, solved_example
+    from unisd.trajectories import teacher_prompt
+
+    pb = PromptBuilder.for_tokenizer(tok)
+    task = task_text(MCQ, "open_answer")
+    assert task == (
+        "Context: Plants make sugar from light.\nQuestion: Which gas do plants absorb?\n"
+        "Answer the question with a word or a short phrase."
+    )
+    assert pb.encode_task(MCQ, "open_answer") == pb.encode(task, "Answer:")
+    assert gold_response(MCQ, "open_answer") == "Answer: carbon dioxide"
+    assert gold_completion(MCQ, "open_answer") == " carbon dioxide"
+    cfg = Config.model_validate({"prompts": {"mcq_format": "open_answer", "teacher_template": "worked_example"}})
+    teacher = tok.decode(teacher_prompt(cfg, pb, MCQ))
+    assert "Options" not in teacher and "Response:\nAnswer: carbon dioxide\n" in teacher
+    assert teacher.endswith("<|im_start|>assistant\nAnswer:")
+    assert solved_example(MCQ, "open_answer") == (
+        "Problem:\nQuestion: Which gas do plants absorb?\nResponse:\nAnswer: carbon dioxide"
+    )
+    wrong = programmatic_negatives([MCQ], per_example=3, mcq_format="open_answer")["sciq-0001"]
+    assert sorted(n.text for n in wrong) == ["Answer: helium", "Answer: nitrogen", "Answer: oxygen"]
+    ask = negative_request(MCQ, 0, "open_answer")  # wrong options in turn: oxygen first
+    assert "the answer is oxygen, without hedging" in ask and "'Answer: oxygen'" in ask
+    assert (
+        clean_self_generated(MCQ, 0, "Answer: oxygen\nReason: plants breathe.", "open_answer").text == "Answer: oxygen"
+    )
+    assert clean_self_generated(MCQ, 0, "Answer: carbon dioxide", "open_answer") is None  # not the asked mistake

@@ -6,7 +6,7 @@ import pytest
 
 from unisd.data import Example, load_benchmark
 from unisd.sandbox import Limits, run_many
-from unisd.scoring import code_program, extract_code, parse_mcq, parse_react, tool_scores
+from unisd.scoring import code_program, extract_code, parse_answer, parse_mcq, parse_open, parse_react, tool_scores
 
 CHOICES = ["oxygen", "carbon dioxide", "nitrogen", "helium"]
 LIMITS = Limits(timeout_s=10, memory_mb=512)
@@ -264,3 +264,30 @@ def test_tool_scores_empty_arguments():
     ex = TOOL.model_copy(update={"answer": "getRandomImage", "action_input": "{}"})
     assert tool_scores(ex, "Action: getRandomImage\nAction Input: {}")["full"]
     assert not tool_scores(ex, 'Action: getRandomImage\nAction Input: {"n": 1}')["arguments"]
+
+
+OPEN_CHOICES = ["carbon", "carbon dioxide", "oxygen", "B vitamins"]
+
+
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        ("Answer: carbon dioxide", "B"),  # the longest option named at a place
+        (" Carbon-Dioxide.", "B"),  # case and punctuation aside
+        (" oxygen and carbon", "C"),  # the option named first
+        (" B. oxygen", "C"),  # a letter is not an answer here
+        (" B vitamins", "D"),
+        ("Answer: carbonate", None),  # whole words only
+        (" I do not know", None),
+        ("", None),
+        ("Plants use it.\nAnswer: oxygen\nReason: not carbon", "C"),  # the answer line decides
+        (" oxygen\nThe answer is carbon.", "C"),  # else the first line
+    ],
+)
+def test_parse_open_reads_the_named_option(text, letter):
+    assert parse_open(text, OPEN_CHOICES) == letter
+
+
+def test_parse_answer_reads_the_layout_of_the_format():
+    assert parse_answer("Answer: B vitamins", OPEN_CHOICES, "open_answer") == "D"
+    assert parse_answer("Answer: B vitamins", OPEN_CHOICES, "answer_first") == "B"

@@ -173,6 +173,31 @@ def test_letter_accuracy_against_brute_force(tmp_path, tiny_model_dir, model, to
     }
 
 
+def test_open_answer_accuracy_reads_each_options_first_token(tmp_path, tiny_model_dir, model, tok, builder):
+    """Under open_answer the first token of " <option>" stands for the option's letter."""
+    cfg = make_cfg(tmp_path, tiny_model_dir, teacher_template="worked_example", mcq_format="open_answer")
+    right = {"teacher": 0, "student": 0}
+    for ex in MCQS:
+        firsts = [
+            tok(f"Answer: {c}", add_special_tokens=False)["input_ids"][len(tok("Answer:")["input_ids"])]
+            for c in ex.choices
+        ]
+        assert len(set(firsts)) == len(firsts)
+        gold = gold_response(ex, "open_answer")
+        prompts = {
+            "teacher": builder.encode_messages(teacher_messages(ex, gold, "worked_example", "open_answer"), "Answer:"),
+            "student": builder.encode_messages([user(task_text(ex, "open_answer"))], "Answer:"),
+        }
+        for side, ids in prompts.items():
+            right[side] += "ABCD"[int(last_token_logits(model, ids)[firsts].argmax())] == ex.answer
+    got = letter_accuracy(cfg, model, tok, builder, MCQS + [CODE])
+    assert got == {
+        "letter_items": 6,
+        "teacher_letter_acc": pytest.approx(100 * right["teacher"] / 6),
+        "student_letter_acc": pytest.approx(100 * right["student"] / 6),
+    }
+
+
 def test_sample_accuracy_parses_like_the_evaluation(tok):
     by_id = {ex.id: ex for ex in MCQS + [CODE]}  # gold letters: q0 A, q1 B, q2 C, q3 D
     trajs = [

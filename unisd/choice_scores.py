@@ -17,7 +17,9 @@ between the options' *contents* instead:
 * option log-likelihood (lm-eval-harness's zero-shot cloze): log p(" <option text>" |
   context and question without the listed options, then `ANSWER_PREFIX`), summed over
   the option's tokens; ll_correct on the sum, ll_norm_correct on the sum divided by the
-  option's characters (acc_norm), which removes the bias toward short options.
+  option's characters (acc_norm), which removes the bias toward short options. Under
+  `mcq_format: open_answer` the student's own prompt (the cloze text with its format
+  instruction) is the context, and there are no rotations: no letters are shown.
 
 Ties share the credit: k options tied for the top, the gold among them, give 1/k (the
 expected score of breaking the tie at random), so a model with no preference at all
@@ -35,7 +37,7 @@ import torch
 from unisd.data.convert import rotate_options
 from unisd.data.schema import LETTERS, Example
 from unisd.logprobs import completion_logprobs, next_token_logprobs
-from unisd.prompts import ANSWER_PREFIX, McqFormat, PromptBuilder, task_text, user
+from unisd.prompts import ANSWER_PREFIX, McqFormat, PromptBuilder, problem_text, task_text, user
 
 TIE_TOL = 1e-9  # relative: scores this close to the top are tied (rounding of equal sums in another order)
 
@@ -79,6 +81,13 @@ class AnswerEncoder:
             ids.append(whole[-1])
         return prompt, ids
 
+    def first_tokens(self, text: str, options: list[str]) -> tuple[list[int], list[int]] | None:
+        """(prompt ids ending in ANSWER_PREFIX, the first token of " <option>" for each
+        option): the open answer's counterpart of `letters`. None when two options share
+        their first token (the next token then does not tell them apart)."""
+        firsts = [self.split(text, f" {o.strip()}")[1][0] for o in options]
+        return (self._ids(text), firsts) if len(set(firsts)) == len(firsts) else None
+
 
 def tie_credit(scores: torch.Tensor, gold: int) -> float:
     """1/k when the gold is among the k options tied for the top of `scores` [n], else 0."""
@@ -116,10 +125,10 @@ def aggregate_loglik(sums: list[float], chars: list[int], gold: int) -> dict[str
     return {"ll": sums, "ll_correct": tie_credit(sums_t, gold), "ll_norm_correct": tie_credit(norm, gold)}
 
 
-def cloze_text(ex: Example) -> str:
-    """The problem without its listed options: the context (if any) and the question."""
-    parts = [f"Context: {ex.context.strip()}"] if ex.context.strip() else []
-    return "\n".join([*parts, f"Question: {ex.question.strip()}"])
+def cloze_text(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
+    """The context of the option log-likelihoods: the problem without its listed options
+    (context, if any, and question), or under open_answer the student's whole task text."""
+    return task_text(ex, mcq_format) if mcq_format == "open_answer" else problem_text(ex, mcq_format="open_answer")
 
 
 @dataclass
@@ -158,9 +167,11 @@ def rotation_scores(
     return [aggregate_rotations([next(lps) for _ in ex.choices], ex.gold_index) for ex in examples]
 
 
-def loglik_scores(run: Scoring, enc: AnswerEncoder, examples: list[Example], desc: str) -> list[dict[str, Any]]:
+def loglik_scores(
+    run: Scoring, enc: AnswerEncoder, examples: list[Example], mcq_format: McqFormat, desc: str
+) -> list[dict[str, Any]]:
     """`aggregate_loglik` per example: every option's continuation scored in one batched pass."""
-    pairs = [enc.split(cloze_text(ex), f" {c.strip()}") for ex in examples for c in ex.choices]
+    pairs = [enc.split(cloze_text(ex, mcq_format), f" {c.strip()}") for ex in examples for c in ex.choices]
     lps = iter(
         completion_logprobs(
             run.model, pairs, run.pad_id, run.batch_size, run.bf16, desc=desc, max_tokens=run.max_tokens
@@ -182,8 +193,11 @@ def choice_scores(
     desc: str = "choices",
 ) -> list[dict[str, Any]]:
     """Rotation and option log-likelihood scores of MCQ examples, one record dict each:
-    rot_probs, rot_correct, rot_gold_prob, circular_correct, ll, ll_correct, ll_norm_correct."""
+    rot_probs, rot_correct, rot_gold_prob, circular_correct (not under open_answer), ll,
+    ll_correct, ll_norm_correct."""
     enc = AnswerEncoder(builder)
+    ll = loglik_scores(run, enc, examples, mcq_format, f"{desc} loglik")
+    if mcq_format == "open_answer":
+        return ll
     rot = rotation_scores(run, enc, examples, mcq_format, f"{desc} rotations")
-    ll = loglik_scores(run, enc, examples, f"{desc} loglik")
     return [{**a, **b} for a, b in zip(rot, ll)]

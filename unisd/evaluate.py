@@ -36,7 +36,7 @@ from unisd.logprobs import completion_logprobs, perplexity, retention
 from unisd.modeling import load_model, load_tokenizer
 from unisd.prompts import McqFormat, PromptBuilder, gold_completion, response_text
 from unisd.sandbox import Limits, run_many
-from unisd.scoring import code_program, parse_mcq, tool_scores
+from unisd.scoring import code_program, parse_answer, tool_scores
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,11 @@ def score_items(cfg: Config, items: list[Item]) -> None:
                 sandbox_reason=res.reason,
                 sandbox_isolation=res.isolation["level"],
             )
+    fmt = cfg.prompts.mcq_format
     for it in items:
         ex, rec = it.example, it.record
         if ex.task == "mcq":
-            rec["parsed"] = parse_mcq(response_text(ex, rec["completion"], cfg.prompts.mcq_format), ex.choices)
+            rec["parsed"] = parse_answer(response_text(ex, rec["completion"], fmt), ex.choices, fmt)
             rec["correct"] = rec["parsed"] == ex.answer
         elif ex.task == "tool":
             rec.update(tool_scores(ex, rec["completion"]))
@@ -153,7 +154,8 @@ def overall_metrics(benchmarks: dict[str, dict[str, Any]], tasks: Mapping[str, s
     """Top-level means over benchmark summaries: overall (every `score`, the paper's
     metric), mcq_overall and mcq_rot_overall (`score` and `rot_acc` over MCQ benchmarks),
     code_overall (`score` over code benchmarks), each only when its group has a number;
-    and headline: the `headline` benchmark's rot_acc, when it was evaluated with one."""
+    and headline: the `headline` benchmark's rot_acc, or its ll_acc where no letters were
+    shown (open_answer), when it was evaluated with one."""
 
     def mean_of(task: str | None, key: str) -> float:
         return _mean([m.get(key, math.nan) for b, m in benchmarks.items() if task in (None, tasks[b])])
@@ -166,8 +168,10 @@ def overall_metrics(benchmarks: dict[str, dict[str, Any]], tasks: Mapping[str, s
     ):
         if not math.isnan(value := mean_of(task, key)):
             out[name] = value
-    if "rot_acc" in benchmarks.get(headline, {}):
-        out["headline"] = {"benchmark": headline, "metric": "rot_acc", "value": benchmarks[headline]["rot_acc"]}
+    for metric in ("rot_acc", "ll_acc"):  # ll_acc where no letters are shown (open_answer)
+        if metric in benchmarks.get(headline, {}):
+            out["headline"] = {"benchmark": headline, "metric": metric, "value": benchmarks[headline][metric]}
+            break
     return out
 
 

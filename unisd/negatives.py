@@ -31,7 +31,7 @@ from unisd.code_mutants import BUG_TYPES, code_mutants, parse_dump
 from unisd.data.schema import LETTERS, Example
 from unisd.prompts import McqFormat, gold_response, mcq_response, task_text
 from unisd.sandbox import Limits, run_many
-from unisd.scoring import code_program, extract_code, parse_mcq, parse_react, tool_scores
+from unisd.scoring import code_program, extract_code, parse_answer, parse_react, tool_scores
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def programmatic_negatives(
     while batch := [
         (ex, group, neg) for ex in examples for group, neg in pools[ex.id].draw(per_example - len(pools[ex.id].kept))
     ]:
-        flags = _wrong_flags([(ex, neg.text) for ex, _, neg in batch], limits, workers)
+        flags = _wrong_flags([(ex, neg.text) for ex, _, neg in batch], limits, workers, mcq_format)
         for (ex, group, neg), wrong in zip(batch, flags):
             if wrong:
                 pools[ex.id].keep(group, replace(neg, verified=True))
@@ -148,7 +148,7 @@ def _mcq_negative(ex: Example, letter: str, mcq_format: McqFormat) -> Negative:
         reasoning = _redirect(ex.rationale, ex.choices[ex.gold_index], option)
     else:
         reasoning = f"The correct option is {letter}: {option}."
-    return Negative(mcq_response(reasoning, letter, mcq_format), f"wrong_option:{letter}", verified=False)
+    return Negative(mcq_response(ex, letter, reasoning, mcq_format), f"wrong_option:{letter}", verified=False)
 
 
 def _redirect(rationale: str, gold: str, wrong: str) -> str:
@@ -257,7 +257,11 @@ def _altered(value: Any) -> Any:
 
 
 def verify_negatives(
-    examples: list[Example], negatives: dict[str, list[Negative]], limits: Limits = Limits(), workers: int = 2
+    examples: list[Example],
+    negatives: dict[str, list[Negative]],
+    limits: Limits = Limits(),
+    workers: int = 2,
+    mcq_format: McqFormat = "reason_first",
 ) -> dict[str, list[Negative]]:
     """The negatives that really are wrong, marked verified; examples left with none are absent.
 
@@ -268,7 +272,7 @@ def verify_negatives(
     code_examples = [by_id[ex_id] for ex_id in negatives if by_id[ex_id].task == "code"]
     unsound = set(_failing_references(code_examples, limits, workers))
     pairs = [(by_id[ex_id], neg) for ex_id, negs in negatives.items() if ex_id not in unsound for neg in negs]
-    flags = _wrong_flags([(ex, neg.text) for ex, neg in pairs], limits, workers)
+    flags = _wrong_flags([(ex, neg.text) for ex, neg in pairs], limits, workers, mcq_format)
     out: dict[str, list[Negative]] = {}
     for (ex, neg), wrong in zip(pairs, flags):
         if wrong:
@@ -276,16 +280,16 @@ def verify_negatives(
     return out
 
 
-def _wrong_flags(pairs: list[tuple[Example, str]], limits: Limits, workers: int) -> list[bool]:
+def _wrong_flags(pairs: list[tuple[Example, str]], limits: Limits, workers: int, mcq_format: McqFormat) -> list[bool]:
     """Whether each demonstration is wrong for its example (code: fails a test)."""
     code = [(ex, text) for ex, text in pairs if ex.task == "code"]
     failed = iter([not ok for ok in _passes(code, limits, workers)])
-    return [next(failed) if ex.task == "code" else _wrong_answer(ex, text) for ex, text in pairs]
+    return [next(failed) if ex.task == "code" else _wrong_answer(ex, text, mcq_format) for ex, text in pairs]
 
 
-def _wrong_answer(ex: Example, text: str) -> bool:
+def _wrong_answer(ex: Example, text: str, mcq_format: McqFormat) -> bool:
     if ex.task == "mcq":
-        return parse_mcq(text, ex.choices) not in (None, ex.answer)
+        return parse_answer(text, ex.choices, mcq_format) not in (None, ex.answer)
     return not tool_scores(ex, text)["full"]
 
 
@@ -327,11 +331,12 @@ def negative_request(ex: Example, index: int, mcq_format: McqFormat = "reason_fi
     _require_task(ex)
     if ex.task == "mcq":
         letter = _wrong_letter(ex, index)
+        option = ex.choices[LETTERS.index(letter)]
         where = "end" if mcq_format == "reason_first" else "start"
+        claim, line = (option, option) if mcq_format == "open_answer" else (f"option {letter} ({option})", letter)
         ask = (
-            f"Write a short, convincing response that argues that the answer is option {letter} "
-            f"({ex.choices[LETTERS.index(letter)]}), without hedging. "
-            f"Use the format above and {where} with the line 'Answer: {letter}'."
+            f"Write a short, convincing response that argues that the answer is {claim}, without hedging. "
+            f"Use the format above and {where} with the line 'Answer: {line}'."
         )
     elif ex.task == "code":
         bug = BUG_TYPES[index % len(BUG_TYPES)]
@@ -379,13 +384,15 @@ _REASONING_LABEL = re.compile(r"^[*\s]*reason(?:ing)?[*\s]*:[*\s]*", re.IGNORECA
 def _clean_mcq(ex: Example, letter: str, text: str, mcq_format: McqFormat) -> Negative | None:
     """The reply's reasoning (answer-only lines and the Reasoning/Reason label removed),
     rewritten in `mcq_format` with the requested letter."""
-    if parse_mcq(text, ex.choices) != letter:
+    if parse_answer(text, ex.choices, mcq_format) != letter:
         return None
     lines = [line.strip() for line in text.strip().splitlines() if line.strip() and not _ANSWER_ONLY.match(line)]
     reasoning = _REASONING_LABEL.sub("", " ".join(lines)).strip()
     if not reasoning:
         return None
-    return Negative(mcq_response(reasoning, letter, mcq_format), f"wrong_option:{letter}", verified=True, source="self")
+    return Negative(
+        mcq_response(ex, letter, reasoning, mcq_format), f"wrong_option:{letter}", verified=True, source="self"
+    )
 
 
 def _clean_code(ex: Example, bug: str, text: str) -> Negative | None:

@@ -10,14 +10,18 @@ become token ids through the tokenizer's chat template, or through a plain fallb
 template for base models without one. `PromptBuilder.encode_messages` applies the
 prompt-length budget; over-long prompts are dropped and counted by the caller.
 
-MCQ answers come in one of three layouts (`McqFormat`): reason_first ("Reasoning: …"
+MCQ answers come in one of four layouts (`McqFormat`): reason_first ("Reasoning: …"
 then "Answer: X" on the last line), answer_first ("Answer: X" first, then one "Reason:
-…" line), or answer_prefilled: answer_first with the assistant turn opened by "Answer:"
+…" line), answer_prefilled: answer_first with the assistant turn opened by "Answer:"
 in every prompt that a response follows (student, teacher, contexts), so the model
 writes " X" then its reason, and the letter is always the first completion token, where
-the teacher's demonstration says most. The format instruction of the task and the gold
-response follow the same choice (`prompts.mcq_format`), which every caller passes on;
-`response_prefix` is the prefilled part, `completion_text` the rest.
+the teacher's demonstration says most; or open_answer: the options are not listed, the
+assistant turn opens with "Answer:" and the model names the answer in a few words
+(" tributaries"), scored by the option it names (`unisd.scoring.parse_open`; docs/method.md
+§7.3: a 135M model answers listed options by a letter habit, not by what it knows).
+The format instruction of the task and the gold response follow the same choice
+(`prompts.mcq_format`), which every caller passes on; `response_prefix` is the
+prefilled part, `completion_text` the rest.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, Literal
 
 from unisd.data.schema import LETTERS, Example
 
-McqFormat = Literal["reason_first", "answer_first", "answer_prefilled"]
+McqFormat = Literal["reason_first", "answer_first", "answer_prefilled", "open_answer"]
 _ANSWER_FIRST = (
     "Give the option letter first, then one short reason, in this format:\nAnswer: <letter>\nReason: <one sentence>"
 )
@@ -38,7 +42,9 @@ MCQ_FORMATS: dict[str, str] = {
     ),
     "answer_first": _ANSWER_FIRST,
     "answer_prefilled": _ANSWER_FIRST,
+    "open_answer": "Answer the question with a word or a short phrase.",
 }
+PREFILLED = ("answer_prefilled", "open_answer")  # formats whose prompts open the response with ANSWER_PREFIX
 CODE_FORMAT = "Write the complete Python function in a single ```python code block."
 TOOL_FORMAT = (
     "Decide the next API call. Reply in this format:\n"
@@ -71,13 +77,15 @@ def assistant(text: str) -> Message:
     return {"role": "assistant", "content": text}
 
 
-def problem_text(ex: Example, with_context: bool = True) -> str:
+def problem_text(ex: Example, with_context: bool = True, mcq_format: McqFormat = "reason_first") -> str:
     """The problem itself, without output-format instructions (and optionally without an
-    MCQ's context paragraph: auxiliary contexts quote other problems compactly)."""
+    MCQ's context paragraph: auxiliary contexts quote other problems compactly). An MCQ
+    lists its lettered options unless `mcq_format` is open_answer (the cloze form)."""
     if ex.task == "mcq":
         parts = [f"Context: {ex.context.strip()}"] if with_context and ex.context.strip() else []
         parts.append(f"Question: {ex.question.strip()}")
-        parts.append("Options:\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(ex.choices)))
+        if mcq_format != "open_answer":
+            parts.append("Options:\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(ex.choices)))
         return "\n".join(parts)
     if ex.task == "code":
         if ex.code_prompt:
@@ -95,11 +103,14 @@ def format_text(task: str, mcq_format: McqFormat = "reason_first") -> str:
 
 def task_text(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
     """What the student sees: the task and the expected output format."""
-    return f"{problem_text(ex)}\n{format_text(ex.task, mcq_format)}"
+    return f"{problem_text(ex, mcq_format=mcq_format)}\n{format_text(ex.task, mcq_format)}"
 
 
-def mcq_response(reasoning: str, letter: str, mcq_format: McqFormat = "reason_first") -> str:
-    """An MCQ answer in the chosen layout, its reasoning on one line (whitespace joined)."""
+def mcq_response(ex: Example, letter: str, reasoning: str, mcq_format: McqFormat = "reason_first") -> str:
+    """An MCQ answer choosing `letter` in the chosen layout, its reasoning on one line
+    (whitespace joined); open_answer names the option's text and gives no reasoning."""
+    if mcq_format == "open_answer":
+        return f"{ANSWER_PREFIX} {ex.choices[LETTERS.index(letter)].strip()}"
     reasoning = " ".join(reasoning.split())
     if mcq_format != "reason_first":
         return f"Answer: {letter}\nReason: {reasoning}"
@@ -110,7 +121,7 @@ def gold_response(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
     """The gold demonstration, written in the format the student must produce."""
     if ex.task == "mcq":
         reasoning = ex.rationale.strip() or f"The correct option is {ex.answer}: {ex.choices[ex.gold_index]}."
-        return mcq_response(reasoning, ex.answer, mcq_format)
+        return mcq_response(ex, ex.answer, reasoning, mcq_format)
     if ex.task == "code":
         return f"```python\n{ex.answer.strip()}\n```"
     return f"Thought: I should call {ex.answer}.\nAction: {ex.answer}\nAction Input: {ex.action_input}"
@@ -118,7 +129,7 @@ def gold_response(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
 
 def response_prefix(task: str, mcq_format: McqFormat) -> str:
     """The start of the response that the prompt itself opens the assistant turn with."""
-    return ANSWER_PREFIX if task == "mcq" and mcq_format == "answer_prefilled" else ""
+    return ANSWER_PREFIX if task == "mcq" and mcq_format in PREFILLED else ""
 
 
 def completion_text(ex: Example, response: str, mcq_format: McqFormat) -> str:
@@ -174,7 +185,8 @@ def teacher_messages(
     if template == "confirmed_exchange":
         return [user(task), assistant(demo), user(f"{CONFIRMATION}\n\n{task}")]
     if template == "worked_example":
-        return [user(f"{EXAMPLE_INTRO}\n\nProblem:\n{problem_text(ex)}\nResponse:\n{demo}\n\n{EXAMPLE_OUTRO}\n{task}")]
+        problem = problem_text(ex, mcq_format=mcq_format)
+        return [user(f"{EXAMPLE_INTRO}\n\nProblem:\n{problem}\nResponse:\n{demo}\n\n{EXAMPLE_OUTRO}\n{task}")]
     return [user(f"{task}\n\n{DEMO_INTRO}\n{demo}\n\n{DEMO_OUTRO}")]
 
 
@@ -191,7 +203,7 @@ def reference_text(ex: Example, references: list[Example] | str, mcq_format: Mcq
 
 def solved_example(ex: Example, mcq_format: McqFormat = "reason_first") -> str:
     """Another problem quoted compactly with its gold response (auxiliary contexts, induction)."""
-    return f"Problem:\n{problem_text(ex, with_context=False)}\nResponse:\n{gold_response(ex, mcq_format)}"
+    return f"Problem:\n{problem_text(ex, False, mcq_format)}\nResponse:\n{gold_response(ex, mcq_format)}"
 
 
 Template = Literal["chat", "plain"]

@@ -15,6 +15,7 @@ _ANSWER_LINE = re.compile(
 )
 _BARE_LETTER = re.compile(r"^\s*\**\(?([A-J])\)?[.:)]?\**\s*$")
 _LETTER_AND_OPTION = re.compile(r"^\s*\**\(?([A-J])[.:)]\**\s+(.+?)\s*$")
+_OPEN_LABEL = re.compile(r"^\W*answer\W*?:\s*(.*)$", re.IGNORECASE)
 
 
 def parse_mcq(text: str, choices: list[str]) -> str | None:
@@ -38,6 +39,35 @@ def parse_mcq(text: str, choices: list[str]) -> str | None:
             hits = [letter]
             break
     return hits[-1] if hits and hits[-1] in valid else None
+
+
+def parse_open(text: str, choices: list[str]) -> str | None:
+    """The letter of the option an open answer names (`prompts.mcq_format: open_answer`), or None.
+
+    The answer is the first line that opens with 'Answer:' (after the label), else the
+    first non-empty line. An option is named where its text occurs in it as whole words,
+    case and punctuation aside; of several, the one named first (at one place, the
+    longest: "carbon dioxide" over "carbon"). 'B. oxygen' names oxygen, not option B.
+    """
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    labelled = [m.group(1) for ln in lines if (m := _OPEN_LABEL.match(ln))]
+    answer = _words(labelled[0] if labelled else lines[0] if lines else "")
+    named = []
+    for i, choice in enumerate(choices):
+        option = _words(choice)
+        if option and (m := re.search(rf"(?<!\S){re.escape(option)}(?!\S)", answer)):
+            named.append((m.start(), -len(option), i))
+    return LETTERS[min(named)[2]] if named else None
+
+
+def _words(text: str) -> str:
+    """Lower-case words with punctuation dropped, single-spaced ('Carbon-dioxide.' -> 'carbon dioxide')."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def parse_answer(text: str, choices: list[str], mcq_format: str) -> str | None:
+    """The chosen option's letter in the layout of `mcq_format`: named (open_answer) or lettered."""
+    return parse_open(text, choices) if mcq_format == "open_answer" else parse_mcq(text, choices)
 
 
 def _letter_line(line: str, choices: list[str]) -> str | None:

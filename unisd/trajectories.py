@@ -37,7 +37,7 @@ from unisd.prompts import (
     task_text,
     teacher_messages,
 )
-from unisd.scoring import parse_mcq
+from unisd.scoring import parse_answer
 
 log = logging.getLogger(__name__)
 
@@ -304,13 +304,15 @@ def letter_accuracy(
     """Accuracy (%) of the option letter chosen right after an assistant prefix "Answer:",
     over the MCQ examples whose two prompts fit the budget, under the teacher's privileged
     prompt and under the student's prompt, with the same model (the round's teacher):
-    the gap is what the demonstration gives the teacher to teach."""
+    the gap is what the demonstration gives the teacher to teach. Under open_answer an
+    option's first token stands for its letter (items whose options share one are left out)."""
     fmt, enc, rows = cfg.prompts.mcq_format, AnswerEncoder(builder), []
     for ex in (ex for ex in examples if ex.task == "mcq"):
         teacher = builder.encode_messages(privileged_messages(cfg, ex), ANSWER_PREFIX)
-        student, letters = enc.letters(task_text(ex, fmt), len(ex.choices))
-        if teacher is not None and len(student) <= builder.max_prompt_tokens:
-            rows.append((ex, teacher, student, letters))
+        text = task_text(ex, fmt)
+        read = enc.first_tokens(text, ex.choices) if fmt == "open_answer" else enc.letters(text, len(ex.choices))
+        if teacher is not None and read is not None and len(read[0]) <= builder.max_prompt_tokens:
+            rows.append((ex, teacher, *read))
     gen = cfg.generation
     lps = next_token_logprobs(
         model,
@@ -337,5 +339,5 @@ def sample_accuracy(
     """Accuracy (%) of the student's sampled MCQ answers, as evaluation parses them."""
     sampled = [(t, by_id[t.example_id]) for t in trajectories if t.source == "sampled"]
     mcq = [(t, ex) for t, ex in sampled if ex.task == "mcq"]
-    right = [parse_mcq(response_text(ex, t.text, fmt), ex.choices) == ex.answer for t, ex in mcq]
+    right = [parse_answer(response_text(ex, t.text, fmt), ex.choices, fmt) == ex.answer for t, ex in mcq]
     return {"sampled_mcq": len(mcq), "student_sample_acc": _mean([100.0 * r for r in right])}

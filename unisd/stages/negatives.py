@@ -81,4 +81,4 @@ def _self_generated(cfg: Config, model_dir: Path, examples: list[Example], limit
             if (neg := negatives.clean_self_generated(ex, i, c.text, fmt)) is not None:
                 found.setdefault(ex.id, []).append(neg)
     by_id = {ex.id: ex for ex in examples}
-    return negatives.verify_negatives([by_id[i] for i in found], found, limits)
+    return negatives.verify_negatives([by_id[i] for i in found], found, limits, mcq_format=fmt)
