@@ -5,10 +5,12 @@
 # recipe's metrics land in metrics/tune/v2/<recipe>/trained.json (the base model's in
 # .../base.json); every stage is cached, so a rerun only computes what is missing. Tuning
 # evaluates in bf16 (cheaper; base and trained alike); published test numbers use fp32.
-# FORMAT sets prompts.mcq_format (default answer_first; answer_prefilled adds "-prefilled" to V).
+# FORMAT sets prompts.mcq_format (default answer_first; answer_prefilled adds "-prefilled" to V,
+# open_answer "-open_answer").
 # SET adds overrides to every run (a budget, say) and TAG names them in V ("-<TAG>").
 #   TEMPLATE=prior_exchange experiments/validation_sciq.sh sd   # the layout added after v2
 #   TEMPLATE=worked_example FORMAT=answer_prefilled experiments/validation_sciq.sh sd
+#   TEMPLATE=worked_example FORMAT=open_answer experiments/validation_sciq.sh sd sft
 #   TAG=lr3e-4-e3 SET="--set train.lr=3e-4 --set train.epochs=3" experiments/validation_sciq.sh sft sd
 #   experiments/validation_sciq.sh unisd-full sft sd     # recipes, in order
 #   experiments/validation_sciq.sh scaled                # unisd-full, mechanisms scaled to ~60 steps
