@@ -18,7 +18,7 @@ writes " X" then its reason, and the letter is always the first completion token
 the teacher's demonstration says most; or open_answer: the options are not listed, the
 assistant turn opens with "Answer:" and the model names the answer in a few words
 (" tributaries"), scored by the option it names (`unisd.scoring.parse_open`; docs/method.md
-§7.3: a 135M model answers listed options by a letter habit, not by what it knows).
+§7.2: a 135M model answers listed options by a letter habit, not by what it knows).
 The format instruction of the task and the gold response follow the same choice
 (`prompts.mcq_format`), which every caller passes on; `response_prefix` is the
 prefilled part, `completion_text` the rest.
