@@ -16,6 +16,7 @@ _ANSWER_LINE = re.compile(
 _BARE_LETTER = re.compile(r"^\s*\**\(?([A-J])\)?[.:)]?\**\s*$")
 _LETTER_AND_OPTION = re.compile(r"^\s*\**\(?([A-J])[.:)]\**\s+(.+?)\s*$")
 _OPEN_LABEL = re.compile(r"^\W*answer\W*?:\s*(.*)$", re.IGNORECASE)
+_ARTICLES = {"a", "an", "the"}
 
 
 def parse_mcq(text: str, choices: list[str]) -> str | None:
@@ -46,8 +47,9 @@ def parse_open(text: str, choices: list[str]) -> str | None:
 
     The answer is the first line that opens with 'Answer:' (after the label), else the
     first non-empty line. An option is named where its text occurs in it as whole words,
-    case and punctuation aside; of several, the one named first (at one place, the
-    longest: "carbon dioxide" over "carbon"). 'B. oxygen' names oxygen, not option B.
+    both normalised as SQuAD normalises answers (case, punctuation and the articles a,
+    an, the aside: "eye" names "the eye"); of several, the one named first (at one place,
+    the longest: "carbon dioxide" over "carbon"). 'B. oxygen' names oxygen, not option B.
     """
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     labelled = [m.group(1) for ln in lines if (m := _OPEN_LABEL.match(ln))]
@@ -61,8 +63,8 @@ def parse_open(text: str, choices: list[str]) -> str | None:
 
 
 def _words(text: str) -> str:
-    """Lower-case words with punctuation dropped, single-spaced ('Carbon-dioxide.' -> 'carbon dioxide')."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+    """Lower-case words, punctuation and articles dropped, single-spaced ('The carbon-dioxide.' -> 'carbon dioxide')."""
+    return " ".join(w for w in re.sub(r"[^\w\s]", " ", text.lower()).split() if w not in _ARTICLES)
 
 
 def parse_answer(text: str, choices: list[str], mcq_format: str) -> str | None:
