@@ -76,6 +76,34 @@ def test_the_evaluation_is_linked_to_the_model_it_evaluated(tracked_run):
     assert base.data.tags["unisd.model_source_run_id"] == runs["model"].info.run_id
 
 
+def test_an_evaluation_under_another_store_names_the_model_in_tags_only(tracked_run, tmp_path_factory, tiny_model_dir):
+    """Artifacts made under one MLflow store, evaluated under another (a second clone that
+    pulled them): the evaluation runs and logs its metrics; the trained model, which the
+    second store does not hold, is named in its tags and is no model input there."""
+    from unisd.stages import lineage
+    from unisd.stages.evaluate import evaluate_stage
+
+    cfg, _, _ = tracked_run
+    root = tmp_path_factory.mktemp("second-clone")
+    empty_mlflow_db(tmp_path_factory, root / "mlflow.db")
+    paths = {"artifacts": str(cfg.artifacts), "metrics": str(root / "metrics")}
+    other = build_config({**tiny_params(tiny_model_dir), "recipe": "sd", "paths": paths}, root)
+    layout = Layout(other)
+    trained = layout.round(1, "train")
+    made_by = lineage(other, trained)["mlflow_model_id"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        tracker = Tracker(other)
+        parent = tracker.start_pipeline("test:second", {"unisd.launcher": "test"})
+        evaluate_stage(other, trained, layout.data, root / "eval", StageContext(tracker, parent), "sd", layout.model)
+        tracker.end(parent)
+        (found,) = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+        evaluation = tracker.client.get_run(found.info.run_id)
+    assert evaluation.data.tags["unisd.model_id"] == made_by
+    assert evaluation.inputs.model_inputs == []
+    assert "overall" in evaluation.data.metrics
+
+
 def test_stages_log_the_files_they_read_as_mlflow_datasets(tracked_run):
     cfg, _, runs = tracked_run
     layout = Layout(cfg)

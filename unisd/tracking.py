@@ -332,15 +332,27 @@ class StageRun:
             tags={k: run.data.tags[k] for k in ("unisd.params_hash", "unisd.run_name")},
         )
 
-    def link_model(self, model_id: str | None, source_run: str | None) -> None:
+    def link_model(self, model_id: str | None, source_run: str | None) -> str | None:
         """Record that this run evaluated the LoggedModel `model_id` (made by run
-        `source_run`): a model input of the run, and tags naming both."""
+        `source_run`): tags naming both and, when this store holds the model, a model
+        input of the run. Returns `model_id` when linked, else None: a model made under
+        another tracking store (artifacts pulled from another clone, or made under
+        another MLFLOW_TRACKING_URI) is named in the tags only: a store cannot refer to
+        a model it does not hold (logging metrics against it fails)."""
         from mlflow.entities import LoggedModelInput
+        from mlflow.exceptions import MlflowException
 
         tags = {"unisd.model_id": model_id, "unisd.model_source_run_id": source_run}
         self.set_tags({k: v for k, v in tags.items() if v})
-        if model_id:
-            self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
+        if not model_id:
+            return None
+        try:
+            self.client.get_logged_model(model_id)
+        except MlflowException:
+            log.warning("model %s was logged in another MLflow store: the evaluation names it in tags only", model_id)
+            return None
+        self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
+        return model_id
 
     def log_checkpoint(self, step: int, metrics: dict[str, Any], path: Path) -> str:
         """A resumable checkpoint as a LoggedModel (weights stay on disk at `path`)."""

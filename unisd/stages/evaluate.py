@@ -35,11 +35,11 @@ def evaluate_stage(
             n = min(len(examples), cfg.eval.limit or len(examples))
             log_read(run, f"{bench}/{cfg.eval.split}", data / bench / f"{cfg.eval.split}.jsonl", "evaluation", n)
         made_by = lineage(cfg, model)
-        run.link_model(made_by.get("mlflow_model_id"), made_by.get("mlflow_run_id"))
+        model_id = run.link_model(made_by.get("mlflow_model_id"), made_by.get("mlflow_run_id"))
         metrics = evaluate_model(cfg, model, data, tmp, base_dir=base)
         metrics.update(label=label, model_digest=dir_digest(model))
         write_json_atomic(tmp / "metrics.json", metrics)
-        run.log_metrics(metrics, model_id=made_by.get("mlflow_model_id"))
+        run.log_metrics(metrics, model_id=model_id)
         run.log_artifacts(tmp / "predictions", "predictions")
         run.log_artifacts(tmp / "metrics.json")
     return out
