@@ -50,11 +50,21 @@ def local_prefect_server(port: int = 4200, timeout_s: float = 90) -> Iterator[st
         log.info("Prefect server at %s (UI: http://127.0.0.1:%d)", url, port)
         yield url
     finally:
+        _send_queued_logs()
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _send_queued_logs(timeout_s: float = 10) -> None:
+    """Send the flow-run log lines still queued for the API while the server is up: the
+    last ones ("Finished in state Completed()") are otherwise sent after it stopped, and
+    Prefect prints "--- Error logging to API ---" for them."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_s)
 
 
 def _dies_with(parent: int):
