@@ -152,44 +152,32 @@ def test_eos_calibration_against_plain_forwards(tmp_path, tiny_model_dir, model,
 # --- option letters ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("template", ["assistant_turn", "worked_example"])
-def test_letter_accuracy_against_brute_force(tmp_path, tiny_model_dir, model, tok, builder, template):
-    cfg = make_cfg(tmp_path, tiny_model_dir, teacher_template=template)
+def first_tokens(tok, choices: list[str]) -> list[int]:
+    """The token that follows "Answer:" when " <option>" does, per option."""
+    n = len(tok("Answer:", add_special_tokens=False)["input_ids"])
+    return [tok(f"Answer: {c}", add_special_tokens=False)["input_ids"][n] for c in choices]
+
+
+@pytest.mark.parametrize(
+    "template, fmt",
+    [("assistant_turn", "reason_first"), ("worked_example", "reason_first"), ("worked_example", "open_answer")],
+)
+def test_letter_accuracy_against_brute_force(tmp_path, tiny_model_dir, model, tok, builder, template, fmt):
+    """The letter after "Answer:" under both prompts; under open_answer the first token of
+    " <option>" stands for the option's letter."""
+    cfg = make_cfg(tmp_path, tiny_model_dir, teacher_template=template, mcq_format=fmt)
     letters = tok.convert_tokens_to_ids(["ĠA", "ĠB", "ĠC", "ĠD"])
     right = {"teacher": 0, "student": 0}
     for ex in MCQS:
+        candidates = first_tokens(tok, ex.choices) if fmt == "open_answer" else letters
+        assert len(set(candidates)) == len(candidates)
         prompts = {
-            "teacher": builder.encode_messages(teacher_messages(ex, gold_response(ex), template), "Answer:"),
-            "student": builder.encode_messages([user(task_text(ex))], "Answer:"),
+            "teacher": builder.encode_messages(teacher_messages(ex, gold_response(ex, fmt), template, fmt), "Answer:"),
+            "student": builder.encode_messages([user(task_text(ex, fmt))], "Answer:"),
         }
         for side, ids in prompts.items():
             assert tok.decode(ids).endswith("<|im_start|>assistant\nAnswer:")
-            right[side] += "ABCD"[int(last_token_logits(model, ids)[letters].argmax())] == ex.answer
-    got = letter_accuracy(cfg, model, tok, builder, MCQS + [CODE])
-    assert got == {
-        "letter_items": 6,
-        "teacher_letter_acc": pytest.approx(100 * right["teacher"] / 6),
-        "student_letter_acc": pytest.approx(100 * right["student"] / 6),
-    }
-
-
-def test_open_answer_accuracy_reads_each_options_first_token(tmp_path, tiny_model_dir, model, tok, builder):
-    """Under open_answer the first token of " <option>" stands for the option's letter."""
-    cfg = make_cfg(tmp_path, tiny_model_dir, teacher_template="worked_example", mcq_format="open_answer")
-    right = {"teacher": 0, "student": 0}
-    for ex in MCQS:
-        firsts = [
-            tok(f"Answer: {c}", add_special_tokens=False)["input_ids"][len(tok("Answer:")["input_ids"])]
-            for c in ex.choices
-        ]
-        assert len(set(firsts)) == len(firsts)
-        gold = gold_response(ex, "open_answer")
-        prompts = {
-            "teacher": builder.encode_messages(teacher_messages(ex, gold, "worked_example", "open_answer"), "Answer:"),
-            "student": builder.encode_messages([user(task_text(ex, "open_answer"))], "Answer:"),
-        }
-        for side, ids in prompts.items():
-            right[side] += "ABCD"[int(last_token_logits(model, ids)[firsts].argmax())] == ex.answer
+            right[side] += "ABCD"[int(last_token_logits(model, ids)[candidates].argmax())] == ex.answer
     got = letter_accuracy(cfg, model, tok, builder, MCQS + [CODE])
     assert got == {
         "letter_items": 6,

@@ -85,8 +85,9 @@ class AnswerEncoder:
         """(prompt ids ending in ANSWER_PREFIX, the first token of " <option>" for each
         option): the open answer's counterpart of `letters`. None when two options share
         their first token (the next token then does not tell them apart)."""
-        firsts = [self.split(text, f" {o.strip()}")[1][0] for o in options]
-        return (self._ids(text), firsts) if len(set(firsts)) == len(firsts) else None
+        prompt = self._ids(text)
+        firsts = [self._ids(text, f" {o.strip()}")[len(prompt)] for o in options]  # as `split` cuts
+        return (prompt, firsts) if len(set(firsts)) == len(firsts) else None
 
 
 def tie_credit(scores: torch.Tensor, gold: int) -> float:
