@@ -75,10 +75,10 @@ def score_items(cfg: Config, items: list[Item]) -> None:
                 sandbox_reason=res.reason,
                 sandbox_isolation=res.isolation["level"],
             )
-    fmt = cfg.prompts.mcq_format
     for it in items:
         ex, rec = it.example, it.record
         if ex.task == "mcq":
+            fmt = cfg.prompts.mcq_format
             rec["parsed"] = parse_answer(response_text(ex, rec["completion"], fmt), ex.choices, fmt)
             rec["correct"] = rec["parsed"] == ex.answer
         elif ex.task == "tool":
