@@ -5,8 +5,11 @@ ends as one result. The hostile programs are in tests/security/."""
 import collections
 import math
 import os
+import shutil
 import subprocess
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -308,6 +311,18 @@ def test_each_result_records_its_isolation():
     iso = isolation(FAST)  # this machine's answer, probed once per process
     (result,) = run_many([job("def f():\n    return 1\n", "assert f() == 1\n")], FAST)
     assert result.passed and result.isolation == {"level": iso.level, "seccomp": iso.seccomp, "uid": 65534}
+
+
+def test_namespaces_bind_a_package_that_lies_below_the_new_roots_mountpoint(monkeypatch, tmp_path):
+    """A checkout under /tmp: the new root's tmpfs covers the temp directory, so the
+    package must be bound through a descriptor opened before (it once failed to start)."""
+    if isolation(FAST).level != "namespaces":
+        pytest.skip("no namespace isolation on this machine")
+    assert str(tmp_path).startswith(os.path.realpath(tempfile.gettempdir()) + "/")
+    shutil.copytree(Path(launch.LIB_PARENT) / "inside", tmp_path / "inside")
+    monkeypatch.setattr(launch, "LIB_PARENT", str(tmp_path))
+    (result,) = run_many([job("def f():\n    return 1\n", "assert f() == 1\n")], FAST)
+    assert result.passed and result.isolation["level"] == "namespaces", result.reason
 
 
 def test_strict_refuses_best_effort(best_effort):

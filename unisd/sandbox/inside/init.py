@@ -76,6 +76,10 @@ def _payload(cfg: dict) -> None:
         linux.unshare(linux.CLONE_NEWNS)
     root = cfg["mountpoint"]
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    # Held open before the new root covers the mountpoint: a source below it (a checkout or
+    # a virtual environment under /tmp) is bound through its descriptor, not its hidden path.
+    sources = [*cfg["binds"], cfg["inside"]]
+    held = {path: f"/proc/self/fd/{os.open(path, os.O_PATH | os.O_CLOEXEC)}" for path in sources}
     linux.mount("tmpfs", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
     os.mkdir(root + "/tmp")  # first: a runtime under /tmp must be bound on top of it, not hidden by it
     linux.mount(
@@ -89,8 +93,8 @@ def _payload(cfg: dict) -> None:
         os.makedirs(root + os.path.dirname(path), exist_ok=True)
         os.symlink(target, root + path)
     for path in cfg["binds"]:
-        _bind(path, root + path, readonly=True)
-    _bind(cfg["inside"], root + LIB + "/inside", readonly=True)
+        _bind(held[path], root + path, readonly=True)
+    _bind(held[cfg["inside"]], root + LIB + "/inside", readonly=True)
     for name in DEVICES:
         _bind(f"/dev/{name}", f"{root}/dev/{name}", readonly=False)
     os.chdir(root)
