@@ -277,7 +277,7 @@ def test_scores_match_metrics_files(report, study):
             m = metrics["benchmarks"][bench]
             assert mcq[bench]["rot_acc"]["score"] == pytest.approx(m["rot_acc"])
             assert mcq[bench]["score"]["score"] == pytest.approx(m["score"])
-            assert (mcq[bench]["ll_acc"], mcq[bench]["parse_rate"]) == (m["ll_acc"], 0.9)
+            assert mcq[bench]["ll_acc"]["score"] == pytest.approx(m["ll_acc"]) and mcq[bench]["parse_rate"] == 0.9
         assert mcq["pooled"]["rot_acc"]["score"] == pytest.approx(metrics["mcq_rot_overall"])
         assert mcq["pooled"]["score"]["score"] == pytest.approx(metrics["mcq_overall"])
         code = data["code"]["runs"][name]
@@ -483,7 +483,7 @@ def test_old_metrics_files_fall_back_to_generative(tmp_path):
     data = json.loads((tmp_path / "out" / "report.json").read_text())
     assert (data["headline"]["metric"], data["headline"]["benchmark"]) == ("score", "sciq")
     assert "rot_acc is missing for every run" in text
-    assert "| model | rot | gen |" in _section(text, "### sciq")  # no rate columns: no run states them
+    assert "| model | gen |" in _section(text, "### sciq")  # no other columns: no run states them
     gkd = _metrics(old, "gkd")["benchmarks"]["sciq"]["score"] - _metrics(old, "base")["benchmarks"]["sciq"]["score"]
     assert data["headline"]["runs"]["gkd"]["vs_base"]["diff_pct"] == pytest.approx(gkd)
     # one new evaluation among old ones: every run must have the headline metric
@@ -491,6 +491,45 @@ def test_old_metrics_files_fall_back_to_generative(tmp_path):
     mixed = {**old, "models": {**old["models"], **new}}
     text = write_report(mixed, tmp_path / "mixed").read_text()
     assert "rot_acc is missing for base, gkd, unisd-full@0" in text
+
+
+LETTER_ONLY = ("rot_correct", "circular_correct", "rot_acc", "circular_acc", "rot_gold_prob", "mcq_rot_overall")
+
+
+def test_open_answer_study_leads_with_option_log_likelihood(study, tmp_path):
+    """`mcq_format: open_answer` evaluations have no letter scores: the report leads with
+    the declared ll_acc headline, gives it intervals, and picks the best baseline by it."""
+    names = ("base", "sft", "gkd", "unisd-full@0")
+    models = {}
+    for name in names:
+        folder = _copy_eval(study, name, tmp_path / name)
+        for bench in BENCHES:
+            path = folder / "predictions" / f"{bench}.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            path.write_text(
+                "".join(json.dumps({k: v for k, v in r.items() if k not in LETTER_ONLY}) + "\n" for r in rows)
+            )
+        metrics = json.loads((folder / "metrics.json").read_text())
+        for m in metrics["benchmarks"].values():
+            for key in LETTER_ONLY:
+                m.pop(key, None)
+        metrics.pop("mcq_rot_overall")
+        sciq = metrics["benchmarks"]["sciq"]
+        metrics["headline"] = {"benchmark": "sciq", "metric": "ll_acc", "value": sciq["ll_acc"]}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        models[name] = {**study["models"][name], "eval_dir": str(folder)}
+    text = write_report({**study, "models": models}, tmp_path / "out").read_text()
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    ll = {name: _metrics({"models": models}, name)["benchmarks"]["sciq"]["ll_acc"] for name in names}
+    assert (data["headline"]["metric"], data["headline"]["benchmark"]) == ("ll_acc", "sciq")
+    assert "## Headline: sciq option log-likelihood accuracy (ll_acc)" in text
+    assert data["best_baseline"] == max(("sft", "gkd"), key=ll.get)
+    gain = data["headline"]["runs"]["unisd-full@0"]["vs_base"]["diff_pct"]
+    assert gain == pytest.approx(ll["unisd-full@0"] - ll["base"])
+    cell = data["mcq"]["runs"]["gkd"]["sciq"]["ll_acc"]
+    assert cell["score"] == pytest.approx(ll["gkd"]) and cell["lo"] <= cell["score"] <= cell["hi"]
+    assert "| model | LL | gen | LL norm | parsed |" in _section(text, "### sciq")
+    assert "| model | LL | gen |" in _section(text, "### MCQ pooled")
 
 
 def _copy_eval(study: dict, name: str, folder: Path) -> Path:

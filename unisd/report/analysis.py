@@ -43,10 +43,11 @@ DRIFT_KEYS = {
     "gold_ppl": "Gold PPL (this model's perplexity on the references)",
     "jsd_to_base": "JSD(base, model) per token on this model's answers",
 }
-MCQ_ACCURACIES = ("rot_acc", GENERATIVE)  # with intervals from the predictions
+# with intervals from the predictions: letter-free (rot_acc; ll_acc, the only one under
+# `mcq_format: open_answer`, where no letters are shown) and generative
+MCQ_ACCURACIES = ("rot_acc", "ll_acc", GENERATIVE)
 MCQ_STATED = (
     "circular_acc",
-    "ll_acc",
     "ll_norm_acc",
     "rot_gold_prob",
     "parse_rate",
@@ -185,9 +186,9 @@ def scores(study: Study) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def mcq_table(study: Study) -> dict[str, Any]:
-    """Per MCQ benchmark and run: rotation-invariant and generative accuracy with
-    intervals, the other accuracies and rates as metrics.json states them; both
-    accuracies pooled over the MCQ benchmarks (their mean); the gold letters' histogram."""
+    """Per MCQ benchmark and run: rotation-invariant, option log-likelihood and generative
+    accuracy with intervals, the other accuracies and rates as metrics.json states them;
+    those accuracies pooled over the MCQ benchmarks (their mean); the gold letters' histogram."""
     kw, benches = study.stats_kw, study.of_task("mcq")
     runs = {}
     for run in study.runs:

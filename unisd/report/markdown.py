@@ -12,21 +12,24 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from unisd.report.analysis import DIAGNOSTICS, DRIFT_KEYS, FILTER_KEYS, OVERALL, PAPER_GAIN
+from unisd.report.analysis import DIAGNOSTICS, DRIFT_KEYS, FILTER_KEYS, MCQ_ACCURACIES, OVERALL, PAPER_GAIN
 from unisd.report.figures import signed
 from unisd.report.load import GENERATIVE, Study
 
-METRIC_NAMES = {GENERATIVE: "generative accuracy", "rot_acc": "rotation-invariant letter accuracy (rot_acc)"}
-SHORT = {GENERATIVE: "gen", "rot_acc": "rot"}
+METRIC_NAMES = {
+    GENERATIVE: "generative accuracy",
+    "rot_acc": "rotation-invariant letter accuracy (rot_acc)",
+    "ll_acc": "option log-likelihood accuracy (ll_acc)",
+}
+SHORT = {GENERATIVE: "gen", "rot_acc": "rot", "ll_acc": "LL"}
 SPLIT_NOTE = {
     "validation": "the split the studies diagnose and choose on; its numbers are not final results",
     "test": "held out: the numbers to report; only the best baseline is chosen on it",
 }
 TASK_TITLES = {"code": "Code benchmarks (pass@1 %)", "tool": "Tool-use benchmarks (full-call accuracy %)"}
-# MCQ columns beyond the two accuracies: (header, metrics.json key, format)
+# MCQ columns beyond the accuracies with intervals: (header, metrics.json key, format)
 MCQ_COLUMNS = (
     ("circular", "circular_acc", "pct"),
-    ("LL", "ll_acc", "pct"),
     ("LL norm", "ll_norm_acc", "pct"),
     ("gold prob (rot)", "rot_gold_prob", "pct"),
     ("parsed", "parse_rate", "rate"),
@@ -210,18 +213,20 @@ def mcq_md(s: Study, mcq: dict[str, Any]) -> list[str]:
     lines = [
         "## MCQ benchmarks",
         "",
-        "Per benchmark: rot — the letter-probability accuracy invariant to the options' order; gen — the "
-        "generative accuracy of the parsed answer; circular — right under every rotation; LL / LL norm — the "
-        "option with the best (length-normalized) log-likelihood (rot and LL give a k-way tie 1/k); gold "
-        "prob — the gold option's mean probability over rotations (%); parsed / finished — answers with a "
-        "parseable letter / that ended before the token limit; one-letter baseline — always answering the "
-        "most frequent gold letter. Columns no run states are left out.",
+        "Per benchmark, with 95% intervals: rot — the letter-probability accuracy invariant to the options' "
+        "order; LL — the option with the best log-likelihood (rot and LL give a k-way tie 1/k); gen — the "
+        "generative accuracy of the parsed answer. Then: circular — right under every rotation; LL norm — "
+        "LL with length-normalized log-likelihoods; gold prob — the gold option's mean probability over "
+        "rotations (%); parsed / finished — answers naming an option / that ended before the token limit; "
+        "one-letter baseline — always answering the most frequent gold letter. Columns no run states are "
+        "left out.",
         "",
     ]
     for b in mcq["benchmarks"]:
+        accs = [m for m in MCQ_ACCURACIES if any(m in r[b] for r in runs.values())]
         cols = [c for c in MCQ_COLUMNS if any(c[1] in r[b] for r in runs.values())]
         rows = [
-            [name, _ci(r[b].get("rot_acc")), _ci(r[b].get(GENERATIVE)), *(_stated(r[b].get(k), f) for _, k, f in cols)]
+            [name, *(_ci(r[b].get(m)) for m in accs), *(_stated(r[b].get(k), f) for _, k, f in cols)]
             for name, r in runs.items()
         ]
         gold = mcq["gold_hist"][b]
@@ -229,15 +234,16 @@ def mcq_md(s: Study, mcq: dict[str, Any]) -> list[str]:
             f"### {b}",
             "",
             *([f"Gold letters: {_hist(gold)}.", ""] if gold else []),
-            *_table(["model", "rot", "gen", *(h for h, _, _ in cols)], rows),
+            *_table(["model", *(SHORT[m] for m in accs), *(h for h, _, _ in cols)], rows),
         ]
-    rows = [[name, _ci(r["pooled"].get("rot_acc")), _ci(r["pooled"].get(GENERATIVE))] for name, r in runs.items()]
+    accs = [m for m in MCQ_ACCURACIES if any(m in r["pooled"] for r in runs.values())]
+    rows = [[name, *(_ci(r["pooled"].get(m)) for m in accs)] for name, r in runs.items()]
     return lines + [
         "### MCQ pooled",
         "",
         f"Mean over {', '.join(mcq['benchmarks'])}.",
         "",
-        *_table(["model", "rot", "gen"], rows),
+        *_table(["model", *(SHORT[m] for m in accs)], rows),
     ]
 
 
