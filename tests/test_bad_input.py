@@ -47,6 +47,15 @@ def unisd(capsys, *args: str) -> tuple[int, list[str]]:
         (b"generation:\n  temperature: inf\n", ["generation.temperature: must be a finite number"]),  # the string 'inf'
         (b"components: {temperature: .inf}\n", ["components.temperature: must be a finite number"]),
         (b"study:\n  size: {train.lr: .inf}\n", ["study.size.train.lr: must be a finite number"]),
+        (
+            b"study:\n  recipe_components: {base: {gold_mix: 0.25}}\n",
+            ["study.recipe_components: base: gold_mix adds training items, but loss is 'none'"],
+        ),
+        (
+            b"study:\n  recipe_components: {gkd: {gold_mix: 1.5}}\n",
+            ["recipe_components: gkd.gold_mix: Input should be less"],
+        ),
+        (b"study:\n  recipe_components: {nope: {}}\n", ["study.recipe_components: unknown recipe 'nope'"]),
         (b"eval:\n  code_workers: 100000\n", ["eval.code_workers: Input should be less than or equal to 256"]),
         (b"paths:\n  artifacts: /\n", ["paths.artifacts: '/' is the project folder or a folder above it"]),
         (b"paths:\n  artifacts: .\n", ["paths.artifacts: '.' is the project folder"]),

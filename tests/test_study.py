@@ -133,6 +133,36 @@ def test_cells_evaluated_before_records_are_timed_as_cache(small_study):
     assert [c["computed"] for c in _cells(small_study).values()] == [False] * 3
 
 
+def test_recipe_components_apply_to_their_recipes_cells_under_the_cells_own(small_study):
+    """study.recipe_components: a budget-scaled unisd-full and a stabilised baseline, in
+    every cell of their recipe; a leave-one-out cell's own removal still wins."""
+    params = yaml.safe_load(small_study.read_text())
+    params["study"]["recipe_components"] = {
+        "unisd-full": {"teacher": {"ema_every": 4}, "clip": {"mode": "quantile", "q": 0.99}},
+        "sft": {"gold_mix": 0.5},
+    }
+    params["study"]["components"] = ["ema"]
+    small_study.write_text(yaml.safe_dump(params))
+    methods = {}
+
+    def record(cfg: Config, cell: Cell) -> None:
+        methods[cell.name] = cfg.method
+        _fake_cell(cfg, cell)
+
+    report = run_study(small_study, {}, "compare", record)
+    full, sft, base = methods["unisd-full-s42"], methods["sft-s42"], methods["base-s42"]
+    assert (full.teacher.kind, full.teacher.ema_every, full.clip.mode, full.clip.q) == ("ema", 4, "quantile", 0.99)
+    assert full.agreement.enabled and full.contrastive.enabled  # the recipe's own settings stay
+    assert (sft.loss, sft.data, sft.gold_mix) == ("sft", "gold", 0.5) and base.gold_mix == 0.0
+    budget = json.loads((report.parent / "report.json").read_text())["study"]["budget"]
+    assert budget["recipe_components"] == params["study"]["recipe_components"]
+
+    run_study(small_study, {}, "ablation", record)
+    no_ema, ema = methods["unisd-full-no-ema-s42"], methods["ema-s42"]
+    assert (no_ema.teacher.kind, no_ema.clip.mode) == ("frozen", "quantile")
+    assert ema.teacher.ema_every == 10  # the `ema` component recipe has no entry: untouched
+
+
 def test_report_of_a_partly_run_study(small_study):
     with pytest.raises(ReportError, match="no cell of the compare study"):
         run_study(small_study, {}, "compare")

@@ -208,6 +208,17 @@ class TrainCfg(Section):
         return self
 
 
+def resolve_method(recipe: str, components: dict[str, Any], where: str) -> Method:
+    """`recipe` with `components` on top, validated; an error names the key under `where`."""
+    try:
+        return Method.model_validate(method_dict(recipe, components))
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = key_path(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{where}.{key}: {msg}" if key else f"{where}: {msg}") from None
+
+
 class StudyCfg(Section):
     """The compare and ablation studies (unisd/study.py)."""
 
@@ -218,6 +229,10 @@ class StudyCfg(Section):
     leave_one_out: bool = True
     # param overrides applied to every study run, as {"eval.limit": 50, ...}
     size: dict[str, Any] = Field(default_factory=dict)
+    # component overrides per recipe in every study cell of that recipe, under the cell's own
+    # (the ablation's leave-one-out): a budget-scaled unisd-full, or the same format
+    # stabilisation for every baseline that lacks it, e.g. {gkd: {gold_mix: 0.25}}
+    recipe_components: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # further overrides for the ablation's runs only (it has ~3x the compare study's cells): it
     # diagnoses, so it reads validation (HumanEval has none)
     ablation_size: dict[str, Any] = Field(
@@ -239,6 +254,15 @@ class StudyCfg(Section):
     # torch threads per cell (set before the cell, restored after); null: torch's default
     # when sequential, 1 on a Dask worker. Pin it (1) for metrics identical across runners
     threads: int | None = Field(default=None, ge=1)
+
+    @field_validator("recipe_components")
+    @classmethod
+    def _valid_per_recipe(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for recipe, components in v.items():
+            if recipe not in RECIPES:
+                raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+            resolve_method(recipe, components, where=recipe)
+        return v
 
     @field_validator("recipes", "components")
     @classmethod
@@ -322,13 +346,7 @@ class Config(Section):
     @property
     def method(self) -> Method:
         """The recipe's components with `components:` applied, validated."""
-        try:
-            return Method.model_validate(method_dict(self.recipe, self.components))
-        except ValidationError as err:
-            e = err.errors()[0]
-            where = key_path(e["loc"])
-            msg = e["msg"].removeprefix("Value error, ")
-            raise ValueError(f"components.{where}: {msg}" if where else f"components: {msg}") from None
+        return resolve_method(self.recipe, self.components, where="components")
 
     @property
     def train_benchmarks(self) -> tuple[str, ...]:

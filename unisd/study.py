@@ -86,8 +86,9 @@ CELLS = {"compare": compare_cells, "ablation": ablation_cells}
 
 def cell_config(cfg: Config, params_file: Path, overrides: dict[str, Any], study: str, cell: Cell) -> Config:
     """The cell's config: the study's size (`study.size`, then `study.ablation_size` for
-    the ablation), the command line's overrides on top, the cell's recipe and seed, and
-    the cell's own artifacts root."""
+    the ablation), the command line's overrides on top, the cell's recipe and seed, its
+    components (the cell's own over `study.recipe_components` of its recipe), and the
+    cell's own artifacts root."""
     where = f"study/{study}/{cell.name}"
     size = {**cfg.study.size, **(cfg.study.ablation_size if study == "ablation" else {})}
     return load_config(
@@ -96,7 +97,7 @@ def cell_config(cfg: Config, params_file: Path, overrides: dict[str, Any], study
             **size,
             **overrides,
             "recipe": cell.recipe,
-            "components": cell.components,
+            "components": deep_merge(cfg.study.recipe_components.get(cell.recipe, {}), cell.components),
             "run.seed": cell.seed,
             "paths.artifacts": f"{cfg.paths.artifacts}/{where}",
             "paths.metrics": f"{cfg.paths.metrics}/{where}",
@@ -284,6 +285,7 @@ def run_study(
             "epochs": sized.train.epochs,
             "batch": sized.train.batch_size * sized.train.grad_accum,
             "lora_r": sized.train.lora.r,
+            **({"recipe_components": cfg.study.recipe_components} if cfg.study.recipe_components else {}),
         },
         "wall_time_s": _wall_time(states, report_dir(cfg, study) / "report.json"),
         "cells": states,
