@@ -141,7 +141,8 @@ def test_recipe_components_apply_to_their_recipes_cells_under_the_cells_own(smal
         "unisd-full": {"teacher": {"ema_every": 4}, "clip": {"mode": "quantile", "q": 0.99}},
         "sft": {"gold_mix": 0.5},
     }
-    params["study"]["components"] = ["ema"]
+    params["study"]["components"] = ["ema", "clip"]
+    params["study"]["recipe_components"]["clip"] = {"clip": {"mode": "quantile", "q": 0.9}}
     small_study.write_text(yaml.safe_dump(params))
     methods = {}
 
@@ -161,6 +162,9 @@ def test_recipe_components_apply_to_their_recipes_cells_under_the_cells_own(smal
     no_ema, ema = methods["unisd-full-no-ema-s42"], methods["ema-s42"]
     assert (no_ema.teacher.kind, no_ema.clip.mode) == ("frozen", "quantile")
     assert ema.teacher.ema_every == 10  # the `ema` component recipe has no entry: untouched
+    clip, pair = methods["clip-s42"], methods["ema+clip-s42"]
+    assert (clip.clip.mode, clip.clip.q) == (pair.clip.mode, pair.clip.q) == ("quantile", 0.9)  # the pair as its single
+    assert pair.teacher.kind == "ema" and pair.teacher.ema_every == 10
 
 
 def test_report_of_a_partly_run_study(small_study):

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
@@ -219,29 +220,45 @@ def resolve_method(recipe: str, components: dict[str, Any], where: str) -> Metho
         raise ValueError(f"{where}.{key}: {msg}" if key else f"{where}: {msg}") from None
 
 
+STUDY_SIZE = {
+    "data.benchmarks": ["sciq"],
+    "train_set.limit": 0,
+    "eval.limit": 0,
+    "prompts.mcq_format": "open_answer",
+}
+_SCALED = {  # unisd-full's mechanisms scaled to its ~65 steps (docs/tuning.md)
+    "agreement": {"gamma": 0.1, "filter_quantile": 0.8},
+    "teacher": {"ema_every": 4, "ema_beta": 0.9},
+    "clip": {"mode": "quantile", "q": 0.99},
+}
+STUDY_RECIPE_COMPONENTS = {
+    "unisd-full": {**_SCALED, "gold_mix": 0.25},
+    **{r: {"gold_mix": 0.25} for r in ("ssd", "sdft", "gkd", "opsd", "sd")},
+    "agreement_tok_retrieval": {"agreement": _SCALED["agreement"], "gold_mix": 0.25},  # the ablation's singles
+    "ema": {"teacher": _SCALED["teacher"], "gold_mix": 0.25},
+    "clip": {"clip": _SCALED["clip"], "gold_mix": 0.25},
+}
+
+
 class StudyCfg(Section):
     """The compare and ablation studies (unisd/study.py)."""
 
     recipes: tuple[str, ...] = ("base", "sft", "ssd", "sdft", "gkd", "opsd", "unisd-full")
-    seeds: tuple[Seed, ...] = (42,)
+    seeds: tuple[Seed, ...] = (42, 43)
     components: tuple[str, ...] = ("agreement_tok_retrieval", "ema", "clip")
     agreement_variants: bool = False
     leave_one_out: bool = True
-    # param overrides applied to every study run, as {"eval.limit": 50, ...}
-    size: dict[str, Any] = Field(default_factory=dict)
+    # param overrides applied to every study run: the study protocol chosen on SciQ
+    # validation (docs/tuning.md)
+    size: dict[str, Any] = Field(default_factory=lambda: dict(STUDY_SIZE))
     # component overrides per recipe in every study cell of that recipe, under the cell's own
-    # (the ablation's leave-one-out): a budget-scaled unisd-full, or the same format
-    # stabilisation for every baseline that lacks it, e.g. {gkd: {gold_mix: 0.25}}
-    recipe_components: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    # further overrides for the ablation's runs only (it has ~3x the compare study's cells): it
-    # diagnoses, so it reads validation (HumanEval has none)
+    # (the ablation's leave-one-out): a budget-scaled unisd-full, and the same format
+    # stabilisation for every baseline that lacks it
+    recipe_components: dict[str, dict[str, Any]] = Field(default_factory=lambda: deepcopy(STUDY_RECIPE_COMPONENTS))
+    # further overrides for the ablation's runs only (it has ~2x the compare study's cells): it
+    # diagnoses, so it reads validation
     ablation_size: dict[str, Any] = Field(
-        default_factory=lambda: {
-            "eval.split": "validation",
-            "eval.limit": 16,
-            "data.benchmarks": ["sciq", "arc_challenge", "commonsense_qa", "mbpp"],
-            "train_set.limit": 16,
-        }
+        default_factory=lambda: {"eval.split": "validation", "eval.bf16_autocast": True}
     )
 
     # where the cells run: sequential (in this process, one after another) or dask (each
