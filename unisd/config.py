@@ -220,7 +220,7 @@ def resolve_method(recipe: str, components: dict[str, Any], where: str) -> Metho
         raise ValueError(f"{where}.{key}: {msg}" if key else f"{where}: {msg}") from None
 
 
-STUDY_SIZE = {
+STUDY_SIZE: dict[str, Any] = {
     "data.benchmarks": ["sciq"],
     "train_set.limit": 0,
     "eval.limit": 0,
@@ -231,7 +231,7 @@ _SCALED = {  # unisd-full's mechanisms scaled to its ~65 steps (docs/tuning.md)
     "teacher": {"ema_every": 4, "ema_beta": 0.9},
     "clip": {"mode": "quantile", "q": 0.99},
 }
-STUDY_RECIPE_COMPONENTS = {
+STUDY_RECIPE_COMPONENTS: dict[str, dict[str, Any]] = {
     "unisd-full": {**_SCALED, "gold_mix": 0.25},
     **{r: {"gold_mix": 0.25} for r in ("ssd", "sdft", "gkd", "opsd", "sd")},
     "agreement_tok_retrieval": {"agreement": _SCALED["agreement"], "gold_mix": 0.25},  # the ablation's singles
