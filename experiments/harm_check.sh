@@ -3,7 +3,9 @@
 # benchmarks"): the study trains and evaluates on SciQ only, so every finished cell's
 # trained model is evaluated here on ARC-Challenge and CommonsenseQA test (LIMIT items
 # each, default 150), in the study's answer form and the published fp32 precision, beside
-# the base model. The cells are not touched: each evaluation has its own artifacts root,
+# the base model. Read ll_acc / ll_norm_acc: in the open-answer form a one-word answer rarely
+# names an ARC-C option (sentences), so generative accuracy there is mostly unparsed (tried:
+# `LIMIT=4 experiments/harm_check.sh sft-s42`). The cells are not touched: each evaluation has its own artifacts root,
 # artifacts/harm/<cell>, holding a copy of the cell's trained adapter; metrics land in
 # metrics/harm/<cell>/. Every stage is cached, so a rerun only evaluates new cells.
 # Paired differences: python experiments/paired.py \
