@@ -67,20 +67,17 @@ def ablation_cells(cfg: Config) -> list[Cell]:
     (optionally) all agreement variants."""
     comps = cfg.study.components
     singles = list(dict.fromkeys([*comps, *(AGREEMENT_VARIANTS if cfg.study.agreement_variants else ())]))
-    own = cfg.study.recipe_components  # a pair carries each component's study settings, as its single does
+
+    def settings(component: str) -> dict:
+        """The component's recipe with its study settings (`study.recipe_components`), as its single cell runs it."""
+        return deep_merge(RECIPES[component], cfg.study.recipe_components.get(component, {}))
+
     cells = []
     for s in cfg.study.seeds:
         cells += [Cell("base", "base", s, "base"), Cell("sd", "sd", s, "sd")]
         cells += [Cell(c, c, s, "component") for c in singles]
         cells += [
-            Cell(
-                f"{a}+{b}",
-                "sd",
-                s,
-                "pair",
-                deep_merge(deep_merge(RECIPES[a], own.get(a, {})), deep_merge(RECIPES[b], own.get(b, {}))),
-                (a, b),
-            )
+            Cell(f"{a}+{b}", "sd", s, "pair", deep_merge(settings(a), settings(b)), (a, b))
             for a, b in combinations(comps, 2)
         ]
         if cfg.study.leave_one_out:
