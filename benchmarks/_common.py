@@ -230,6 +230,28 @@ def lm(quick: bool, max_prompt_tokens: int):
     return load_model(path, device="cpu"), tok, PromptBuilder.for_tokenizer(tok, max_prompt_tokens=max_prompt_tokens)
 
 
+def mcq_examples(n: int, quick: bool, split: str = "test") -> list:
+    """The first n SciQ examples of `split` from `unisd prepare`'s output; --quick without
+    that output uses made-up ones."""
+    from unisd.data.schema import Example, read_examples
+
+    if (DATA / "sciq" / f"{split}.jsonl").is_file():
+        return read_examples(DATA / "sciq" / f"{split}.jsonl")[:n]
+    if not quick:
+        sys.exit(f"{DATA} is missing: run `unisd prepare` first (or use --quick)")
+    return [
+        Example(
+            id=f"m{i}",
+            benchmark="sciq",
+            task="mcq",
+            question="Which gas do plants absorb? " * (1 + i % 3),
+            choices=["oxygen", "carbon dioxide", "nitrogen", "helium"],
+            answer="B",
+        )
+        for i in range(n)
+    ]
+
+
 def mixed_examples(n_mcq: int, n_code: int, quick: bool) -> list:
     """Short MCQ (SciQ) and long code (MBPP, HumanEval) test examples from `unisd prepare`'s
     output, shuffled (seeded). --quick without that output uses made-up examples."""
@@ -237,8 +259,8 @@ def mixed_examples(n_mcq: int, n_code: int, quick: bool) -> list:
 
     from unisd.data.schema import Example, read_examples
 
-    if (DATA / "sciq" / "test.jsonl").is_file():
-        mcq = read_examples(DATA / "sciq" / "test.jsonl")[:n_mcq]
+    mcq = mcq_examples(n_mcq, quick)
+    if (DATA / "mbpp" / "test.jsonl").is_file():
         code = [
             ex
             for pair in zip(
@@ -246,18 +268,7 @@ def mixed_examples(n_mcq: int, n_code: int, quick: bool) -> list:
             )
             for ex in pair
         ][:n_code]
-    elif quick:
-        mcq = [
-            Example(
-                id=f"m{i}",
-                benchmark="sciq",
-                task="mcq",
-                question="Which gas do plants absorb? " * (1 + i % 3),
-                choices=["oxygen", "carbon dioxide", "nitrogen", "helium"],
-                answer="B",
-            )
-            for i in range(n_mcq)
-        ]
+    else:  # mcq_examples has exited unless --quick
         code = [
             Example(
                 id=f"c{i}",
@@ -269,8 +280,6 @@ def mixed_examples(n_mcq: int, n_code: int, quick: bool) -> list:
             )
             for i in range(n_code)
         ]
-    else:
-        sys.exit(f"{DATA} is missing: run `unisd prepare` first (or use --quick)")
     examples = mcq + code
     random.Random(0).shuffle(examples)
     return examples

@@ -17,6 +17,7 @@ SCRIPTS = [
     "bench_train_step",
     "bench_generation",
     "bench_teacher_scoring",
+    "bench_option_scores",
     "bench_utilisation",
     "profile_decode",
     pytest.param("bench_cache", marks=pytest.mark.integration),

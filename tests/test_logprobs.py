@@ -6,7 +6,14 @@ import pytest
 import torch
 from tiny import build_tiny_model
 
-from unisd.logprobs import completion_logprobs, length_batches, next_token_logprobs, perplexity, retention
+from unisd.logprobs import (
+    completion_logprobs,
+    length_batches,
+    next_token_logprobs,
+    perplexity,
+    retention,
+    shared_prompt_logprobs,
+)
 from unisd.modeling import inference_autocast, load_model, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,6 +42,31 @@ def test_completion_logprobs_match_unpadded_forwards(models, batch_size, max_tok
     for (prompt, completion), lp in zip(PAIRS, lps):
         ref = reference(model, prompt, completion).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
         assert torch.allclose(lp.double(), ref, atol=1e-5)
+
+
+# options of MCQ items: prompts shared by 1 to 3 continuations of different lengths, one empty
+SHARED = [
+    ([5, 9, 12, 7], [30]),
+    ([4, 6], [40, 41, 42]),
+    ([5, 9, 12, 7], [31, 32, 33, 34]),
+    ([8, 8, 8, 8, 8, 8, 8], [50, 51]),
+    ([4, 6], []),
+    ([5, 9, 12, 7], [30, 2]),
+    ([4, 6], [43]),
+]
+
+
+@pytest.mark.parametrize("batch_size, max_tokens", [(1, 0), (2, 0), (3, 8)])
+def test_shared_prompt_logprobs_match_unpadded_forwards(models, batch_size, max_tokens):
+    """Each distinct prompt run once, its continuations over its cache: every pair's token
+    log-probs as one unpadded forward of prompt + continuation gives them, in input order."""
+    model, _, pad = models
+    got = shared_prompt_logprobs(model, SHARED, pad, batch_size=batch_size, max_tokens=max_tokens)
+    assert [len(lp) for lp in got] == [len(c) for _, c in SHARED]
+    for (prompt, completion), lp in zip(SHARED, got):
+        if completion:
+            ref = reference(model, prompt, completion).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+            assert torch.allclose(lp.double(), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch_size, max_tokens", [(1, 0), (3, 0), (2, 9)])

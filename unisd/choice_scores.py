@@ -36,7 +36,7 @@ import torch
 
 from unisd.data.convert import rotate_options
 from unisd.data.schema import LETTERS, Example
-from unisd.logprobs import completion_logprobs, next_token_logprobs
+from unisd.logprobs import next_token_logprobs, shared_prompt_logprobs
 from unisd.prompts import ANSWER_PREFIX, McqFormat, PromptBuilder, problem_text, task_text, user
 
 TIE_TOL = 1e-9  # relative: scores this close to the top are tied (rounding of equal sums in another order)
@@ -171,10 +171,11 @@ def rotation_scores(
 def loglik_scores(
     run: Scoring, enc: AnswerEncoder, examples: list[Example], mcq_format: McqFormat, desc: str
 ) -> list[dict[str, Any]]:
-    """`aggregate_loglik` per example: every option's continuation scored in one batched pass."""
+    """`aggregate_loglik` per example: every option's continuation scored after its
+    prompt, which runs once per item (`shared_prompt_logprobs`)."""
     pairs = [enc.split(cloze_text(ex, mcq_format), f" {c.strip()}") for ex in examples for c in ex.choices]
     lps = iter(
-        completion_logprobs(
+        shared_prompt_logprobs(
             run.model, pairs, run.pad_id, run.batch_size, run.bf16, desc=desc, max_tokens=run.max_tokens
         )
     )

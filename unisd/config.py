@@ -128,9 +128,10 @@ class EvalCfg(Section):
     # MCQ: rotation-averaged letter probabilities and option log-likelihoods (unisd.choice_scores)
     choice_scores: bool = True
     headline: str = Field("sciq", description="benchmark whose rot_acc is metrics.json's headline, when evaluated")
-    backend: Literal["hf", "vllm"] = Field(
+    backend: Literal["hf", "fast", "vllm"] = Field(
         "hf",
-        description="greedy answers by the reference HF path, or by vLLM "
+        description="greedy answers by the reference HF path, the fast backend (unisd.fast_decode: "
+        "in fp32 the reference's tokens, experiments/fast_eval_equality.py) or vLLM "
         "(unisd.vllm_backend: optional extra, GPU only)",
     )
 
