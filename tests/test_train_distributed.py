@@ -1,9 +1,12 @@
-"""Data-parallel training (unisd.train, unisd.distributed) against one process.
+"""Data-parallel training (unisd.train, unisd.distributed, unisd.sharding) against one process.
 
 Two processes under `accelerate launch` (gloo, CPU, fp32, one thread each) at the same
 global batch as one process (accumulation 4 = 2 processes × accumulation 2, batch 1)
 give the same loss curve, terms, gradient norms, adapter and EMA teacher; both
-processes hold the same weights; and their checkpoint resumes on one process. The
+processes hold the same weights; and their checkpoint resumes on one process. Each
+twice: every process holding the whole student (DDP), and each holding half of every
+decoder layer's parameters (FSDP2, `train.sharding: fsdp`), whose gathered weights and
+checkpoints must be the same. The
 recipe is unisd-full with every mechanism on (token agreement weights, quantile
 clipping, EMA teacher, feature matching, contrastive term): each is computed per
 micro-batch, and micro-batches are the same in both runs.
@@ -63,7 +66,7 @@ def items(tiny_model_dir):
     return out
 
 
-def config(root, model_dir, processes):
+def config(root, model_dir, processes, sharding="none"):
     return make_cfg(
         root,
         model_dir,
@@ -76,23 +79,40 @@ def config(root, model_dir, processes):
         checkpoint_every=2,
         warmup_ratio=0.0,
         processes=processes,
+        sharding=sharding,
     )
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, items):
-    """One process, and two processes through the train stage's launcher."""
-    root = tmp_path_factory.mktemp("ddp")
-    one = root / "one"
-    run_round(config(one, tiny_model_dir, 1), items, tiny_model_dir, one / "out", one / "work")
+def one(tmp_path_factory, tiny_model_dir, items):
+    """One process: the reference."""
+    root = tmp_path_factory.mktemp("one")
+    run_round(config(root, tiny_model_dir, 1), items, tiny_model_dir, root / "out", root / "work")
+    return root / "out"
+
+
+@pytest.fixture(scope="module", params=["none", "fsdp"])
+def runs(request, tmp_path_factory, tiny_model_dir, items, one):
+    """Two processes through the train stage's launcher, each holding the whole student
+    (DDP) or half of every decoder layer (FSDP), beside the one-process run."""
+    root = tmp_path_factory.mktemp(request.param)
     two, run = root / "two", Run()
     (two / "out").mkdir(parents=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(distributed, "WORKER", [PROBE])
         info = distributed.train_in_processes(
-            config(two, tiny_model_dir, 2), items, tiny_model_dir, "d" * 64, two / "out", two / "work", run
+            config(two, tiny_model_dir, 2, request.param),
+            items,
+            tiny_model_dir,
+            "d" * 64,
+            two / "out",
+            two / "work",
+            run,
         )
-    return {"root": root, "one": one / "out", "two": two / "out", "work": two / "work", "info": info, "run": run}
+    return {
+        "sharding": request.param,
+        **{"root": root, "one": one, "two": two / "out", "work": two / "work", "info": info, "run": run},
+    }
 
 
 def max_difference(a, b):
@@ -121,7 +141,12 @@ def test_two_processes_give_the_loss_curve_and_weights_of_one(runs):
 @pytest.mark.slow
 def test_every_process_holds_the_same_student_and_ema_teacher(runs):
     rank0, rank1 = (torch.load(runs["work"] / f"rank{r}.pt") for r in (0, 1))
-    for part in ("student", "teacher"):
+    (held0, whole), (held1, _) = rank0["layers"], rank1["layers"]
+    if runs["sharding"] == "fsdp":  # each process held its piece of every layer parameter
+        assert held0 + held1 == whole and 0 < held0 < whole
+    else:
+        assert held0 == held1 == whole
+    for part in ("student", "teacher"):  # whole tensors (gathered from the shards under FSDP)
         assert rank0[part].keys() == rank1[part].keys()
         for k in rank0[part]:
             assert torch.equal(rank0[part][k], rank1[part][k]), (part, k)
@@ -171,3 +196,5 @@ def test_the_launch_splits_the_global_batch_and_this_process_threads(tmp_path, t
     ]
     with pytest.raises(ConfigError, match=r"grad_accum \(4\) must be a multiple of processes \(3\)"):
         config(tmp_path, tiny_model_dir, 3)
+    with pytest.raises(ConfigError, match=r"sharding: fsdp trains a LoRA adapter"):
+        make_cfg(tmp_path, tiny_model_dir, sharding="fsdp", lora={"enabled": False})

@@ -199,6 +199,11 @@ class TrainCfg(Section):
         description="an accelerate config file (relative to the project) to launch the training "
         "processes with: several machines or GPUs; it then says the process count",
     )
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="none: every process holds the whole student (DDP); fsdp: each holds 1/N of "
+        "the decoder (FSDP2, unisd.sharding; LoRA only)",
+    )
 
     @model_validator(mode="after")
     def _whole_shares(self) -> TrainCfg:
@@ -207,6 +212,8 @@ class TrainCfg(Section):
                 f"grad_accum ({self.grad_accum}) must be a multiple of processes "
                 f"({self.processes}): the same global batch, split evenly"
             )
+        if self.sharding == "fsdp" and not self.lora.enabled:
+            raise ValueError("sharding: fsdp trains a LoRA adapter (lora.enabled: true)")
         return self
 
 

@@ -14,6 +14,11 @@ never moved. Averaging what the student actually learns makes the teacher follow
 While the teacher's LoRA B matrices are all zero (a frozen teacher, or an EMA teacher
 before its first update) its adapter adds exactly zero, so a teacher pass runs with
 the adapter switched off instead: the same numbers, without the adapter's matmuls.
+
+Under sharded training (`unisd.sharding`) the tracked parameters and the teacher's copy
+are both shards with the same layout, so the swap and the EMA update are each process's
+piece of the whole one; `state_dict` gathers whole tensors (every process must call it)
+and `load_state_dict` takes whole tensors.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
+
+from unisd.sharding import any_nonzero, copy_full_, full_state, reshard
 
 
 class Teacher:
@@ -41,7 +48,7 @@ class Teacher:
         self.is_base = (
             hasattr(self.model, "disable_adapter")
             and len(lora_b) > 0
-            and all(not w.any() for w in lora_b)
+            and not any_nonzero(lora_b)
             and all("lora_" in n for n in self.weights)
         )
 
@@ -57,6 +64,7 @@ class Teacher:
             finally:
                 self.model.train(was_training)
             return
+        reshard(self.model)  # the swap writes the pieces the next forward gathers
         student = {n: p.detach().clone() for n, p in self.params.items()}
         with torch.no_grad():
             for n, p in self.params.items():
@@ -65,6 +73,7 @@ class Teacher:
             with torch.no_grad():
                 yield
         finally:
+            reshard(self.model)
             with torch.no_grad():
                 for n, p in self.params.items():
                     p.copy_(student[n])
@@ -85,12 +94,13 @@ class Teacher:
         return True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: w.clone() for n, w in self.weights.items()}
+        """Whole CPU tensors (gathered from shards)."""
+        return full_state(self.weights)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.weights) - set(state)
         if missing:
             raise ValueError(f"teacher state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]!r}")
         for n in self.weights:
-            self.weights[n].copy_(state[n])
+            copy_full_(self.weights[n], state[n])
         self._check_base()

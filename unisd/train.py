@@ -11,7 +11,8 @@ optimizer steps; a rerun after an interruption continues from it and ends with t
 weights. A non-finite loss stops the run naming the step. accelerate places the model
 and, under `accelerate launch` (`unisd.distributed`), gives each process its share of
 every step's micro-batches and the all-reduce that makes their gradient one process's
-(`train_round`).
+(`train_round`); with `train.sharding: fsdp` each process holds 1/N of the decoder
+(`unisd.sharding`).
 """
 
 from __future__ import annotations
@@ -28,13 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from unisd.config import Config
 from unisd.logprobs import pack_left
 from unisd.objective import batch_loss
+from unisd.sharding import copy_full_, full, full_state, shard_student
 from unisd.teachers import Teacher
 
 log = logging.getLogger(__name__)
+WHOLE = StateDictOptions(full_state_dict=True)  # optimizer state by parameter name, whole tensors
 progress_log = logging.getLogger("unisd.progress")  # a periodic progress line (unisd.progress)
 
 
@@ -201,7 +210,8 @@ def _teacher_cache(cfg: Config, items: list[TrainItem], lm, visits: int, per_epo
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Whole CPU copies of the trainable parameters (gathered from shards: a collective)."""
+    return full_state({n: p for n, p in model.named_parameters() if p.requires_grad})
 
 
 def _rng_state() -> dict[str, Any]:
@@ -220,27 +230,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- processes
 
 
-def _accelerator(cfg: Config) -> Any:
-    """accelerate's view of this process: its rank, device and the collectives. One
-    process unless the run was started by `accelerate launch` (`unisd.distributed`).
+def _accelerator(cfg: Config) -> tuple[Any, bool]:
+    """accelerate's view of this process (its rank, device and the collectives), and
+    whether the student is sharded. One process unless the run was started by
+    `accelerate launch` (`unisd.distributed`).
 
-    The data parallelism is DDP's (every process holds the whole student, gradients are
-    summed across processes once per optimizer step), done here rather than by the
-    DistributedDataParallel wrapper: the objective runs the decoder and the LM head
-    itself, a chunk at a time (`completion_hidden`, `unisd.chunked`), and DDP's wrapper
-    only synchronises gradients after a forward through it. Sharded training (FSDP,
-    DeepSpeed) would need that wrapper's forward and the teacher's in-place weight swap
-    to see unsharded parameters: it is refused, not silently run as something else.
+    The data parallelism is DDP's by default (every process holds the whole student,
+    gradients are summed across processes once per optimizer step), done here rather
+    than by the DistributedDataParallel wrapper: the objective runs the decoder and the
+    LM head itself, a chunk at a time (`completion_hidden`, `unisd.chunked`), and DDP's
+    wrapper only synchronises gradients after a forward through it. With
+    `train.sharding: fsdp`, or an accelerate config asking for FSDP, each process holds
+    1/N of the decoder (`unisd.sharding`); DeepSpeed and Megatron are refused, not
+    silently run as something else.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     accelerator = Accelerator(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
-    sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
-    if accelerator.distributed_type in sharded:
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise TrainingError(
-            f"accelerate asks for {accelerator.distributed_type.value}: unisd trains data-parallel only "
-            "(every process holds the whole model; README 'N-process training')"
+            f"accelerate asks for {accelerator.distributed_type.value}: unisd trains data-parallel, "
+            "whole (DDP) or sharded (FSDP) (README 'N-process training')"
         )
     n, accum = accelerator.num_processes, cfg.train.grad_accum
     if accum % n:
@@ -248,7 +259,10 @@ def _accelerator(cfg: Config) -> Any:
             f"train.grad_accum ({accum}) is not a multiple of the {n} processes: each process runs "
             "grad_accum / N micro-batches of every optimizer step"
         )
-    return accelerator
+    fsdp = cfg.train.sharding == "fsdp" or accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and not cfg.train.lora.enabled:
+        raise TrainingError("sharded training (FSDP) trains a LoRA adapter: set train.lora.enabled: true")
+    return accelerator, fsdp and n > 1
 
 
 def _sum_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
@@ -258,8 +272,10 @@ def _sum_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
     loss divided by the global k, as one process does), so the sum over processes is
     Σ_j ∇L_j / k: one process's gradient of the same global batch, up to the order of
     the float additions. One all-reduce of one flat buffer (the trainable parameters'
-    size once more: small for a LoRA adapter)."""
-    if accelerator.num_processes == 1:
+    size once more: small for a LoRA adapter). Sharded parameters are left alone: FSDP's
+    reduce-scatter has summed their gradients already."""
+    params = [p for p in params if not isinstance(p, DTensor)]  # shards: FSDP has summed them
+    if accelerator.num_processes == 1 or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), "sum")
@@ -356,10 +372,12 @@ def train_round(
 
     method = cfg.method
     check_lineage(init_dir, base_digest)
-    accelerator = _accelerator(cfg)
+    accelerator, sharded = _accelerator(cfg)
     main = accelerator.is_main_process
     torch.manual_seed(cfg.run.seed)  # the same initial student (the LoRA initialisation) in every process
     model = build_student(cfg, base_dir, init_dir, str(accelerator.device))
+    if sharded:
+        shard_student(model)  # before the teacher and the optimizer take its parameters
     if accelerator.process_index:  # other processes draw their own dropout masks; the main one continues
         torch.manual_seed(cfg.run.seed + accelerator.process_index)
     teacher = Teacher(model, method.teacher.kind, method.teacher.ema_every, method.teacher.ema_beta)
@@ -384,11 +402,10 @@ def train_round(
     ckpt = work / "checkpoint.pt"
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in state["trainable"]:
-                    p.copy_(state["trainable"][n])
-        optimizer.load_state_dict(state["optimizer"])
+        for n, p in model.named_parameters():
+            if n in state["trainable"]:
+                copy_full_(p, state["trainable"][n])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=WHOLE)
         scheduler.load_state_dict(state["scheduler"])
         teacher.load_state_dict(state["teacher"])
         step, curves = state["step"], state["curves"]
@@ -405,7 +422,7 @@ def train_round(
         if failure := next((r["failure"] for r in reports if r["failure"]), None):
             raise TrainingError(failure)
         _sum_gradients(accelerator, params)
-        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+        grad_norm = float(full(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -431,16 +448,25 @@ def train_round(
             )
         if step % cfg.train.checkpoint_every == 0 and step < total:
             rng = gather_object([_rng_state()])  # each process's random streams
+            state = _checkpoint_state(model, optimizer, scheduler, teacher, step, curves, rng)  # every process
             if main:
-                _save_checkpoint(ckpt, model, optimizer, scheduler, teacher, step, curves, rng)
+                _save_checkpoint(ckpt, state)
                 run.log_checkpoint(step, point, ckpt)
             accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(step)
 
     info = _train_info(cfg, base_digest, step, curves)
+    teacher_state = teacher.state_dict()  # gathered: every process
+    if sharded:  # the main process writes a whole copy: the base weights and the gathered adapter
+        trained = _trainable_state(model)
+        if main:
+            model = build_student(cfg, base_dir, init_dir, "cpu")
+            for n, p in model.named_parameters():
+                if n in trained:
+                    copy_full_(p, trained[n])
     if main:
-        _write_outputs(cfg, model, tok, teacher, out, curves, info)
+        _write_outputs(cfg, model, tok, teacher_state, out, curves, info)
         ckpt.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return info
@@ -457,25 +483,28 @@ def _sort_target_modules(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _save_checkpoint(
-    path: Path, lm, optimizer, scheduler, teacher: Teacher, step: int, curves: list, rng: list[dict[str, Any]]
-) -> None:
-    """What a resume on any number of processes needs: the weights and the optimizer
-    (the same in every process), the step, and every process's random streams (`rng`)."""
+def _checkpoint_state(
+    lm, optimizer, scheduler, teacher: Teacher, step: int, curves: list, rng: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What a resume on any number of processes, sharded or not, needs: the trainable
+    weights, the optimizer state (keyed by parameter name) and the teacher, all whole
+    tensors; the step and every process's random streams (`rng`). Gathering shards is a
+    collective: every process calls this, the main one writes it (`_save_checkpoint`)."""
+    return {
+        "trainable": _trainable_state(lm),
+        "optimizer": get_optimizer_state_dict(lm, optimizer, options=WHOLE),
+        "scheduler": scheduler.state_dict(),
+        "teacher": teacher.state_dict(),
+        "rng": rng,
+        "step": step,
+        "curves": curves,
+    }
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(
-        {
-            "trainable": _trainable_state(lm),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "teacher": teacher.state_dict(),
-            "rng": rng,
-            "step": step,
-            "curves": curves,
-        },
-        tmp,
-    )
+    torch.save(state, tmp)
     os.replace(tmp, path)
 
 
@@ -488,9 +517,11 @@ def _train_info(cfg: Config, base_digest: str, steps: int, curves: list) -> dict
     }
 
 
-def _write_outputs(cfg: Config, lm, tok, teacher: Teacher, out: Path, curves: list, info: dict[str, Any]) -> None:
+def _write_outputs(
+    cfg: Config, lm, tok, teacher_state: dict[str, torch.Tensor], out: Path, curves: list, info: dict[str, Any]
+) -> None:
     """Adapter (LoRA), teacher weights, curves, the merged model for evaluation, and `info`."""
-    torch.save(teacher.state_dict(), out / "teacher.pt")
+    torch.save(teacher_state, out / "teacher.pt")
     if cfg.train.lora.enabled:
         lm.save_pretrained(out / "adapter")
         _sort_target_modules(out / "adapter" / "adapter_config.json")
