@@ -17,8 +17,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 UNISD=${UNISD:-.venv/bin/unisd}
 STUDY=artifacts/study/compare
+# eval.ppl off: harm is read on ll_acc; the perplexities and the JSD to the base model would
+# double each evaluation's cost (two models' full distributions) for what it does not decide.
 COMMON=(--set 'data.benchmarks=[arc_challenge,commonsense_qa]' --set "eval.limit=${LIMIT:-150}"
-        --set prompts.mcq_format=open_answer)
+        --set prompts.mcq_format=open_answer --set eval.ppl=false)
 stages() {  # root, then extra args: the model and data of that root, then the evaluation
   local root=$1; shift
   for stage in model prepare; do "$UNISD" "$stage" --set paths.artifacts="$root" "${COMMON[@]}"; done
