@@ -1,22 +1,26 @@
-"""Option log-likelihoods (the evaluation's ll_acc): each prompt once, or prompt + option whole.
+"""The evaluation's option scores (ll_acc, rot_acc): the shared part of an item's prompts
+once, or every prompt whole.
 
-The evaluation scores an MCQ item by log p(" <option>" | prompt) for each of its n
-options (`unisd.choice_scores.loglik_scores`); the n sequences share the prompt, which is
-most of their tokens (SciQ: a support passage and a question, then options of a few
-tokens).
+An MCQ item is scored by n sequences that share most of their tokens
+(`unisd.choice_scores`): the option log-likelihoods read log p(" <option>" | prompt) for
+each of the n options after one prompt; the rotations read the next-token letter
+probabilities after the prompt with its options in each of n cyclic orders, prompts that
+agree up to where the options start (SciQ: a support passage and a question).
 
-prompt once:     `unisd.logprobs.shared_prompt_logprobs`, what the evaluation runs: one
-                 forward over the distinct prompts keeps their KV cache, one more over the
-                 options reads it (P + Σ|option| tokens per item).
-whole sequences: `unisd.logprobs.completion_logprobs` on the same (prompt, option) pairs,
-                 what the evaluation ran before (n·P + Σ|option| tokens per item).
+shared:  what the evaluation runs. One forward over the distinct shared parts (the
+         prompt; the rotations' common prefix) keeps their KV cache, one more over the
+         rest reads it (`unisd.logprobs.shared_prompt_logprobs`,
+         `shared_prefix_next_token_logprobs`).
+whole:   what it ran before: every sequence on its own (`completion_logprobs`,
+         `next_token_logprobs`).
 
 Both with the stages' batching (`eval.batch_size` rows, `eval.score_tokens` padded
-tokens), on SciQ validation items under `open_answer` (the studies' protocol: the
-student's own prompt is the context) and under the letter formats' cloze text. The
-table reports items/s; after it, the largest |Δ log p| of an option and how many items'
-ll_correct / ll_norm_correct differ between the paths (fp32: must be < 1e-4 and 0 —
-the published precision; `--bf16`: reported only).
+tokens), on SciQ validation items: option log-likelihoods under `open_answer` (the
+studies' protocol) and under the letter formats' cloze text, rotations under
+`reason_first` (the default). The table reports items/s, then the largest |Δ log p| and
+how many items' credits (ll_correct / ll_norm_correct; rot_correct / circular_correct)
+differ between the paths: in fp32 they must be < 1e-4 and 0, the published precision;
+`--bf16` only reports them. `--scores` picks one kind.
 """
 
 from __future__ import annotations
@@ -27,69 +31,122 @@ FULL = {"items": 60, "batch_size": 16, "score_tokens": 2048, "reps": 2}
 QUICK = {"items": 4, "batch_size": 8, "score_tokens": 256, "reps": 1}
 
 
-def main() -> None:
-    import torch
+def workloads(examples, builder, kinds: list[str]) -> list[dict]:
+    """Per workload: its label, both paths (name -> call(model, pad, rows, bf16, max_tokens)
+    returning one log-prob tensor per sequence), the tokens each path reads, and the
+    per-item credits from a path's output."""
+    from unisd.choice_scores import AnswerEncoder, aggregate_loglik, aggregate_rotations, cloze_text, common_prefix
+    from unisd.data.convert import rotate_options
+    from unisd.logprobs import (
+        completion_logprobs,
+        next_token_logprobs,
+        shared_prefix_next_token_logprobs,
+        shared_prompt_logprobs,
+    )
+    from unisd.prompts import task_text
 
-    from unisd.choice_scores import AnswerEncoder, aggregate_loglik, cloze_text
-    from unisd.logprobs import completion_logprobs, shared_prompt_logprobs
-
-    p = C.parser(__doc__)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both paths")
-    args = C.parse(p)
-    cfg = (QUICK if args.quick else FULL) | {"bf16": args.bf16}
-    reps = args.reps or cfg["reps"]
-    model, tok, builder = C.lm(args.quick, max_prompt_tokens=8192)
-    examples = C.mcq_examples(cfg["items"], args.quick, split="validation")
-    enc, pad, rows, bf16 = AnswerEncoder(builder), tok.pad_token_id, cfg["batch_size"], args.bf16
-    paths = {"prompt once": shared_prompt_logprobs, "whole sequences": completion_logprobs}
-
-    table, results = [], {}
-    for fmt in ("open_answer", "reason_first"):
+    enc, out = AnswerEncoder(builder), []
+    for fmt in ("open_answer", "reason_first") if "ll" in kinds else ():
         pairs = [enc.split(cloze_text(ex, fmt), f" {c.strip()}") for ex in examples for c in ex.choices]
-        out: dict[str, list] = {}
 
-        def run(name: str, pairs=pairs, out=out) -> None:
-            out[name] = paths[name](model, pairs, pad, rows, bf16, max_tokens=cfg["score_tokens"])
-
-        times = C.interleaved({name: (lambda name=name: run(name)) for name in paths}, reps, warmup=1)
-        diff = max(float((a - b).abs().max()) for a, b in zip(out["prompt once"], out["whole sequences"]))
-        scores = {}
-        for name, lps in out.items():
+        def ll_credits(lps, keys=("ll_correct", "ll_norm_correct")):
             it = iter(lps)
-            scores[name] = [
+            items = [
                 aggregate_loglik(
                     [float(next(it).sum()) for _ in ex.choices], [len(c.strip()) for c in ex.choices], ex.gold_index
                 )
                 for ex in examples
             ]
-        flips = {
-            key: sum(a[key] != b[key] for a, b in zip(scores["prompt once"], scores["whole sequences"]))
-            for key in ("ll_correct", "ll_norm_correct")
-        }
+            return {k: [i[k] for i in items] for k in keys}
+
+        out.append(
+            {
+                "label": f"ll, {fmt}",
+                "paths": {
+                    "shared": lambda *a, pairs=pairs, **k: shared_prompt_logprobs(a[0], pairs, *a[1:], **k),
+                    "whole": lambda *a, pairs=pairs, **k: completion_logprobs(a[0], pairs, *a[1:], **k),
+                },
+                "tokens": {
+                    "shared": sum(len(p) for p in {tuple(p) for p, _ in pairs}) + sum(len(c) for _, c in pairs),
+                    "whole": sum(len(p) + len(c) for p, c in pairs),
+                },
+                "credits": ll_credits,
+            }
+        )
+    if "rot" in kinds:
+        splits, letters = [], []
+        for ex in examples:
+            rotations = [
+                enc.letters(task_text(rotate_options(ex, r), "reason_first"), len(ex.choices))
+                for r in range(len(ex.choices))
+            ]
+            n = common_prefix([p for p, _ in rotations])
+            splits += [(p[:n], p[n:]) for p, _ in rotations]
+            letters += [c for _, c in rotations]
+        whole = [p + s for p, s in splits]
+
+        def rot_credits(lps, keys=("rot_correct", "circular_correct")):
+            it = iter(lps)
+            items = [aggregate_rotations([next(it) for _ in ex.choices], ex.gold_index) for ex in examples]
+            return {k: [i[k] for i in items] for k in keys}
+
+        out.append(
+            {
+                "label": "rotations, reason_first",
+                "paths": {
+                    "shared": lambda m, pad, *a, **k: shared_prefix_next_token_logprobs(
+                        m, splits, letters, pad, *a, **k
+                    ),
+                    "whole": lambda m, pad, *a, **k: next_token_logprobs(m, whole, letters, pad, *a, **k),
+                },
+                "tokens": {
+                    "shared": sum(len(p) for p in {tuple(p) for p, _ in splits}) + sum(len(s) for _, s in splits),
+                    "whole": sum(map(len, whole)),
+                },
+                "credits": rot_credits,
+            }
+        )
+    return out
+
+
+def main() -> None:
+    import torch
+
+    p = C.parser(__doc__)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both paths")
+    p.add_argument("--scores", choices=["ll", "rot", "both"], default="both")
+    args = C.parse(p)
+    cfg = (QUICK if args.quick else FULL) | {"bf16": args.bf16}
+    reps = args.reps or cfg["reps"]
+    model, tok, builder = C.lm(args.quick, max_prompt_tokens=8192)
+    examples = C.mcq_examples(cfg["items"], args.quick, split="validation")
+    pad, rows, bf16 = tok.pad_token_id, cfg["batch_size"], args.bf16
+    kinds = ["ll", "rot"] if args.scores == "both" else [args.scores]
+
+    table, results = [], {}
+    for w in workloads(examples, builder, kinds):
+        out: dict[str, list] = {}
+
+        def run(name: str, w=w, out=out) -> None:
+            out[name] = w["paths"][name](model, pad, rows, bf16, max_tokens=cfg["score_tokens"])
+
+        times = C.interleaved({name: (lambda name=name: run(name)) for name in w["paths"]}, reps, warmup=1)
+        diff = max(float((a - b).abs().max()) for a, b in zip(out["shared"], out["whole"]))
+        shared, whole = w["credits"](out["shared"]), w["credits"](out["whole"])
+        flips = {k: sum(a != b for a, b in zip(shared[k], whole[k])) for k in shared}
         speed = {name: [len(examples) / t for t in ts] for name, ts in times.items()}
-        tokens = {
-            "prompt once": sum(len(p) for p in {tuple(p) for p, _ in pairs}) + sum(len(c) for _, c in pairs),
-            "whole sequences": sum(len(p) + len(c) for p, c in pairs),
-        }
-        for name in paths:
-            table.append(
-                [
-                    fmt,
-                    name,
-                    tokens[name],
-                    C.spread(speed[name], "{:.2f}"),
-                    C.spread(C.ratios(speed[name], speed["whole sequences"]), "{:.2f}×"),
-                ]
-            )
-        table[-2] += [f"{diff:.1e}", f"{flips['ll_correct']} / {flips['ll_norm_correct']}"]
-        table[-1] += ["", ""]
-        results[fmt] = {"seconds": times, "tokens": tokens, "max_abs_diff": diff, "flips": flips}
+        for name in w["paths"]:
+            row = [w["label"], name, w["tokens"][name], C.spread(speed[name], "{:.2f}")]
+            row.append(C.spread(C.ratios(speed[name], speed["whole"]), "{:.2f}×"))
+            row += [f"{diff:.1e}", " / ".join(f"{k} {v}" for k, v in flips.items())] if name == "shared" else ["", ""]
+            table.append(row)
+        results[w["label"]] = {"seconds": times, "tokens": w["tokens"], "max_abs_diff": diff, "flips": flips}
         if not bf16:
-            assert diff < 1e-4 and not any(flips.values()), f"{fmt}: paths differ by {diff:.2e}, flips {flips}"
+            assert diff < 1e-4 and not any(flips.values()), f"{w['label']}: paths differ by {diff:.2e}, flips {flips}"
 
     C.report(
-        "Option log-likelihoods (ll_acc): each prompt once vs prompt + option whole",
-        ["format", "path", "tokens", "items/s", "× whole sequences", "max |Δ log p|", "ll / ll_norm flips"],
+        "Option scores: the shared part of an item's prompts once vs every prompt whole",
+        ["scores", "path", "tokens", "items/s", "× whole", "max |Δ log p|", "credits changed"],
         table,
         {"config": cfg | {"reps": reps, "model": str(C.model_dir(args.quick))}, "items": len(examples), **results},
         args.json,

@@ -16,6 +16,7 @@ from unisd.choice_scores import (
     aggregate_loglik,
     choice_scores,
     cloze_text,
+    common_prefix,
     rotation_scores,
     tie_credit,
 )
@@ -38,22 +39,51 @@ SKY = Example(
 class StubLM:
     """Next-token logits set by hand from the decoded prompt: `logits(shown)` gets the
     options as shown, {letter: text}, and returns {letter: logit} for the letter tokens
-    (every other token of the vocabulary: logit 0)."""
+    (every other token of the vocabulary: logit 0).
+
+    It speaks the decoder-and-cache interface the scoring uses: the "hidden state" where
+    a prompt ends (its prefix kept in a stand-in cache, then its suffix) is those logits,
+    and the LM head is the identity."""
 
     device = torch.device("cpu")
+    config = SimpleNamespace(final_logit_softcapping=None)
 
     def __init__(self, tok, logits):
         self.tok, self.logits = tok, logits
 
-    def __call__(self, input_ids, attention_mask, position_ids, logits_to_keep, use_cache):
-        rows = []
-        for ids, mask in zip(input_ids, attention_mask):
-            shown = dict(re.findall(r"^([A-J])\. (.*)$", self.tok.decode(ids[mask.bool()].tolist()), re.M))
-            row = torch.zeros(len(self.tok))
-            for letter, value in self.logits(shown).items():
-                row[self.tok.convert_tokens_to_ids("Ġ" + letter)] = value
-            rows.append(row)
-        return SimpleNamespace(logits=torch.stack(rows)[:, None])
+    def get_output_embeddings(self):
+        return SimpleNamespace(weight=torch.eye(len(self.tok)), bias=None)
+
+    def get_decoder(self):
+        return self.decoder
+
+    def row(self, ids: list[int]) -> torch.Tensor:
+        shown = dict(re.findall(r"^([A-J])\. (.*)$", self.tok.decode(ids), re.M))
+        row = torch.zeros(len(self.tok))
+        for letter, value in self.logits(shown).items():
+            row[self.tok.convert_tokens_to_ids("Ġ" + letter)] = value
+        return row
+
+    def decoder(self, input_ids, attention_mask, position_ids, use_cache, cache=None):
+        """Zeros but where a whole prompt ends: there the logits of its text."""
+        hidden = torch.zeros(*input_ids.shape, len(self.tok))
+        if cache is None:  # the prefixes, left-padded: nothing is read at them
+            cache = Prefixes([ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)])
+        else:  # the suffixes, right-padded after the cached prefixes
+            for r, (prefix, ids) in enumerate(zip(cache.rows, input_ids)):
+                n = int(attention_mask[r, -input_ids.shape[1] :].sum())
+                hidden[r, n - 1] = self.row(prefix + ids[:n].tolist())
+        return SimpleNamespace(last_hidden_state=hidden, cache=cache)
+
+
+class Prefixes:
+    """The stand-in KV cache: the token ids each row has read."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def batch_select_indices(self, indices):
+        self.rows = [self.rows[i] for i in indices.tolist()]
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +144,13 @@ def test_letters_must_be_single_tokens(builder):
     prompt, letters = AnswerEncoder(builder).letters(task_text(SKY), 3)
     assert builder.tokenizer.convert_ids_to_tokens(letters) == ["ĠA", "ĠB", "ĠC"]
     assert builder.tokenizer.decode(prompt).endswith("<|im_start|>assistant\n" + ANSWER_PREFIX)
+
+
+def test_common_prefix_hand_worked():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # the last token stays a suffix
+    assert common_prefix([[7], [7, 8]]) == 0
+    assert common_prefix([[1, 2], [3, 2]]) == 0
 
 
 def test_tie_credit_and_loglik_hand_worked():

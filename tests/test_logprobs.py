@@ -12,6 +12,7 @@ from unisd.logprobs import (
     next_token_logprobs,
     perplexity,
     retention,
+    shared_prefix_next_token_logprobs,
     shared_prompt_logprobs,
 )
 from unisd.modeling import inference_autocast, load_model, load_tokenizer
@@ -67,6 +68,22 @@ def test_shared_prompt_logprobs_match_unpadded_forwards(models, batch_size, max_
         if completion:
             ref = reference(model, prompt, completion).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
             assert torch.allclose(lp.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size, max_tokens", [(1, 0), (2, 0), (3, 8)])
+def test_shared_prefix_next_token_logprobs_match_unpadded_forwards(models, batch_size, max_tokens):
+    """Prompts split as (shared prefix, own suffix): the candidates' next-token log-probs
+    after each whole prompt, as one unpadded forward of it gives them."""
+    model, _, pad = models
+    splits = [(p, c) for p, c in SHARED if c]  # every prompt keeps a suffix to read the next token after
+    candidates = [[3, 30], [44], [50, 7, 50], [9], [2, 31], [40]]
+    got = shared_prefix_next_token_logprobs(
+        model, splits, candidates, pad, batch_size=batch_size, max_tokens=max_tokens
+    )
+    for (prefix, suffix), cands, lp in zip(splits, candidates, got):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(input_ids=torch.tensor([prefix + suffix])).logits[0, -1].double(), -1)
+        assert torch.allclose(lp.double(), ref[cands], atol=1e-5)
 
 
 @pytest.mark.parametrize("batch_size, max_tokens", [(1, 0), (3, 0), (2, 9)])

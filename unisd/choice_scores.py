@@ -36,7 +36,7 @@ import torch
 
 from unisd.data.convert import rotate_options
 from unisd.data.schema import LETTERS, Example
-from unisd.logprobs import next_token_logprobs, shared_prompt_logprobs
+from unisd.logprobs import shared_prefix_next_token_logprobs, shared_prompt_logprobs
 from unisd.prompts import ANSWER_PREFIX, McqFormat, PromptBuilder, problem_text, task_text, user
 
 TIE_TOL = 1e-9  # relative: scores this close to the top are tied (rounding of equal sums in another order)
@@ -143,21 +143,35 @@ class Scoring:
     max_tokens: int = 0
 
 
+def common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the longest common prefix of `seqs`, short of the shortest one by a token
+    at least (every sequence keeps a suffix: the position its next token is read at)."""
+    shortest = min(map(len, seqs))
+    n = 0
+    while n < shortest - 1 and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
 def rotation_scores(
     run: Scoring, enc: AnswerEncoder, examples: list[Example], mcq_format: McqFormat, desc: str
 ) -> list[dict[str, Any]]:
-    """`aggregate_rotations` per example: one forward per rotation (the student's task text
-    in `mcq_format`, rotated), all batched together."""
-    prompts = [
-        enc.letters(task_text(rotate_options(ex, r), mcq_format), len(ex.choices))
-        for ex in examples
-        for r in range(len(ex.choices))
-    ]
+    """`aggregate_rotations` per example: the student's task text in `mcq_format`, once per
+    rotation; an item's rotations share the tokens before its options, which run once
+    (`shared_prefix_next_token_logprobs`)."""
+    pairs, letters = [], []
+    for ex in examples:
+        rotations = [
+            enc.letters(task_text(rotate_options(ex, r), mcq_format), len(ex.choices)) for r in range(len(ex.choices))
+        ]
+        prefix = common_prefix([p for p, _ in rotations])
+        pairs += [(p[:prefix], p[prefix:]) for p, _ in rotations]
+        letters += [c for _, c in rotations]
     lps = iter(
-        next_token_logprobs(
+        shared_prefix_next_token_logprobs(
             run.model,
-            [p for p, _ in prompts],
-            [c for _, c in prompts],
+            pairs,
+            letters,
             run.pad_id,
             run.batch_size,
             run.bf16,

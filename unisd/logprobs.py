@@ -10,7 +10,7 @@ no [B, T, V] logits for padding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -132,6 +132,58 @@ def completion_logprobs(
     return out  # type: ignore[return-value]
 
 
+def _over_shared_prompts(
+    model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, max_tokens: int, desc: str
+) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    """For pairs (prompt, continuation) that share prompts, each distinct prompt run once:
+    yields, batch by batch, the pairs' indices and for each pair the final hidden states
+    [|c| + 1, H] at the prompt's last position and at every continuation position, so row
+    t predicts continuation token t and row |c| the token after the continuation.
+
+    A batch of distinct prompts (left-padded, `length_batches` on their lengths) is one
+    forward that keeps its KV cache; the cache rows are repeated, one per continuation of
+    that prompt, and one more forward over the continuations (right-padded after the
+    prompts, positions continuing each prompt's own) reads them. n continuations of a
+    P-token prompt cost P + Σ|c| tokens instead of n·P + Σ|c|.
+    """
+    device, decoder = model.device, model.get_decoder()
+    groups: dict[tuple[int, ...], list[int]] = {}  # prompt -> indices of its pairs
+    for i, (prompt, _) in enumerate(pairs):
+        groups.setdefault(tuple(prompt), []).append(i)
+    prompts = list(groups)
+    progress = Progress(desc, len(pairs), "sequences")
+    for idx in length_batches([len(p) for p in prompts], batch_size, max_tokens):
+        batch = pack_left([(list(prompts[g]), []) for g in idx], pad_id, device)
+        first = decoder(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=True,
+        )
+        rows = [(row, i) for row, g in enumerate(idx) for i in groups[prompts[g]]]  # (prompt row, pair)
+        conts = [pairs[i][1] for _, i in rows]
+        width = max(1, *map(len, conts))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        cont_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, c in enumerate(conts):
+            ids[r, : len(c)], cont_mask[r, : len(c)] = torch.tensor(c, dtype=torch.long), 1
+        select = torch.tensor([row for row, _ in rows], device=device)
+        cache = first.cache
+        cache.batch_select_indices(select)  # one cache row per continuation
+        prompt_mask = batch["attention_mask"][select]
+        hidden = decoder(
+            input_ids=ids.to(device),
+            attention_mask=torch.cat([prompt_mask, cont_mask.to(device)], 1),
+            position_ids=prompt_mask.sum(-1, keepdim=True) + torch.arange(width, device=device),
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state
+        last = first.last_hidden_state[select, -1:]
+        yield [i for _, i in rows], [torch.cat([last[r], hidden[r, : len(c)]]) for r, c in enumerate(conts)]
+        progress.update(len(rows), tokens=int(batch["attention_mask"].sum()) + int(cont_mask.sum()))
+    progress.close()
+
+
 @torch.inference_mode()
 def shared_prompt_logprobs(
     model,
@@ -144,62 +196,43 @@ def shared_prompt_logprobs(
     max_tokens: int = 0,
 ) -> list[torch.Tensor]:
     """`completion_logprobs` for pairs that share prompts (an MCQ item's options), each
-    distinct prompt run once.
-
-    A batch of distinct prompts (left-padded, `length_batches` on their lengths) is one
-    forward that keeps its KV cache; the cache rows are repeated, one per continuation of
-    that prompt, and one more forward over the continuations (right-padded after the
-    prompts, positions continuing each prompt's own) reads them. The hidden state that
-    predicts continuation token t is the prompt's last one for t = 0, the continuation's
-    own at t − 1 after. n continuations of a P-token prompt cost P + Σ|c| tokens instead
-    of n·P + Σ|c|; the values are `completion_logprobs`' up to float rounding (tested).
-    """
-    device = model.device
-    decoder, head = model.get_decoder(), head_fn(model)
-    groups: dict[tuple[int, ...], list[int]] = {}  # prompt -> indices of its pairs
-    for i, (prompt, _) in enumerate(pairs):
-        groups.setdefault(tuple(prompt), []).append(i)
-    prompts = list(groups)
-    out: list[torch.Tensor | None] = [None] * len(pairs)
-    progress = Progress(desc, len(pairs), "sequences")
+    distinct prompt run once (`_over_shared_prompts`); the values are
+    `completion_logprobs`' up to float rounding (tested)."""
+    head, out = head_fn(model), [torch.empty(0)] * len(pairs)
     with inference_autocast(model, bf16):
-        for idx in length_batches([len(p) for p in prompts], batch_size, max_tokens):
-            batch = pack_left([(list(prompts[g]), []) for g in idx], pad_id, device)
-            first = decoder(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"],
-                use_cache=True,
-            )
-            rows = [(row, i) for row, g in enumerate(idx) for i in groups[prompts[g]]]  # (prompt row, pair)
-            conts = [pairs[i][1] for _, i in rows]
-            width = max(1, *map(len, conts))
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            cont_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, c in enumerate(conts):
-                ids[r, : len(c)], cont_mask[r, : len(c)] = torch.tensor(c, dtype=torch.long), 1
-            select = torch.tensor([row for row, _ in rows], device=device)
-            cache = first.cache
-            cache.batch_select_indices(select)  # one cache row per continuation
-            prompt_mask = batch["attention_mask"][select]
-            hidden = decoder(
-                input_ids=ids.to(device),
-                attention_mask=torch.cat([prompt_mask, cont_mask.to(device)], 1),
-                position_ids=prompt_mask.sum(-1, keepdim=True) + torch.arange(width, device=device),
-                cache=cache,
-                use_cache=True,
-            ).last_hidden_state
-            last = first.last_hidden_state[select, -1:]  # predicts each continuation's first token
-            predicting = torch.cat(
-                [torch.cat([last[r], hidden[r, : len(c) - 1]])[: len(c)] for r, c in enumerate(conts)]
-            )  # [Σ|c|, H], row by row
-            targets = torch.tensor([t for c in conts for t in c], dtype=torch.long, device=device)
+        for idx, hiddens in _over_shared_prompts(model, pairs, pad_id, batch_size, max_tokens, desc):
+            lengths = [len(pairs[i][1]) for i in idx]
+            predicting = torch.cat([h[:n] for h, n in zip(hiddens, lengths)])  # [Σ|c|, H], row by row
+            targets = torch.tensor([t for i in idx for t in pairs[i][1]], dtype=torch.long, device=model.device)
             token_lp = token_logprobs(predicting[None], head, targets[None], 1.0, chunk_size)[0].float().cpu()
-            for (_, i), lp in zip(rows, token_lp.split([len(c) for c in conts])):
+            for i, lp in zip(idx, token_lp.split(lengths)):
                 out[i] = lp
-            progress.update(len(rows), tokens=int(batch["attention_mask"].sum()) + int(cont_mask.sum()))
-    progress.close()
-    return out  # type: ignore[return-value]
+    return out
+
+
+@torch.inference_mode()
+def shared_prefix_next_token_logprobs(
+    model,
+    pairs: list[tuple[list[int], list[int]]],
+    candidates: list[list[int]],
+    pad_id: int,
+    batch_size: int = 8,
+    bf16: bool = False,
+    desc: str = "next token",
+    max_tokens: int = 0,
+) -> list[torch.Tensor]:
+    """`next_token_logprobs` of prompts written as (shared prefix, own suffix) pairs (an
+    MCQ item's rotations: the same question, the options in another order), each
+    distinct prefix run once (`_over_shared_prompts`): log p(x | prefix + suffix) of each
+    candidate x of `candidates[i]`. The values are `next_token_logprobs`' on the joined
+    prompts up to float rounding (tested)."""
+    head, out = head_fn(model), [torch.empty(0)] * len(pairs)
+    with inference_autocast(model, bf16):
+        for idx, hiddens in _over_shared_prompts(model, pairs, pad_id, batch_size, max_tokens, desc):
+            lp = torch.log_softmax(head(torch.stack([h[-1] for h in hiddens])).float(), -1)
+            for row, i in enumerate(idx):
+                out[i] = lp[row, candidates[i]].cpu()
+    return out
 
 
 @torch.inference_mode()
