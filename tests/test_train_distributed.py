@@ -27,6 +27,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_train import DEMO, QUESTIONS, Run, adapter, curves, make_cfg, run_round
 
 from unisd import distributed
@@ -66,13 +67,13 @@ def items(tiny_model_dir):
     return out
 
 
-def config(root, model_dir, processes, sharding="none"):
+def config(root, model_dir, processes, sharding="none", lora=True):
     return make_cfg(
         root,
         model_dir,
         recipe="unisd-full",
         components=COMPONENTS,
-        lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
+        lora={"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0},
         max_steps=4,
         batch_size=1,
         grad_accum=4,
@@ -174,6 +175,31 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs, tiny_model_dir, i
     assert max_difference(torch.load(out / "teacher.pt"), torch.load(runs["one"] / "teacher.pt")) < 1e-5
 
 
+@pytest.mark.slow
+def test_sharded_full_fine_tuning_gives_the_one_process_run(tmp_path, tiny_model_dir, items):
+    """Every weight trains: the decoder's sharded, the tied embedding whole in each
+    process (its gradient all-reduced), the gradient norm taken over both."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_round(config(one, tiny_model_dir, 1, lora=False), items, tiny_model_dir, one / "out", one / "work")
+    (two / "out").mkdir(parents=True)
+    distributed.train_in_processes(
+        config(two, tiny_model_dir, 2, "fsdp", lora=False),
+        items,
+        tiny_model_dir,
+        "d" * 64,
+        two / "out",
+        two / "work",
+        Run(),
+    )
+    c1, c2 = curves(one / "out"), curves(two / "out")
+    for key in CURVE_KEYS:
+        assert [c[key] for c in c2] == pytest.approx([c[key] for c in c1], rel=1e-5, abs=1e-7), key
+    w1, w2 = (load_file(d / "out" / "model" / "model.safetensors") for d in (one, two))
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert max_difference(w1, base) > 1e-3 and max_difference(w1, w2) < 1e-5  # it trained, the same way
+    assert max_difference(torch.load(one / "out" / "teacher.pt"), torch.load(two / "out" / "teacher.pt")) < 1e-5
+
+
 def test_the_launch_splits_the_global_batch_and_this_process_threads(tmp_path, tiny_model_dir):
     job = tmp_path / "job.pt"
     one = config(tmp_path, tiny_model_dir, 1)
@@ -196,5 +222,3 @@ def test_the_launch_splits_the_global_batch_and_this_process_threads(tmp_path, t
     ]
     with pytest.raises(ConfigError, match=r"grad_accum \(4\) must be a multiple of processes \(3\)"):
         config(tmp_path, tiny_model_dir, 3)
-    with pytest.raises(ConfigError, match=r"sharding: fsdp trains a LoRA adapter"):
-        make_cfg(tmp_path, tiny_model_dir, sharding="fsdp", lora={"enabled": False})

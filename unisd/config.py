@@ -202,7 +202,7 @@ class TrainCfg(Section):
     sharding: Literal["none", "fsdp"] = Field(
         "none",
         description="none: every process holds the whole student (DDP); fsdp: each holds 1/N of "
-        "the decoder (FSDP2, unisd.sharding; LoRA only)",
+        "the decoder (FSDP2, unisd.sharding)",
     )
 
     @model_validator(mode="after")
@@ -212,8 +212,6 @@ class TrainCfg(Section):
                 f"grad_accum ({self.grad_accum}) must be a multiple of processes "
                 f"({self.processes}): the same global batch, split evenly"
             )
-        if self.sharding == "fsdp" and not self.lora.enabled:
-            raise ValueError("sharding: fsdp trains a LoRA adapter (lora.enabled: true)")
         return self
 
 

@@ -8,11 +8,12 @@ all-gathered just before its forward and backward and freed after. The token emb
 stays whole in every process: the LM head shares it (tied weights), and `unisd.chunked`
 applies the head outside the decoder's forward, where FSDP's hooks would not gather it.
 
-LoRA only. The adapter, all that trains, lives in the layers, so every trainable
-parameter is sharded and FSDP reduce-scatters its gradient: summed over processes, not
-averaged (divide factor 1), because each micro-batch's loss is already
-divided by the global accumulation k, as in the unsharded loop (`unisd.train`). Full
-fine-tuning would train the embedding outside FSDP as well: refused (config).
+FSDP reduce-scatters the gradients of sharded parameters: summed over processes, not
+averaged (divide factor 1), because each micro-batch's loss is already divided by the
+global accumulation k, as in the unsharded loop (`unisd.train`). Under LoRA that is all
+that trains; under full fine-tuning the whole embedding trains too, and its gradient is
+all-reduced with the unsharded loop's sum (`unisd.train._sum_gradients`). Gradient
+clipping then needs the norm over shards and whole tensors together (`clip_grad_norm_`).
 
 What the rest of the loop needs from a sharded model, each a no-op on whole tensors:
 `full_state` (gathered, on every process: a collective) for checkpoints and outputs,
@@ -82,3 +83,25 @@ def any_nonzero(tensors: Iterable[torch.Tensor]) -> bool:
     flag = torch.tensor(int(local), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> float:
+    """`torch.nn.utils.clip_grad_norm_` over parameters some of which are shards:
+
+        ‖g‖ = sqrt(Σ_shards ‖g_piece‖² summed over processes + Σ_whole ‖g‖²)
+
+    (a whole parameter's gradient is the same in every process, so it counts once), then
+    every gradient scaled by min(1, max_norm / (‖g‖ + 1e-6)), torch's rule. Returns ‖g‖."""
+    grads = [p.grad for p in params if p.grad is not None]
+    pieces = [g.to_local() for g in grads if isinstance(g, DTensor)]
+    sharded = torch.stack([g.float().norm() ** 2 for g in pieces]).sum() if pieces else torch.zeros(())
+    if pieces:
+        dist.all_reduce(sharded)
+    whole = sum((g.float().norm() ** 2 for g in grads if not isinstance(g, DTensor)), torch.zeros(()))
+    norm = float((sharded.cpu() + whole.cpu()).sqrt())
+    scale = min(1.0, max_norm / (norm + 1e-6))
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return norm

@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor
 from unisd.config import Config
 from unisd.logprobs import pack_left
 from unisd.objective import batch_loss
-from unisd.sharding import copy_full_, full, full_state, shard_student
+from unisd.sharding import clip_grad_norm_, copy_full_, full_state, shard_student
 from unisd.teachers import Teacher
 
 log = logging.getLogger(__name__)
@@ -260,8 +260,6 @@ def _accelerator(cfg: Config) -> tuple[Any, bool]:
             "grad_accum / N micro-batches of every optimizer step"
         )
     fsdp = cfg.train.sharding == "fsdp" or accelerator.distributed_type == DistributedType.FSDP
-    if fsdp and not cfg.train.lora.enabled:
-        raise TrainingError("sharded training (FSDP) trains a LoRA adapter: set train.lora.enabled: true")
     return accelerator, fsdp and n > 1
 
 
@@ -422,7 +420,8 @@ def train_round(
         if failure := next((r["failure"] for r in reports if r["failure"]), None):
             raise TrainingError(failure)
         _sum_gradients(accelerator, params)
-        grad_norm = float(full(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)))
+        clip = clip_grad_norm_ if sharded else torch.nn.utils.clip_grad_norm_  # the former: over shards
+        grad_norm = float(clip(params, cfg.train.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
