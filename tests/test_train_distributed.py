@@ -176,6 +176,24 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs, tiny_model_dir, i
 
 
 @pytest.mark.slow
+def test_a_two_process_checkpoint_resumes_on_two_processes(runs, tiny_model_dir, items):
+    """Whole tensors loaded back into each process's pieces (sharded) or whole weights:
+    steps 3 and 4 as the uninterrupted two-process run took them."""
+    root = runs["root"] / "resume2"
+    (root / "work").mkdir(parents=True)
+    (root / "out").mkdir()
+    shutil.copy(runs["work"] / "kept-step2.pt", root / "work" / "checkpoint.pt")
+    cfg = config(root, tiny_model_dir, 2, runs["sharding"])
+    distributed.train_in_processes(cfg, items, tiny_model_dir, "d" * 64, root / "out", root / "work", Run())
+    resumed, two = curves(root / "out"), curves(runs["two"])
+    assert [c["step"] for c in resumed] == [1, 2, 3, 4]  # steps 1-2 from the checkpoint's curves
+    for key in CURVE_KEYS:
+        assert [c[key] for c in resumed] == pytest.approx([c[key] for c in two], rel=1e-5, abs=1e-7), key
+    assert max_difference(adapter(root / "out"), adapter(runs["two"])) < 1e-5
+    assert max_difference(torch.load(root / "out" / "teacher.pt"), torch.load(runs["two"] / "teacher.pt")) < 1e-5
+
+
+@pytest.mark.slow
 def test_sharded_full_fine_tuning_gives_the_one_process_run(tmp_path, tiny_model_dir, items):
     """Every weight trains: the decoder's sharded, the tied embedding whole in each
     process (its gradient all-reduced), the gradient norm taken over both."""
