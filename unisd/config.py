@@ -130,8 +130,8 @@ class EvalCfg(Section):
     headline: str = Field("sciq", description="benchmark whose rot_acc is metrics.json's headline, when evaluated")
     backend: Literal["hf", "fast", "vllm"] = Field(
         "hf",
-        description="greedy answers by the reference HF path, the fast backend (unisd.fast_decode: "
-        "in fp32 the reference's tokens, experiments/fast_eval_equality.py) or vLLM "
+        description="greedy answers by the reference HF path (published numbers), the fast backend "
+        "(unisd.fast_decode: faster in bf16, for validation work; docs/lineage.md) or vLLM "
         "(unisd.vllm_backend: optional extra, GPU only)",
     )
 
