@@ -376,6 +376,11 @@ def train_round(
     model = build_student(cfg, base_dir, init_dir, str(accelerator.device))
     if sharded:
         shard_student(model)  # before the teacher and the optimizer take its parameters
+        if main:
+            log.info(
+                "sharded (FSDP2): %d processes, each holding a piece of every decoder parameter",
+                accelerator.num_processes,
+            )
     if accelerator.process_index:  # other processes draw their own dropout masks; the main one continues
         torch.manual_seed(cfg.run.seed + accelerator.process_index)
     teacher = Teacher(model, method.teacher.kind, method.teacher.ema_every, method.teacher.ema_beta)
