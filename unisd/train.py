@@ -452,7 +452,8 @@ def train_round(
             )
         if step % cfg.train.checkpoint_every == 0 and step < total:
             rng = gather_object([_rng_state()])  # each process's random streams
-            state = _checkpoint_state(model, optimizer, scheduler, teacher, step, curves, rng)  # every process
+            if main or sharded:  # gathering shards is a collective; whole, only the writer needs it
+                state = _checkpoint_state(model, optimizer, scheduler, teacher, step, curves, rng)
             if main:
                 _save_checkpoint(ckpt, state)
                 run.log_checkpoint(step, point, ckpt)
@@ -461,7 +462,7 @@ def train_round(
             on_step(step)
 
     info = _train_info(cfg, base_digest, step, curves)
-    teacher_state = teacher.state_dict()  # gathered: every process
+    teacher_state = teacher.state_dict() if main or sharded else {}  # gathered from shards by every process
     if sharded:  # the main process writes a whole copy: the base weights and the gathered adapter
         trained = _trainable_state(model)
         if main:
