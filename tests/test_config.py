@@ -96,6 +96,7 @@ def test_wrong_types(tmp_path, text, key):
     "text, key, bound",
     [
         ("eval:\n  limit: -1\n", "eval.limit", "greater than or equal to 0"),
+        ("eval:\n  limits: {sciq: -2}\n", "eval.limits.sciq", "greater than or equal to 0"),
         ("eval:\n  batch_size: 0\n", "eval.batch_size", "greater than or equal to 1"),
         ("eval:\n  code_timeout_s: 0\n", "eval.code_timeout_s", "greater than 0"),
         ("eval:\n  code_timeout_s: 601\n", "eval.code_timeout_s", "less than or equal to 600"),
@@ -122,6 +123,7 @@ def test_every_error_is_reported_at_once(tmp_path):
         ("data:\n  suite: paper\n", "data.benchmarks", "'sciq'"),  # the default list is the embedded suite's
         ("data:\n  suite: paper\n  benchmarks: [gpqa, cos_e]\n  sources: {sciq: /x}\n", "data.sources", "'sciq'"),
         ("data:\n  sources: {foo: /x}\n", "data.sources", "'foo'"),
+        ("eval:\n  limits: {sciqq: 10}\n", "eval.limits", "'sciqq'"),
     ],
 )
 def test_unknown_benchmarks_for_the_suite(tmp_path, text, key, name):
@@ -141,6 +143,11 @@ def test_a_benchmark_without_the_eval_split(tmp_path):
     assert ": eval.split: 'humaneval' has no 'validation' split (only test)" in message
     cfg = load_config(write(tmp_path, "eval:\n  split: validation\ndata:\n  benchmarks: [sciq, arc_challenge]\n"))
     assert cfg.eval.split == "validation"
+
+
+def test_per_benchmark_limits_over_the_common_one(tmp_path):
+    cfg = load_config(write(tmp_path, "eval:\n  limit: 0\n  limits: {arc_challenge: 150, humaneval: 3}\n"))
+    assert [cfg.eval.limit_of(b) for b in ("sciq", "arc_challenge", "humaneval")] == [0, 150, 3]
 
 
 def test_empty_benchmark_list(tmp_path):

@@ -5,6 +5,7 @@ numbers are the metrics files' numbers."""
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -77,6 +78,13 @@ def test_study_resumes_cell_by_cell(small_study):
     cells = _cells(small_study)
     assert [c["status"] for c in cells.values()] == ["done"] * 3
     assert all(c["wall_time_s"] >= 0 and set(c["code"]) == {"evaluate", "train"} for c in cells.values())
+
+    shutil.rmtree(small_study.parent / "artifacts")  # a fresh clone elsewhere: only the committed files
+    elsewhere = Launcher()
+    report = run_study(small_study, {}, "compare", elsewhere)
+    assert elsewhere.ran == []  # the published cells are done
+    data = json.loads((report.parent / "report.json").read_text())
+    assert data["scores"]["sft-s42"]["sciq"]["score"] == 100.0 and data["scores"]["sft-s42"]["mbpp"]["score"] == 0.0
 
     more_seeds = Launcher()
     run_study(small_study, {"study.seeds": [42, 7]}, "compare", more_seeds)

@@ -13,9 +13,10 @@ pytestmark = pytest.mark.integration
 
 
 def cell_metrics(root: Path) -> dict[str, bytes]:
-    """Every cell's published metrics (scores, per-example CSVs) and its training's final
-    metrics, as bytes; not cell.json (wall times)."""
-    files = [p for p in (root / "metrics" / "study" / "ablation").rglob("*") if p.is_file() and p.name != "cell.json"]
+    """Every cell's published files (scores, per-example CSVs, its evaluation) and its
+    training's final metrics, as bytes; not cell.json (wall times) nor lock files."""
+    published = (root / "metrics" / "study" / "ablation").rglob("*")
+    files = [p for p in published if p.is_file() and p.name != "cell.json" and not p.name.startswith(".")]
     files += (root / "artifacts" / "study" / "ablation").glob("*/runs/*/round-*/train/metrics.json")
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(files)}
 
@@ -64,7 +65,11 @@ def test_ablation_on_two_dask_workers_matches_sequential(tmp_path, tiny_model_di
     dask = run_ablation(tmp_path / "dask", tiny_model_dir, "dask")
     cells = {"base-s42", "sd-s42", "ema-s42", "unisd-full-s42"}
     assert {Path(k).parts[3] for k in sequential} == cells
-    assert len(sequential) == 4 * 4 + 3  # base/trained json and csv per cell; 3 trainings
+    published = [k for k in sequential if Path(k).parts[4] != "eval"]
+    assert len(published) == 4 * 4 + 3  # base/trained json and csv per cell; 3 trainings
+    assert {k for k in sequential if k.endswith("eval/metrics.json")} == {
+        f"metrics/study/ablation/{c}/eval/metrics.json" for c in cells
+    }
     assert dask == sequential  # byte for byte
     assert cell_launchers(tmp_path / "dask") == {f"ablation:{c}": "prefect-dask" for c in cells}
     assert cell_launchers(tmp_path / "sequential") == {f"ablation:{c}": "prefect" for c in cells}

@@ -112,6 +112,10 @@ SCORE_TOKENS = "padded tokens (rows × longest) per teacher-forced scoring forwa
 class EvalCfg(Section):
     split: Literal["validation", "test"] = "test"
     limit: int = Field(40, ge=0, description="items per benchmark; 0 = the whole split")
+    limits: dict[str, Annotated[int, Field(ge=0, strict=True)]] = Field(
+        {},
+        description="items of the benchmarks named here, over `limit` (a small harm check beside a whole headline split)",
+    )
     batch_size: int = Field(16, ge=1)
     score_tokens: int = Field(2048, ge=0, description=SCORE_TOKENS)
     max_new_tokens: NewTokens = NewTokens()
@@ -134,6 +138,10 @@ class EvalCfg(Section):
         "(unisd.fast_decode: faster in bf16, for validation work; docs/lineage.md) or vLLM "
         "(unisd.vllm_backend: optional extra, GPU only)",
     )
+
+    def limit_of(self, benchmark: str) -> int:
+        """Items of `benchmark` to evaluate (0 = the whole split)."""
+        return self.limits.get(benchmark, self.limit)
 
 
 class TrainSetCfg(Section):
@@ -227,9 +235,11 @@ def resolve_method(recipe: str, components: dict[str, Any], where: str) -> Metho
 
 
 STUDY_SIZE: dict[str, Any] = {
-    "data.benchmarks": ["sciq"],
+    "data.benchmarks": ["sciq", "arc_challenge", "commonsense_qa"],
+    "train_set.benchmarks": ["sciq"],
     "train_set.limit": 0,
     "eval.limit": 0,
+    "eval.limits": {"arc_challenge": 150, "commonsense_qa": 150},
     "prompts.mcq_format": "open_answer",
 }
 _SCALED = {  # unisd-full's mechanisms scaled to its ~65 steps (docs/tuning.md)
@@ -264,7 +274,7 @@ class StudyCfg(Section):
     # further overrides for the ablation's runs only (it has ~2x the compare study's cells): it
     # diagnoses, so it reads validation
     ablation_size: dict[str, Any] = Field(
-        default_factory=lambda: {"eval.split": "validation", "eval.bf16_autocast": True}
+        default_factory=lambda: {"eval.split": "validation", "eval.bf16_autocast": True, "data.benchmarks": ["sciq"]}
     )
 
     # where the cells run: sequential (in this process, one after another) or dask (each
@@ -329,6 +339,12 @@ class Config(Section):
                 raise ValueError(
                     f"eval.split: {name!r} has no {self.eval.split!r} split (only "
                     f"{', '.join(suite[name].splits)}); drop it from data.benchmarks"
+                )
+        for name in self.eval.limits:
+            if name not in suite.names:
+                known = ", ".join(suite.names)
+                raise ValueError(
+                    f"eval.limits: unknown benchmark {name!r} for suite {self.data.suite!r}; known: {known}"
                 )
         for name in self.train_set.benchmarks or ():
             if name not in self.data.benchmarks:

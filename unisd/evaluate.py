@@ -51,7 +51,8 @@ class Item:
 def eval_examples(cfg: Config, data_dir: Path, benchmark: str) -> list[Example]:
     path = data_dir / benchmark / f"{cfg.eval.split}.jsonl"
     examples = read_examples(path)
-    return examples[: cfg.eval.limit] if cfg.eval.limit else examples
+    limit = cfg.eval.limit_of(benchmark)
+    return examples[:limit] if limit else examples
 
 
 def score_items(cfg: Config, items: list[Item]) -> None:

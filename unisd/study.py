@@ -5,15 +5,19 @@ seed, run with the study's size overrides in its own artifacts root
 (`<artifacts>/study/<study>/<cell>`), so cells never overwrite each other; what cells
 share (model, splits, base evaluation, round-1 trajectories, contexts, negatives) is
 computed once and copied in by the cache. `run_study` runs the cells that are not done
-through a launcher's `run_cell` (the Prefect flow), records each cell's wall time as it
-finishes (`<metrics>/study/<study>/<cell>/cell.json`), and writes the report of
-`unisd.report`, which also covers a study still under way.
+through a launcher's `run_cell` (the Prefect flow), publishes each cell as it finishes
+(`<metrics>/study/<study>/<cell>/`: what the report reads of it, and `cell.json`, its
+record), and writes the report of `unisd.report`, which also covers a study still under
+way. The published cells are small text files committed to git, so a fresh clone on
+another machine resumes the study where it stopped and rebuilds its report, while the
+models and checkpoints stay in the artifacts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +26,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from unisd.artifacts import write_json_atomic
+from unisd.artifacts import atomic_dir, write_json_atomic
 from unisd.config import Config, digest_json, load_config
 from unisd.recipes import RECIPES, deep_merge
 from unisd.report import ReportError, infer_kind, write_report
@@ -114,19 +118,39 @@ def report_dir(cfg: Config, study: str) -> Path:
     return cfg.root / "reports" / study
 
 
-def cell_entry(cfg: Config, cell: Cell) -> dict[str, Any]:
-    """The report's description of one evaluated cell."""
+def published_eval(cfg: Config) -> Path:
+    """The cell's published evaluation: metrics.json, predictions/ and each round's curves
+    and filter stats, beside its record."""
+    return cfg.metrics_dir / "eval"
+
+
+def _trained_rounds(cfg: Config) -> range:
+    return range(1, cfg.train_set.rounds + 1) if cfg.method.loss != "none" else range(0)
+
+
+def publish_cell(cfg: Config) -> None:
+    """Copy what the report reads of a finished cell from its artifacts into
+    `published_eval` (atomically, with a manifest of digests)."""
     layout = Layout(cfg)
-    rounds = range(1, cfg.train_set.rounds + 1)
-    trained = cfg.method.loss != "none"
+    with atomic_dir(published_eval(cfg)) as tmp:
+        shutil.copy2(layout.recipe_eval / "metrics.json", tmp / "metrics.json")
+        shutil.copytree(layout.recipe_eval / "predictions", tmp / "predictions")
+        for r in _trained_rounds(cfg):
+            shutil.copy2(layout.round(r, "train") / "curves.jsonl", tmp / f"round-{r}-curves.jsonl")
+            shutil.copy2(layout.round(r, "filter") / "stats.json", tmp / f"round-{r}-filter.json")
+
+
+def cell_entry(cfg: Config, cell: Cell) -> dict[str, Any]:
+    """The report's description of one published cell."""
+    where, rounds = published_eval(cfg), _trained_rounds(cfg)
     return {
-        "eval_dir": str(layout.recipe_eval),
+        "eval_dir": str(where),
         "label": cell.label,
         "kind": cell.kind,
         "seed": cell.seed,
         "components": list(cell.parts),
-        "curves": [str(layout.round(r, "train") / "curves.jsonl") for r in rounds] if trained else None,
-        "filter_stats": [str(layout.round(r, "filter") / "stats.json") for r in rounds] if trained else None,
+        "curves": [str(where / f"round-{r}-curves.jsonl") for r in rounds] or None,
+        "filter_stats": [str(where / f"round-{r}-filter.json") for r in rounds] or None,
     }
 
 
@@ -145,12 +169,12 @@ def record_path(cfg: Config) -> Path:
 
 
 def cell_status(cfg: Config) -> dict[str, Any]:
-    """The cell's record (if any) and its status: done (evaluated under these params),
-    unrecorded (evaluated before cells kept records), stale (evaluated under other params)
-    or missing (no evaluation)."""
+    """The cell's record (if any) and its status: done (published under these params),
+    unrecorded (published, its record not yet written), stale (published under other
+    params) or missing (not published)."""
     path = record_path(cfg)
     record = json.loads(path.read_text()) if path.is_file() else None
-    if not (Layout(cfg).recipe_eval / "metrics.json").is_file():
+    if not (published_eval(cfg) / "metrics.json").is_file():
         status = "missing"
     elif record is None:
         status = "unrecorded"
@@ -168,10 +192,11 @@ def _evaluated_since(cfg: Config, since: float) -> bool:
 
 
 def run_cell_recorded(cfg: Config, cell: Cell, run_cell: Callable[[Config, Cell], Any]) -> dict[str, Any]:
-    """Run one cell and record it the moment it finishes (its metrics are published by then):
-    its wall time, whether it computed its evaluation or found it cached, and the code it ran."""
+    """Run one cell, publish it and record it the moment it finishes: its wall time, whether
+    it computed its evaluation or found it cached, and the code it ran."""
     since, started = time.time(), time.monotonic()
     run_cell(cfg, cell)
+    publish_cell(cfg)
     record = {
         "params": result_digest(cfg),
         "wall_time_s": round(time.monotonic() - started, 1),

@@ -32,7 +32,7 @@ def evaluate_stage(
     eval_sets = {bench: eval_examples(cfg, data, bench) for bench in cfg.data.benchmarks}
     with stage_output(ctx, f"evaluate-{label}", "evaluate", cfg, inputs, out, params, extra) as (run, tmp):
         for bench, examples in eval_sets.items():
-            n = min(len(examples), cfg.eval.limit or len(examples))
+            n = min(len(examples), cfg.eval.limit_of(bench) or len(examples))
             log_read(run, f"{bench}/{cfg.eval.split}", data / bench / f"{cfg.eval.split}.jsonl", "evaluation", n)
         made_by = lineage(cfg, model)
         model_id = run.link_model(made_by.get("mlflow_model_id"), made_by.get("mlflow_run_id"))
