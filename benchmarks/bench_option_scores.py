@@ -21,6 +21,14 @@ studies' protocol) and under the letter formats' cloze text, rotations under
 how many items' credits (ll_correct / ll_norm_correct; rot_correct / circular_correct)
 differ between the paths: in fp32 they must be < 1e-4 and 0, the published precision;
 `--bf16` only reports them. `--scores` picks one kind.
+
+`--scores eval` compares the evaluation's teacher-forced scoring of an item as a whole
+(open_answer): the gold response (gold_ppl), the model's own answer (the base model's
+ppl_ret; here another item's gold response stands in for it) and the options, read in
+one pass after the item's prompt (`unisd.evaluate.score_after_prompts`: the options'
+prompt, the same task then "Answer:", is cut at the item's prompt) against three passes
+(gold and own answer each whole with `completion_logprobs`, the options shared apart),
+as the evaluation ran them before.
 """
 
 from __future__ import annotations
@@ -73,6 +81,44 @@ def workloads(examples, builder, kinds: list[str]) -> list[dict]:
                 "credits": ll_credits,
             }
         )
+    if "eval" in kinds:
+        from unisd.choice_scores import loglik_pairs, loglik_records
+        from unisd.prompts import gold_completion
+
+        anchors = [builder.encode_task(ex, "open_answer") for ex in examples]
+        golds = [builder.encode_response(gold_completion(ex, "open_answer")) for ex in examples]
+        owns = golds[1:] + golds[:1]  # stand-ins for the model's own answers: another item's response
+        options = loglik_pairs(enc, examples, "open_answer", anchors)
+        separate = loglik_pairs(enc, examples, "open_answer")
+        answers = [(a, g) for a, g in zip(anchors, golds)] + [(a, o) for a, o in zip(anchors, owns)]
+
+        def one_pass(*a, **k):
+            lps = shared_prompt_logprobs(a[0], answers + [(p, c) for p, c, _ in options], *a[1:], **k)
+            return lps[: len(answers)] + [lp[len(lp) - n :] for lp, (_, _, n) in zip(lps[len(answers) :], options)]
+
+        def three_passes(*a, **k):
+            whole = completion_logprobs(a[0], answers, *a[1:], **k)
+            return whole + shared_prompt_logprobs(a[0], [(p, c) for p, c, _ in separate], *a[1:], **k)
+
+        def eval_credits(lps, keys=("ll_correct", "ll_norm_correct")):
+            items = loglik_records(examples, lps[len(answers) :], [(p, c, len(c)) for p, c, _ in separate])
+            return {k: [i[k] for i in items] for k in keys}
+
+        out.append(
+            {
+                "label": "gold + own answer + options, open_answer",
+                "paths": {"one pass": one_pass, "three passes": three_passes},
+                "tokens": {
+                    "one pass": sum(map(len, anchors))
+                    + sum(len(c) for _, c in answers)
+                    + sum(len(c) for _, c, _ in options),
+                    "three passes": sum(len(p) + len(c) for p, c in answers)
+                    + sum(len(p) for p in {tuple(p) for p, _, _ in separate})
+                    + sum(len(c) for _, c, _ in separate),
+                },
+                "credits": eval_credits,
+            }
+        )
     if "rot" in kinds:
         splits, letters = [], []
         for ex in examples:
@@ -114,12 +160,13 @@ def main() -> None:
 
     p = C.parser(__doc__)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both paths")
-    p.add_argument("--scores", choices=["ll", "rot", "both"], default="both")
+    p.add_argument("--scores", choices=["ll", "rot", "eval", "both"], default="both", help="both: ll and rot")
+    p.add_argument("--items", type=int, help="SciQ validation items (default: the script's)")
     args = C.parse(p)
     cfg = (QUICK if args.quick else FULL) | {"bf16": args.bf16}
     reps = args.reps or cfg["reps"]
     model, tok, builder = C.lm(args.quick, max_prompt_tokens=8192)
-    examples = C.mcq_examples(cfg["items"], args.quick, split="validation")
+    examples = C.mcq_examples(args.items or cfg["items"], args.quick, split="validation")
     pad, rows, bf16 = tok.pad_token_id, cfg["batch_size"], args.bf16
     kinds = ["ll", "rot"] if args.scores == "both" else [args.scores]
 
@@ -131,14 +178,15 @@ def main() -> None:
             out[name] = w["paths"][name](model, pad, rows, bf16, max_tokens=cfg["score_tokens"])
 
         times = C.interleaved({name: (lambda name=name: run(name)) for name in w["paths"]}, reps, warmup=1)
-        diff = max(float((a - b).abs().max()) for a, b in zip(out["shared"], out["whole"]))
-        shared, whole = w["credits"](out["shared"]), w["credits"](out["whole"])
+        new, old = list(w["paths"])  # the path the evaluation runs, the one it is compared with
+        diff = max(float((a - b).abs().max()) for a, b in zip(out[new], out[old]))
+        shared, whole = w["credits"](out[new]), w["credits"](out[old])
         flips = {k: sum(a != b for a, b in zip(shared[k], whole[k])) for k in shared}
         speed = {name: [len(examples) / t for t in ts] for name, ts in times.items()}
         for name in w["paths"]:
             row = [w["label"], name, w["tokens"][name], C.spread(speed[name], "{:.2f}")]
-            row.append(C.spread(C.ratios(speed[name], speed["whole"]), "{:.2f}×"))
-            row += [f"{diff:.1e}", " / ".join(f"{k} {v}" for k, v in flips.items())] if name == "shared" else ["", ""]
+            row.append(C.spread(C.ratios(speed[name], speed[old]), "{:.2f}×"))
+            row += [f"{diff:.1e}", " / ".join(f"{k} {v}" for k, v in flips.items())] if name == new else ["", ""]
             table.append(row)
         results[w["label"]] = {"seconds": times, "tokens": w["tokens"], "max_abs_diff": diff, "flips": flips}
         if not bf16:
@@ -146,7 +194,7 @@ def main() -> None:
 
     C.report(
         "Option scores: the shared part of an item's prompts once vs every prompt whole",
-        ["scores", "path", "tokens", "items/s", "× whole", "max |Δ log p|", "credits changed"],
+        ["scores", "path", "tokens", "items/s", "× the other path", "max |Δ log p|", "credits changed"],
         table,
         {"config": cfg | {"reps": reps, "model": str(C.model_dir(args.quick))}, "items": len(examples), **results},
         args.json,

@@ -20,6 +20,7 @@ SCRIPTS = [
     "bench_option_scores",
     "bench_utilisation",
     "profile_decode",
+    "bench_decode_attention",
     pytest.param("bench_cache", marks=pytest.mark.integration),
 ]  # two `unisd run`s: Prefect
 

@@ -36,15 +36,52 @@ def ids(completions) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 64])
-def test_greedy_fp32_tokens_equal_model_generate(chaotic, monkeypatch, batch_size):
+@pytest.mark.parametrize("per_slot", [False, True], ids=["buckets", "slot-buckets"])
+def test_greedy_fp32_tokens_equal_model_generate(chaotic, monkeypatch, batch_size, per_slot):
     model, tok, prompts = chaotic
     monkeypatch.setattr(fd, "PREFILL_TOKENS", 60)  # several prefills per refill, some of one prompt
+    if per_slot:  # decode attention slot by slot, each over its own span
+        monkeypatch.setattr(fd, "BUCKET_ROWS", 1)
+        monkeypatch.setattr(fd, "CALL_COST", 0)
     fast = generate(model, tok, prompts, Sampling(40), batch_size, backend="fast")
     ref = generate(model, tok, prompts, Sampling(40), batch_size, continuous=False)  # `model.generate`
     assert len({tuple(c) for c in ids(ref)}) == len(prompts)  # the check has teeth
     assert ids(fast) == ids(ref)
     assert [c.text for c in fast] == [c.text for c in ref]
     assert [c.finished for c in fast] == [c.finished for c in ref]
+
+
+def _cost(spans, ranges, call):
+    return sum((b - a) * max(spans[a:b]) + call for a, b in ranges)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_buckets_are_the_cheapest_cover_by_brute_force(seed):
+    """Every way to cut the slots at multiples of `rows` is tried; `_buckets` must cover the
+    slots in order and cost no more than the cheapest."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = int(torch.randint(1, 9, (1,), generator=gen))
+    n = int(torch.randint(1, 12 * rows + 1, (1,), generator=gen))  # at most 11 inner cuts: 2048 covers
+    spans = torch.randint(1, 800, (n,), generator=gen).tolist()
+    if seed % 2:
+        spans.sort(reverse=True)  # the usual case: longest-first admission
+    call = int(torch.randint(0, 3000, (1,), generator=gen))
+    inner = list(range(rows, n, rows))
+    cheapest = min(
+        _cost(spans, list(zip([0, *cut], [*cut, n])), call)
+        for k in range(1 << len(inner))
+        for cut in [[c for i, c in enumerate(inner) if k >> i & 1]]
+    )
+    got = fd._buckets(spans, rows, call)
+    assert [a for a, _ in got] == [0] + [b for _, b in got[:-1]] and got[-1][1] == n
+    assert all(a % rows == 0 for a, _ in got)
+    assert _cost(spans, got, call) == cheapest
+
+
+def test_buckets_by_hand():
+    assert fd._buckets([700] * 8 + [100] * 8, rows=8, call=700) == [(0, 8), (8, 16)]  # saves 8·600 > 700
+    assert fd._buckets([700] * 8 + [650] * 8, rows=8, call=700) == [(0, 16)]  # saves 8·50 < 700
+    assert fd._buckets([5], rows=8, call=700) == [(0, 1)]
 
 
 def test_sampling_is_reproducible_for_a_seed(chaotic):

@@ -182,23 +182,56 @@ def rotation_scores(
     return [aggregate_rotations([next(lps) for _ in ex.choices], ex.gold_index) for ex in examples]
 
 
+Scored = tuple[list[int], list[int], int]  # (prompt, continuation, how many of its last tokens are scored)
+
+
+def loglik_pairs(
+    enc: AnswerEncoder, examples: list[Example], mcq_format: McqFormat, anchors: list[list[int]] | None = None
+) -> list[Scored]:
+    """Every option of every example, in order: its cloze prompt and " <option>" tokens.
+
+    With `anchors` (each example's student prompt), a cloze prompt that extends its anchor
+    (open_answer: the same task, then `ANSWER_PREFIX`) is cut at the anchor: the tokens
+    between go into the continuation, unscored, so the options share one forward of the
+    anchor with whatever else is scored after it (the evaluation's gold response and own
+    answer)."""
+    out: list[Scored] = []
+    for k, ex in enumerate(examples):
+        for c in ex.choices:
+            prompt, option = enc.split(cloze_text(ex, mcq_format), f" {c.strip()}")
+            anchor = anchors[k] if anchors is not None else prompt
+            if prompt[: len(anchor)] == anchor:
+                out.append((anchor, prompt[len(anchor) :] + option, len(option)))
+            else:
+                out.append((prompt, option, len(option)))
+    return out
+
+
+def loglik_records(examples: list[Example], logprobs: list[torch.Tensor], pairs: list[Scored]) -> list[dict[str, Any]]:
+    """`aggregate_loglik` per example from the log-probs of its `loglik_pairs`."""
+    sums = iter(float(lp[len(lp) - scored :].sum()) for lp, (_, _, scored) in zip(logprobs, pairs))
+    return [
+        aggregate_loglik([next(sums) for _ in ex.choices], [len(c.strip()) for c in ex.choices], ex.gold_index)
+        for ex in examples
+    ]
+
+
 def loglik_scores(
     run: Scoring, enc: AnswerEncoder, examples: list[Example], mcq_format: McqFormat, desc: str
 ) -> list[dict[str, Any]]:
     """`aggregate_loglik` per example: every option's continuation scored after its
     prompt, which runs once per item (`shared_prompt_logprobs`)."""
-    pairs = [enc.split(cloze_text(ex, mcq_format), f" {c.strip()}") for ex in examples for c in ex.choices]
-    lps = iter(
-        shared_prompt_logprobs(
-            run.model, pairs, run.pad_id, run.batch_size, run.bf16, desc=desc, max_tokens=run.max_tokens
-        )
+    pairs = loglik_pairs(enc, examples, mcq_format)
+    lps = shared_prompt_logprobs(
+        run.model,
+        [(p, c) for p, c, _ in pairs],
+        run.pad_id,
+        run.batch_size,
+        run.bf16,
+        desc=desc,
+        max_tokens=run.max_tokens,
     )
-    return [
-        aggregate_loglik(
-            [float(next(lps).sum()) for _ in ex.choices], [len(c.strip()) for c in ex.choices], ex.gold_index
-        )
-        for ex in examples
-    ]
+    return loglik_records(examples, lps, pairs)
 
 
 def choice_scores(

@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unisd.choice_scores import Scoring, choice_scores
+from unisd.choice_scores import AnswerEncoder, Scored, Scoring, loglik_pairs, loglik_records, rotation_scores
 from unisd.config import Config
 from unisd.data.schema import LETTERS, Example, read_examples, write_jsonl
 from unisd.data.suites import SUITES
 from unisd.generation import Sampling, generate
-from unisd.logprobs import completion_logprobs, perplexity, retention
+from unisd.logprobs import perplexity, retention, shared_prompt_logprobs
 from unisd.modeling import load_model, load_tokenizer
-from unisd.prompts import McqFormat, PromptBuilder, gold_completion, response_text
+from unisd.prompts import PromptBuilder, gold_completion, response_text
 from unisd.sandbox import Limits, run_many
 from unisd.scoring import code_program, parse_answer, tool_scores
 
@@ -176,13 +176,51 @@ def overall_metrics(benchmarks: dict[str, dict[str, Any]], tasks: Mapping[str, s
     return out
 
 
-def add_choice_scores(
-    run: Scoring, builder: PromptBuilder, items: list[Item], mcq_format: McqFormat, bench: str
+def score_after_prompts(
+    cfg: Config, model, pad_id: int, builder: PromptBuilder, items: list[Item], bench: str, own: bool
 ) -> None:
-    """Each MCQ record gains its rotation and option log-likelihood scores."""
-    scores = choice_scores(run, builder, [it.example for it in items], mcq_format, desc=f"choices {bench}")
-    for it, extra in zip(items, scores):
-        it.record.update(extra)
+    """Fill the records' teacher-forced scores read after each item's own prompt, all in
+    one `shared_prompt_logprobs` pass (each prompt runs once, whatever is scored after it):
+    the gold response (gold_ppl); for the base model itself (`own`) its greedy answer
+    (ppl_ret, its own retention baseline, and jsd_to_base 0); and with eval.choice_scores
+    on MCQ, every option (ll_correct, ll_norm_correct), plus the rotations where letters are
+    shown (their prompts differ: a pass of their own)."""
+    fmt, examples = cfg.prompts.mcq_format, [it.example for it in items]
+    run = Scoring(model, pad_id, cfg.eval.batch_size, cfg.eval.bf16_autocast, cfg.eval.score_tokens)
+    enc = AnswerEncoder(builder)
+    pairs: list[Scored] = []
+    if cfg.eval.ppl:
+        golds = [builder.encode_response(gold_completion(it.example, fmt)) for it in items]
+        pairs += [(it.prompt, g, len(g)) for it, g in zip(items, golds)]
+        if own:
+            pairs += [(it.prompt, it.record["completion_ids"], len(it.record["completion_ids"])) for it in items]
+    mcq = cfg.eval.choice_scores and items[0].example.task == "mcq"
+    options = loglik_pairs(enc, examples, fmt, anchors=[it.prompt for it in items]) if mcq else []
+    if not pairs + options:
+        return
+    lps = iter(
+        shared_prompt_logprobs(
+            model,
+            [(prompt, cont) for prompt, cont, _ in pairs + options],
+            pad_id,
+            run.batch_size,
+            run.bf16,
+            desc=f"score {bench}",
+            max_tokens=run.max_tokens,
+        )
+    )
+    if cfg.eval.ppl:
+        for it in items:
+            it.record["gold_ppl"] = perplexity(next(lps))
+        if own:
+            for it in items:
+                it.record.update(ppl_ret=perplexity(next(lps)), jsd_to_base=0.0)
+    if mcq:
+        if fmt != "open_answer":
+            for it, rot in zip(items, rotation_scores(run, enc, examples, fmt, f"choices {bench} rotations")):
+                it.record.update(rot)
+        for it, ll in zip(items, loglik_records(examples, list(lps), options)):
+            it.record.update(ll)
 
 
 def evaluate_model(
@@ -229,51 +267,22 @@ def evaluate_model(
                     completion=c.text, completion_ids=c.ids, completion_tokens=len(c.ids), finished=c.finished
                 )
             score_items(cfg, items)
-            if cfg.eval.ppl:
-                golds = completion_logprobs(
-                    model,
-                    [(it.prompt, builder.encode_response(gold_completion(it.example, fmt))) for it in items],
-                    tok.pad_token_id,
-                    cfg.eval.batch_size,
-                    bf16,
-                    desc=f"gold ppl {bench}",
-                    max_tokens=cfg.eval.score_tokens,
-                )
-                for it, lp in zip(items, golds):
-                    it.record["gold_ppl"] = perplexity(lp)
-            if cfg.eval.choice_scores and items[0].example.task == "mcq":
-                run = Scoring(model, tok.pad_token_id, cfg.eval.batch_size, bf16, cfg.eval.score_tokens)
-                add_choice_scores(run, builder, items, fmt, bench)
+            score_after_prompts(cfg, model, tok.pad_token_id, builder, items, bench, own=base_dir is None)
         per_bench[bench] = (items, dropped)
 
-    if cfg.eval.ppl:  # this model's answers under the base model: PPLret, and JSD(base ‖ this) on them
-        base = load_model(base_dir, cfg.model.dtype, cfg.model.device) if base_dir is not None else None
+    if cfg.eval.ppl and base_dir is not None:  # this model's answers under the base model: PPLret, JSD(base ‖ this)
+        base = load_model(base_dir, cfg.model.dtype, cfg.model.device)
         for bench, (items, _) in per_bench.items():
-            pairs = [(it.prompt, it.record["completion_ids"]) for it in items]
-            if base is None:  # the base model itself: its own retention baseline, no drift
-                rets = [
-                    (lp, 0.0)
-                    for lp in completion_logprobs(
-                        model,
-                        pairs,
-                        tok.pad_token_id,
-                        cfg.eval.batch_size,
-                        bf16,
-                        desc=f"ppl_ret {bench}",
-                        max_tokens=cfg.eval.score_tokens,
-                    )
-                ]
-            else:
-                rets = retention(
-                    model,
-                    base,
-                    pairs,
-                    tok.pad_token_id,
-                    cfg.eval.batch_size,
-                    bf16,
-                    desc=f"ppl_ret {bench}",
-                    max_tokens=cfg.eval.score_tokens,
-                )
+            rets = retention(
+                model,
+                base,
+                [(it.prompt, it.record["completion_ids"]) for it in items],
+                tok.pad_token_id,
+                cfg.eval.batch_size,
+                bf16,
+                desc=f"ppl_ret {bench}",
+                max_tokens=cfg.eval.score_tokens,
+            )
             for it, (lp, jsd) in zip(items, rets):
                 it.record.update(ppl_ret=perplexity(lp), jsd_to_base=jsd)
 

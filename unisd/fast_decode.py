@@ -13,10 +13,12 @@ merge of a refill's cache into the running one (left-padded, copied again). Here
   the workload (slots = batch size, max_len = longest prompt + max_new_tokens). A
   sequence lives in one slot from position 0; prefill writes its prompt's keys, a decode
   step writes one position per slot in place.
-* Attention. `scaled_dot_product_attention` over the longest valid prefix of the running
-  slots with a per-slot length mask. In a decode step the G = H / KV query heads sharing
-  a KV head become G query rows of that head ([n, KV, G, D] against [n, KV, T, D]), so
-  grouped-query attention repeats no keys.
+* Attention. `scaled_dot_product_attention` with a per-slot length mask. In a decode step
+  the G = H / KV query heads sharing a KV head become G query rows of that head
+  ([n, KV, G, D] against [n, KV, T, D]), so grouped-query attention repeats no keys; and
+  the running slots attend in buckets of neighbouring slots, each over its own longest
+  prefix rather than the batch's (`_buckets`: admission is longest-first, so slots lie
+  roughly in descending length, and a bucket of short sequences reads no long spans).
 * Continuous batching. Running sequences occupy slots 0..n-1. Free slots are refilled
   from the queue (longest prompts first, as in the HF path), several prompts per prefill
   up to `PREFILL_TOKENS` padded tokens; a finished sequence's slot is taken by the last
@@ -52,6 +54,11 @@ log = logging.getLogger(__name__)
 # change them with the sequence length, so a batch's positions would not be independent.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward: large GEMMs, bounded activations
+# Decode attention buckets (`_buckets`): boundaries every BUCKET_ROWS slots, and the cost of
+# one more attention call, in slot-positions read (one call of a layer ~ 700 positions of one
+# slot's keys and values at 135M, 2-core CPU: benchmarks/README.md, "Decode attention buckets").
+BUCKET_ROWS = 8
+CALL_COST = 700
 PROJECTIONS = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -233,34 +240,41 @@ class _Decoder:
         last = h[torch.arange(b, device=h.device), lens - 1]  # each prompt's last position
         self._take(first, _pick(self.llama.logits(last), self.sampling, self.gen))
 
-    def _step_masks(self, n: int) -> tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """For a decode step over slots 0..n-1: the key span (longest valid prefix), the
-        length mask [n, 1, 1, span] and the (slot, head, position) index of each new key."""
+    def _step_masks(self, n: int) -> tuple[list[tuple[slice, int, torch.Tensor]], tuple[torch.Tensor, ...]]:
+        """For a decode step over slots 0..n-1: each bucket's slots, key span (its longest
+        valid prefix) and length mask [rows, 1, 1, span]; the (slot, head, position) index
+        of each new key."""
         pos = self.cache.lens[:n]
-        span = int(pos.max()) + 1
-        mask = (torch.arange(span, device=pos.device) <= pos[:, None])[:, None, None]
+        spans = (pos + 1).tolist()
+        buckets = []
+        for a, b in _buckets(spans):
+            span = max(spans[a:b])
+            mask = (torch.arange(span, device=pos.device) <= pos[a:b, None])[:, None, None]
+            buckets.append((slice(a, b), span, mask))
         where = (
             torch.arange(n, device=pos.device)[:, None],
             torch.arange(self.llama.kv_heads, device=pos.device),
             pos[:, None],
         )
-        return span, mask, where
+        return buckets, where
 
     def step(self) -> None:
         """One decode step: every running slot's latest token goes in, its next token comes out."""
         n, llama = len(self.rows), self.llama
         G = llama.heads // llama.kv_heads
         pos = self.cache.lens[:n]  # where each slot's latest token goes
-        span, mask, where = self._step_masks(n)
+        buckets, where = self._step_masks(n)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = self.cache.keys[layer], self.cache.values[layer]
             keys.index_put_(where, k[:, 0])
             values.index_put_(where, v[:, 0])
-            out = F.scaled_dot_product_attention(
-                q.view(n, llama.kv_heads, G, -1), keys[:n, :, :span], values[:n, :, :span], attn_mask=mask
-            )
-            return out.view(n, 1, -1)
+            q = q.view(n, llama.kv_heads, G, -1)
+            out = [
+                F.scaled_dot_product_attention(q[rows], keys[rows, :, :span], values[rows, :, :span], attn_mask=mask)
+                for rows, span, mask in buckets
+            ]
+            return (out[0] if len(out) == 1 else torch.cat(out)).view(n, 1, -1)
 
         h = llama.layers_forward(
             self.last[:n, None], self.cos[pos][:, None, None], self.sin[pos][:, None, None], attend
@@ -280,6 +294,28 @@ class _Decoder:
                 self.rows[hole], self.tokens[hole] = self.rows[mover], self.tokens[mover]
                 self.logprobs[hole] = self.logprobs[mover]
         del self.rows[n:], self.tokens[n:], self.logprobs[n:]
+
+
+def _buckets(spans: list[int], rows: int = BUCKET_ROWS, call: int = CALL_COST) -> list[tuple[int, int]]:
+    """Slot ranges [a, b) that cover 0..n-1 at multiples of `rows`, chosen to minimise the
+    positions read, Σ (b - a) · max(spans[a:b]), plus `call` per range (exact, by dynamic
+    programming over the n / rows boundaries)."""
+    n = len(spans)
+    cuts = [*range(0, n, rows), n]
+    best = [0.0] + [float("inf")] * (len(cuts) - 1)  # best[j]: cheapest cover of slots 0..cuts[j]
+    back = [0] * len(cuts)
+    for j in range(1, len(cuts)):
+        longest = 0
+        for i in range(j - 1, -1, -1):  # the last range is cuts[i]..cuts[j]
+            longest = max(longest, *spans[cuts[i] : cuts[i + 1]])
+            cost = best[i] + (cuts[j] - cuts[i]) * longest + call
+            if cost < best[j]:
+                best[j], back[j] = cost, i
+    out, j = [], len(cuts) - 1
+    while j:
+        out.append((cuts[back[j]], cuts[j]))
+        j = back[j]
+    return out[::-1]
 
 
 def _admit(queue: list[int], prompts: list[list[int]], free: int) -> int:

@@ -1,0 +1,91 @@
+"""Decode attention of one layer over a preallocated cache: one call over the batch's
+longest span against per-bucket calls (`unisd.fast_decode._buckets`), and what one more
+call costs, in slot-positions read (the `CALL_COST` the bucketing is planned with).
+
+Shapes are the 135M model's (3 KV heads, 3 query rows each, head dim 64), bf16, 128
+running slots whose lengths are drawn uniformly from the decode workload's range
+(75–727 positions; `--quick`: 16 slots of 8–80), sorted longest first as longest-first
+admission leaves them. Variants, interleaved:
+
+* one call: SDPA over every slot's keys up to the longest, with a length mask;
+* buckets (planned): `_buckets(spans)` at the default `BUCKET_ROWS` and `CALL_COST`;
+* buckets of 8, 16, 32 rows: fixed ranges, each over its own longest span.
+
+The cost of a call is read off the fixed-range variants: with c the seconds per slot-position
+of the one-call variant, a variant of k calls reading P slot-positions in t seconds leaves
+(t − c·P) / k per call, reported as slot-positions (÷ c).
+"""
+
+from __future__ import annotations
+
+import _common as C
+
+
+def main() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    import unisd.fast_decode as fd
+
+    args = C.parse(C.parser(__doc__))
+    n, lo, hi = (16, 8, 80) if args.quick else (128, 75, 727)
+    reps = args.reps or (3 if args.quick else 20)
+    kv, g, d = 3, 3, 64
+    gen = torch.Generator().manual_seed(0)
+    spans = torch.randint(lo, hi + 1, (n,), generator=gen).sort(descending=True).values
+    keys = torch.randn(n, kv, hi, d, generator=gen).to(torch.bfloat16)
+    values = torch.randn(n, kv, hi, d, generator=gen).to(torch.bfloat16)
+    q = torch.randn(n, kv, g, d, generator=gen).to(torch.bfloat16)
+    lens = spans.tolist()
+
+    def plan(ranges: list[tuple[int, int]]):
+        out = []
+        for a, b in ranges:
+            span = max(lens[a:b])
+            out.append((slice(a, b), span, (torch.arange(span) < spans[a:b, None])[:, None, None]))
+        return out
+
+    def attend(buckets) -> torch.Tensor:
+        return torch.cat(
+            [F.scaled_dot_product_attention(q[r], keys[r, :, :s], values[r, :, :s], attn_mask=m) for r, s, m in buckets]
+        )
+
+    plans = {"one call": plan([(0, n)]), "buckets (planned)": plan(fd._buckets(lens))}
+    for rows in (8, 16, 32):
+        plans[f"buckets of {rows} rows"] = plan([(a, min(a + rows, n)) for a in range(0, n, rows)])
+    ref = attend(plans["one call"])
+    for buckets in plans.values():  # the same attention, only cut differently
+        torch.testing.assert_close(attend(buckets), ref, atol=2e-2, rtol=2e-2)
+    times = C.interleaved({name: (lambda b=b: attend(b)) for name, b in plans.items()}, reps, warmup=2)
+    read = {name: sum((r.stop - r.start) * s for r, s, _ in b) for name, b in plans.items()}
+    per_position = min(times["one call"]) / read["one call"]
+    rows = []
+    for name, buckets in plans.items():
+        best = min(times[name])
+        call = (best - per_position * read[name]) / len(buckets) if len(buckets) > 1 else None
+        rows.append(
+            [
+                name,
+                len(buckets),
+                read[name],
+                C.spread([1e3 * t for t in times[name]], "{:.2f}"),
+                f"{min(times['one call']) / best:.2f}×",
+                "—" if call is None else f"{1e6 * call:.0f} µs = {call / per_position:.0f}",
+            ]
+        )
+    C.report(
+        "Decode attention of one layer: one call vs buckets",
+        ["variant", "calls", "slot-positions read", "ms", "× one call (best)", "cost of a call (slot-positions)"],
+        rows,
+        {"spans": lens, "times": times, "read": read},
+        args.json,
+        [
+            f"{n} slots of {lens[-1]}–{lens[0]} positions (mean {sum(lens) / n:.0f}), 3 KV heads × 3 query rows, "
+            f"D 64, bf16; planned with BUCKET_ROWS {fd.BUCKET_ROWS}, CALL_COST {fd.CALL_COST}; median (min–max) "
+            f"over {reps} interleaved runs; {torch.get_num_threads()} threads."
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
