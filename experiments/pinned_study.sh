@@ -15,7 +15,8 @@ dir=${DIR:-$here/../study-${commit:0:8}}
 [ -d "$dir/.git" ] || git clone -q "$here" "$dir" || exit 1
 git -C "$dir" fetch -q "$here" && git -C "$dir" checkout -q "$commit" || exit 1
 mkdir -p "$here/metrics/study/$study" "$dir/metrics/study/$study"
-rsync -a "$here/metrics/study/$study/" "$dir/metrics/study/$study/"
+# this checkout's published cells are the truth: a cell withdrawn here is withdrawn there
+rsync -a --delete --exclude '.*.unisd-lock' "$here/metrics/study/$study/" "$dir/metrics/study/$study/"
 
 publish() {  # each cell whose record changed there: copied here and committed alone
   local rec cell
