@@ -250,9 +250,10 @@ def test_report_and_figures_exist(report):
         assert width > 100 and height > 100 and png.stat().st_size > 1000
         assert f"]({rel})" in text
     headings = re.findall(r"^## (.+)$", text, re.M)
-    assert headings[:6] == [
+    assert headings[:7] == [
         "Headline: sciq rotation-invariant letter accuracy (rot_acc)",
         "Against the paper",
+        "Elsewhere: rotation-invariant letter accuracy (rot_acc) on the other benchmarks",
         "MCQ benchmarks",
         "Code benchmarks (pass@1 %)",
         "Flips against the base model",
@@ -329,6 +330,31 @@ def test_headline_gains_per_run_and_pooled(report, study):
     assert pooled["vs_base"]["lo"] <= pooled["vs_base"]["diff_pct"] <= pooled["vs_base"]["hi"]
     text = path.read_text()
     assert "### Pooled over seeds" in _section(text, "## Headline: sciq rotation-invariant letter accuracy (rot_acc)")
+
+
+def test_elsewhere_pairs_every_other_benchmark_with_the_base_model(report, study):
+    """The headline's metric (rot_acc) on csqa, the one other benchmark that has it: each
+    label's seed-mean minus the base's, from the prediction files; mbpp (no rot_acc) is
+    left out; significant harm exactly where the interval lies below zero."""
+    path, data = report
+    other = data["elsewhere"]
+    assert list(other) == ["commonsense_qa"]
+
+    def rot(name: str) -> float:
+        rows = _predictions(study, name, "commonsense_qa").values()
+        return 100.0 * sum(float(r["rot_correct"]) for r in rows) / len(rows)
+
+    full = other["commonsense_qa"]["unisd-full"]
+    assert full["seeds"] == 2
+    assert full["diff_pct"] == pytest.approx((rot("unisd-full@0") + rot("unisd-full@1")) / 2 - rot("base"))
+    assert other["commonsense_qa"]["gkd"]["diff_pct"] == pytest.approx(rot("gkd") - rot("base"))
+    assert "base" not in other["commonsense_qa"]
+    table = _section(
+        path.read_text(), "## Elsewhere: rotation-invariant letter accuracy (rot_acc) on the other benchmarks"
+    )
+    for label, row in other["commonsense_qa"].items():
+        line = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        assert line.rstrip(" |").endswith("commonsense_qa" if row["hi"] < 0 else "none")
 
 
 def test_against_the_paper_on_the_headline(report, study):

@@ -172,6 +172,28 @@ def headline(study: Study, hl: Headline, base: str | None, best: str | None) -> 
     }
 
 
+def elsewhere(study: Study, hl: Headline, base: str | None) -> dict[str, dict[str, dict[str, Any]]]:
+    """The headline's metric on every other benchmark that all runs have it for, each label
+    pooled over its seeds and paired against the base model: what training for the
+    headline costs elsewhere (significant harm: the interval's upper end below zero)."""
+    if base is None:
+        return {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for bench in study.benchmarks:
+        if bench == hl.benchmark or not all(bench in r.outcomes.get(hl.metric, {}) for r in study.runs):
+            continue
+        ref = [r.outcomes[hl.metric][bench] for r in study.labelled(base)]
+        out[bench] = {
+            label: {
+                "seeds": len(group := [r.outcomes[hl.metric][bench] for r in study.labelled(label)]),
+                **pooled_paired_test(group, ref, **study.paired_kw),
+            }
+            for label in study.labels
+            if label != base
+        }
+    return out
+
+
 def scores(study: Study) -> dict[str, dict[str, dict[str, float]]]:
     """Per run, benchmark and overall (the mean over every benchmark, MCQ and code): the
     generative score with its bootstrap interval."""

@@ -206,6 +206,24 @@ def paper_md(s: Study, hl: dict[str, Any]) -> list[str]:
     ]
 
 
+def elsewhere_md(s: Study, hl: dict[str, Any], other: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Each model against the base model on the benchmarks other than the headline's."""
+    if not other:
+        return []
+    benches, labels = list(other), list(next(iter(other.values())))
+    harmed = {label: [b for b in benches if other[b][label]["hi"] < 0] for label in labels}
+    rows = [[label, *(_diff(other[b][label]) for b in benches), ", ".join(harmed[label]) or "none"] for label in labels]
+    return [
+        f"## Elsewhere: {_metric(hl['metric'])} on the other benchmarks",
+        "",
+        f"Model − base in {_metric(hl['metric'])} on each evaluated benchmark other than the headline's "
+        f"({hl['benchmark']}), pooled over each model's seeds and paired on the same examples. Significant "
+        "harm: the 95% interval lies below zero.",
+        "",
+        *_table(["model", *benches, "significant harm"], rows),
+    ]
+
+
 def mcq_md(s: Study, mcq: dict[str, Any]) -> list[str]:
     if not mcq["benchmarks"]:
         return []
@@ -479,7 +497,8 @@ def best_note(s: Study, best: str) -> str:
 def markdown(s: Study, data: dict) -> str:
     cols = [*s.benchmarks, OVERALL]
     hl, best = data["headline"], data["best_baseline"]
-    lines = [*header_md(s), *headline_md(s, hl), *paper_md(s, hl), *mcq_md(s, data["mcq"])]
+    lines = [*header_md(s), *headline_md(s, hl), *paper_md(s, hl), *elsewhere_md(s, hl, data["elsewhere"])]
+    lines += mcq_md(s, data["mcq"])
     for task in s.tasks:
         if task != "mcq":
             lines += task_md(task, data[task])
