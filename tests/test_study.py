@@ -13,10 +13,10 @@ import pytest
 import yaml
 from project import tiny_params
 
-from unisd.config import Config
+from unisd.config import Config, load_config
 from unisd.report import ReportError
 from unisd.stages import Layout
-from unisd.study import Cell, StudyError, run_cell_recorded, run_study
+from unisd.study import Cell, StudyError, ablation_cells, compare_cells, run_cell_recorded, run_study
 
 
 def _fake_cell(cfg: Config, cell: Cell) -> None:
@@ -173,6 +173,13 @@ def test_recipe_components_apply_to_their_recipes_cells_under_the_cells_own(smal
     clip, pair = methods["clip-s42"], methods["ema+clip-s42"]
     assert (clip.clip.mode, clip.clip.q) == (pair.clip.mode, pair.clip.q) == ("quantile", 0.9)  # the pair as its single
     assert pair.teacher.kind == "ema" and pair.teacher.ema_every == 10
+
+
+def test_the_ablation_runs_at_its_own_seeds(small_study):
+    cfg = load_config(small_study, {"study.seeds": [1, 2]})
+    assert {c.seed for c in compare_cells(cfg)} == {1, 2} and {c.seed for c in ablation_cells(cfg)} == {42}
+    cfg = load_config(small_study, {"study.seeds": [1, 2], "study.ablation_seeds": None})
+    assert {c.seed for c in ablation_cells(cfg)} == {1, 2}
 
 
 def test_report_of_a_partly_run_study(small_study):

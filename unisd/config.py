@@ -261,6 +261,9 @@ class StudyCfg(Section):
 
     recipes: tuple[str, ...] = ("base", "sft", "ssd", "sdft", "gkd", "opsd", "unisd-full")
     seeds: tuple[Seed, ...] = (42, 43)
+    # the ablation's seeds (null: `seeds`): one, since it diagnoses on validation and has
+    # about twice the compare study's cells
+    ablation_seeds: tuple[Seed, ...] | None = (42,)
     components: tuple[str, ...] = ("agreement_tok_retrieval", "ema", "clip")
     agreement_variants: bool = False
     leave_one_out: bool = True

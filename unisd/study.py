@@ -60,6 +60,12 @@ class Cell:
         return f"{self.label}-s{self.seed}"
 
 
+def study_seeds(cfg: Config, study: str) -> tuple[int, ...]:
+    """The seeds a study's cells run at: `study.seeds`, or for the ablation `study.ablation_seeds` when set."""
+    own = cfg.study.ablation_seeds if study == "ablation" else None
+    return own if own is not None else cfg.study.seeds
+
+
 def compare_cells(cfg: Config) -> list[Cell]:
     """Base, every baseline and unisd-full, at every study seed."""
     return [Cell(r, r, s, infer_kind(r)) for s in cfg.study.seeds for r in cfg.study.recipes]
@@ -77,7 +83,7 @@ def ablation_cells(cfg: Config) -> list[Cell]:
         return deep_merge(RECIPES[component], cfg.study.recipe_components.get(component, {}))
 
     cells = []
-    for s in cfg.study.seeds:
+    for s in study_seeds(cfg, "ablation"):
         cells += [Cell("base", "base", s, "base"), Cell("sd", "sd", s, "sd")]
         cells += [Cell(c, c, s, "component") for c in singles]
         cells += [
@@ -308,7 +314,7 @@ def run_study(
             "train_examples_per_benchmark": sized.train_set.limit or "all",
             "train_benchmarks": list(sized.train_benchmarks),
         },
-        "seeds": list(cfg.study.seeds),
+        "seeds": list(study_seeds(cfg, study)),
         "budget": {
             "rounds": sized.train_set.rounds,
             "lr": sized.train.lr,
