@@ -230,13 +230,13 @@ def lm(quick: bool, max_prompt_tokens: int):
     return load_model(path, device="cpu"), tok, PromptBuilder.for_tokenizer(tok, max_prompt_tokens=max_prompt_tokens)
 
 
-def mcq_examples(n: int, quick: bool, split: str = "test") -> list:
-    """The first n SciQ examples of `split` from `unisd prepare`'s output; --quick without
-    that output uses made-up ones."""
+def mcq_examples(n: int, quick: bool, split: str = "test", benchmark: str = "sciq") -> list:
+    """The first n examples of an MCQ benchmark's `split` from `unisd prepare`'s output;
+    --quick without that output uses made-up ones."""
     from unisd.data.schema import Example, read_examples
 
-    if (DATA / "sciq" / f"{split}.jsonl").is_file():
-        return read_examples(DATA / "sciq" / f"{split}.jsonl")[:n]
+    if (DATA / benchmark / f"{split}.jsonl").is_file():
+        return read_examples(DATA / benchmark / f"{split}.jsonl")[:n]
     if not quick:
         sys.exit(f"{DATA} is missing: run `unisd prepare` first (or use --quick)")
     return [

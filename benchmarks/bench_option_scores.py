@@ -23,12 +23,12 @@ differ between the paths: in fp32 they must be < 1e-4 and 0, the published preci
 `--bf16` only reports them. `--scores` picks one kind.
 
 `--scores eval` compares the evaluation's teacher-forced scoring of an item as a whole
-(open_answer): the gold response (gold_ppl), the model's own answer (the base model's
-ppl_ret; here another item's gold response stands in for it) and the options, read in
-one pass after the item's prompt (`unisd.evaluate.score_after_prompts`: the options'
-prompt, the same task then "Answer:", is cut at the item's prompt) against three passes
-(gold and own answer each whole with `completion_logprobs`, the options shared apart),
-as the evaluation ran them before.
+(open_answer): the gold response (gold_ppl), the model's own greedy answer (the base
+model's ppl_ret; generated first, bf16, at most 128 tokens) and the options, read in one
+pass after the item's prompt (`unisd.evaluate.score_after_prompts`: the options' prompt,
+the same task then "Answer:", is cut at the item's prompt) against three passes (gold and
+own answer each whole with `completion_logprobs`, the options shared apart), as the
+evaluation ran them before. `--benchmark` picks the MCQ benchmark (validation split).
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ FULL = {"items": 60, "batch_size": 16, "score_tokens": 2048, "reps": 2}
 QUICK = {"items": 4, "batch_size": 8, "score_tokens": 256, "reps": 1}
 
 
-def workloads(examples, builder, kinds: list[str]) -> list[dict]:
+def workloads(examples, builder, kinds: list[str], owns: list[list[int]]) -> list[dict]:
     """Per workload: its label, both paths (name -> call(model, pad, rows, bf16, max_tokens)
     returning one log-prob tensor per sequence), the tokens each path reads, and the
-    per-item credits from a path's output."""
+    per-item credits from a path's output. `owns`: the model's own answers (eval only)."""
     from unisd.choice_scores import AnswerEncoder, aggregate_loglik, aggregate_rotations, cloze_text, common_prefix
     from unisd.data.convert import rotate_options
     from unisd.logprobs import (
@@ -87,7 +87,6 @@ def workloads(examples, builder, kinds: list[str]) -> list[dict]:
 
         anchors = [builder.encode_task(ex, "open_answer") for ex in examples]
         golds = [builder.encode_response(gold_completion(ex, "open_answer")) for ex in examples]
-        owns = golds[1:] + golds[:1]  # stand-ins for the model's own answers: another item's response
         options = loglik_pairs(enc, examples, "open_answer", anchors)
         separate = loglik_pairs(enc, examples, "open_answer")
         answers = [(a, g) for a, g in zip(anchors, golds)] + [(a, o) for a, o in zip(anchors, owns)]
@@ -155,23 +154,34 @@ def workloads(examples, builder, kinds: list[str]) -> list[dict]:
     return out
 
 
+def own_answers(model, tok, builder, examples, max_new_tokens: int) -> list[list[int]]:
+    """The model's greedy open answers (bf16, the fast backend): real answer lengths for
+    the scoring pass, which only reads them."""
+    from unisd.generation import Sampling, generate
+
+    prompts = [builder.encode_task(ex, "open_answer") for ex in examples]
+    return [c.ids for c in generate(model, tok, prompts, Sampling(max_new_tokens), 16, bf16=True, backend="fast")]
+
+
 def main() -> None:
     import torch
 
     p = C.parser(__doc__)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both paths")
     p.add_argument("--scores", choices=["ll", "rot", "eval", "both"], default="both", help="both: ll and rot")
-    p.add_argument("--items", type=int, help="SciQ validation items (default: the script's)")
+    p.add_argument("--items", type=int, help="validation items (default: the script's)")
+    p.add_argument("--benchmark", default="sciq", choices=["sciq", "arc_challenge", "commonsense_qa"])
     args = C.parse(p)
     cfg = (QUICK if args.quick else FULL) | {"bf16": args.bf16}
     reps = args.reps or cfg["reps"]
     model, tok, builder = C.lm(args.quick, max_prompt_tokens=8192)
-    examples = C.mcq_examples(args.items or cfg["items"], args.quick, split="validation")
+    examples = C.mcq_examples(args.items or cfg["items"], args.quick, "validation", args.benchmark)
     pad, rows, bf16 = tok.pad_token_id, cfg["batch_size"], args.bf16
     kinds = ["ll", "rot"] if args.scores == "both" else [args.scores]
 
     table, results = [], {}
-    for w in workloads(examples, builder, kinds):
+    owns = own_answers(model, tok, builder, examples, 8 if args.quick else 128) if "eval" in kinds else []
+    for w in workloads(examples, builder, kinds, owns):
         out: dict[str, list] = {}
 
         def run(name: str, w=w, out=out) -> None:
@@ -199,7 +209,7 @@ def main() -> None:
         {"config": cfg | {"reps": reps, "model": str(C.model_dir(args.quick))}, "items": len(examples), **results},
         args.json,
         [
-            f"{len(examples)} SciQ validation items × their options; at most {rows} rows and "
+            f"{len(examples)} {args.benchmark} validation items × their options; at most {rows} rows and "
             f"{cfg['score_tokens']} padded tokens per batch; {'bf16 autocast' if bf16 else 'fp32'}, "
             f"{torch.get_num_threads()} threads; median (min–max) over {reps} interleaved runs."
         ],

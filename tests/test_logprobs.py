@@ -57,10 +57,11 @@ SHARED = [
 ]
 
 
-@pytest.mark.parametrize("batch_size, max_tokens", [(1, 0), (2, 0), (3, 8)])
+@pytest.mark.parametrize("batch_size, max_tokens", [(1, 0), (2, 0), (3, 8), (3, 3)])
 def test_shared_prompt_logprobs_match_unpadded_forwards(models, batch_size, max_tokens):
-    """Each distinct prompt run once, its continuations over its cache: every pair's token
-    log-probs as one unpadded forward of prompt + continuation gives them, in input order."""
+    """Each distinct prompt run once, its continuations over its cache (with a token budget,
+    in several groups of similar length): every pair's token log-probs as one unpadded
+    forward of prompt + continuation gives them, in input order."""
     model, _, pad = models
     got = shared_prompt_logprobs(model, SHARED, pad, batch_size=batch_size, max_tokens=max_tokens)
     assert [len(lp) for lp in got] == [len(c) for _, c in SHARED]

@@ -10,6 +10,7 @@ no [B, T, V] logits for padding.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -141,9 +142,10 @@ def _over_shared_prompts(
     t predicts continuation token t and row |c| the token after the continuation.
 
     A batch of distinct prompts (left-padded, `length_batches` on their lengths) is one
-    forward that keeps its KV cache; the cache rows are repeated, one per continuation of
-    that prompt, and one more forward over the continuations (right-padded after the
-    prompts, positions continuing each prompt's own) reads them. n continuations of a
+    forward that keeps its KV cache; the continuations of those prompts then run over it,
+    the cache rows repeated one per continuation, right-padded after the prompts with
+    positions continuing each prompt's own, in groups of similar length (`length_batches`
+    again: a short option is not padded to a long answer's width). n continuations of a
     P-token prompt cost P + Σ|c| tokens instead of n·P + Σ|c|.
     """
     device, decoder = model.device, model.get_decoder()
@@ -161,26 +163,31 @@ def _over_shared_prompts(
             use_cache=True,
         )
         rows = [(row, i) for row, g in enumerate(idx) for i in groups[prompts[g]]]  # (prompt row, pair)
-        conts = [pairs[i][1] for _, i in rows]
-        width = max(1, *map(len, conts))
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        cont_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, c in enumerate(conts):
-            ids[r, : len(c)], cont_mask[r, : len(c)] = torch.tensor(c, dtype=torch.long), 1
-        select = torch.tensor([row for row, _ in rows], device=device)
-        cache = first.cache
-        cache.batch_select_indices(select)  # one cache row per continuation
-        prompt_mask = batch["attention_mask"][select]
-        hidden = decoder(
-            input_ids=ids.to(device),
-            attention_mask=torch.cat([prompt_mask, cont_mask.to(device)], 1),
-            position_ids=prompt_mask.sum(-1, keepdim=True) + torch.arange(width, device=device),
-            cache=cache,
-            use_cache=True,
-        ).last_hidden_state
-        last = first.last_hidden_state[select, -1:]
-        yield [i for _, i in rows], [torch.cat([last[r], hidden[r, : len(c)]]) for r, c in enumerate(conts)]
-        progress.update(len(rows), tokens=int(batch["attention_mask"].sum()) + int(cont_mask.sum()))
+        parts = length_batches([len(pairs[i][1]) for _, i in rows], len(rows), max_tokens)
+        for k, part in enumerate(parts):
+            chunk = [rows[r] for r in part]
+            conts = [pairs[i][1] for _, i in chunk]
+            width = max(1, *map(len, conts))
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            cont_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, c in enumerate(conts):
+                ids[r, : len(c)], cont_mask[r, : len(c)] = torch.tensor(c, dtype=torch.long), 1
+            select = torch.tensor([row for row, _ in chunk], device=device)
+            cache = first.cache if k == len(parts) - 1 else copy.deepcopy(first.cache)
+            cache.batch_select_indices(select)  # one cache row per continuation
+            prompt_mask = batch["attention_mask"][select]
+            hidden = decoder(
+                input_ids=ids.to(device),
+                attention_mask=torch.cat([prompt_mask, cont_mask.to(device)], 1),
+                position_ids=prompt_mask.sum(-1, keepdim=True) + torch.arange(width, device=device),
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
+            last = first.last_hidden_state[select, -1:]
+            yield [i for _, i in chunk], [torch.cat([last[r], hidden[r, : len(c)]]) for r, c in enumerate(conts)]
+            progress.update(
+                len(chunk), tokens=(int(batch["attention_mask"].sum()) if k == 0 else 0) + int(cont_mask.sum())
+            )
     progress.close()
 
 
