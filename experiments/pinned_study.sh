@@ -7,6 +7,7 @@
 # what the report reads of it). On a fresh machine, rerun the same command: it resumes.
 # The study's code stays the pinned commit's while this checkout moves on; the last
 # machine's dvc.lock (in DIR) names that code, for publishing with the report.
+# It runs with this checkout's .venv (`make setup` first).
 #   experiments/pinned_study.sh 1a2b3c4d compare            # further arguments go to dvc repro
 set -uo pipefail
 commit=$1 study=$2; shift 2
