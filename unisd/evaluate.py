@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unisd.choice_scores import AnswerEncoder, Scored, Scoring, loglik_pairs, loglik_records, rotation_scores
+from unisd.choice_scores import AnswerEncoder, Scoring, loglik_pairs, loglik_records, rotation_scores
 from unisd.config import Config
 from unisd.data.schema import LETTERS, Example, read_examples, write_jsonl
 from unisd.data.suites import SUITES
@@ -188,20 +188,19 @@ def score_after_prompts(
     fmt, examples = cfg.prompts.mcq_format, [it.example for it in items]
     run = Scoring(model, pad_id, cfg.eval.batch_size, cfg.eval.bf16_autocast, cfg.eval.score_tokens)
     enc = AnswerEncoder(builder)
-    pairs: list[Scored] = []
+    answers: list[tuple[list[int], list[int]]] = []  # scored whole: the gold response, the model's own answer
     if cfg.eval.ppl:
-        golds = [builder.encode_response(gold_completion(it.example, fmt)) for it in items]
-        pairs += [(it.prompt, g, len(g)) for it, g in zip(items, golds)]
+        answers += [(it.prompt, builder.encode_response(gold_completion(it.example, fmt))) for it in items]
         if own:
-            pairs += [(it.prompt, it.record["completion_ids"], len(it.record["completion_ids"])) for it in items]
+            answers += [(it.prompt, it.record["completion_ids"]) for it in items]
     mcq = cfg.eval.choice_scores and items[0].example.task == "mcq"
     options = loglik_pairs(enc, examples, fmt, anchors=[it.prompt for it in items]) if mcq else []
-    if not pairs + options:
+    if not answers + options:
         return
     lps = iter(
         shared_prompt_logprobs(
             model,
-            [(prompt, cont) for prompt, cont, _ in pairs + options],
+            answers + [(prompt, cont) for prompt, cont, _ in options],
             pad_id,
             run.batch_size,
             run.bf16,
