@@ -1,5 +1,5 @@
 """Rotation and option log-likelihood MCQ scores: hand-worked stub models, and the batched
-path against one unpadded forward per prompt on the tiny model."""
+rotations against one unpadded forward per prompt on the tiny model."""
 
 import math
 import re
@@ -14,7 +14,6 @@ from unisd.choice_scores import (
     AnswerEncoder,
     Scoring,
     aggregate_loglik,
-    choice_scores,
     cloze_text,
     common_prefix,
     rotation_scores,
@@ -218,50 +217,15 @@ def reference_rotation(model, builder, ex) -> list[float]:
     return mean
 
 
-def reference_loglik(model, builder, ex, text: str | None = None) -> list[float]:
-    """Σ log p(option tokens | `text` (default: the cloze text) in the chat, "Answer:"), token by token."""
-    tok, sums = builder.tokenizer, []
-    head = chat(tok, cloze_text(ex) if text is None else text)
-    for option in ex.choices:
-        context = tok(head, add_special_tokens=False)["input_ids"]
-        whole = tok(head + " " + option, add_special_tokens=False)["input_ids"]
-        lp = unpadded(model, whole)
-        sums.append(sum(float(lp[t - 1, whole[t]]) for t in range(len(context), len(whole))))
-    return sums
-
-
 @pytest.mark.parametrize("batch_size, max_tokens", [(1, 0), (16, 0), (4, 300)])
-def test_batched_scores_match_one_unpadded_forward_per_prompt(tiny, batch_size, max_tokens):
+def test_batched_rotation_scores_match_one_unpadded_forward_per_rotation(tiny, batch_size, max_tokens):
+    """The option log-likelihoods of the same batched path are checked in
+    test_evaluate_scores.py, through the evaluation that computes them."""
     model, builder = tiny
     run = Scoring(model, builder.tokenizer.pad_token_id, batch_size=batch_size, max_tokens=max_tokens)
-    for ex, got in zip(EXAMPLES, choice_scores(run, builder, EXAMPLES)):
+    for ex, got in zip(EXAMPLES, rotation_scores(run, AnswerEncoder(builder), EXAMPLES, "reason_first", "test")):
         want = reference_rotation(model, builder, ex)
         assert got["rot_probs"] == pytest.approx(want, abs=1e-5), ex.id
         assert got["rot_gold_prob"] == pytest.approx(want[ex.gold_index], abs=1e-5)
         assert got["rot_correct"] == float(max(range(len(want)), key=want.__getitem__) == ex.gold_index)
-        sums = reference_loglik(model, builder, ex)
-        assert got["ll"] == pytest.approx(sums, abs=1e-4), ex.id
-        assert got["ll_correct"] == float(max(range(len(sums)), key=sums.__getitem__) == ex.gold_index)
-        norm = [s / len(c) for s, c in zip(sums, ex.choices)]
-        assert got["ll_norm_correct"] == float(max(range(len(norm)), key=norm.__getitem__) == ex.gold_index)
-        assert set(got) == {
-            "rot_probs",
-            "rot_correct",
-            "rot_gold_prob",
-            "circular_correct",
-            "ll",
-            "ll_correct",
-            "ll_norm_correct",
-        }
-
-
-def test_open_answer_scores_options_after_the_students_own_prompt_and_has_no_rotations(tiny):
-    """open_answer shows no letters: only the option log-likelihoods, read after the
-    student's task text (question and format instruction, no options)."""
-    model, builder = tiny
-    run = Scoring(model, builder.tokenizer.pad_token_id, batch_size=4)
-    for ex, got in zip(EXAMPLES, choice_scores(run, builder, EXAMPLES, "open_answer")):
-        assert set(got) == {"ll", "ll_correct", "ll_norm_correct"}
-        want = reference_loglik(model, builder, ex, task_text(ex, "open_answer"))
-        assert got["ll"] == pytest.approx(want, abs=1e-4), ex.id
-        assert want != pytest.approx(reference_loglik(model, builder, ex), abs=1e-4)  # the instruction is read
+        assert set(got) == {"rot_probs", "rot_correct", "rot_gold_prob", "circular_correct"}

@@ -65,3 +65,7 @@ def test_scores_equal_one_plain_forward_per_sequence(tmp_path, chaotic_dir, data
             float(plain_logprobs(model, *enc.split(cloze_text(ex, fmt), f" {c.strip()}")).sum()) for c in ex.choices
         ]
         assert r["ll"] == pytest.approx(sums, rel=1e-4, abs=1e-4)
+        assert ("rot_probs" in r) == (fmt != "open_answer")  # open_answer shows no letters to rotate
+        if fmt == "open_answer":  # the options follow the student's own task text, its instruction read
+            bare = [float(plain_logprobs(model, *enc.split(cloze_text(ex), f" {c.strip()}")).sum()) for c in ex.choices]
+            assert r["ll"] != pytest.approx(bare, rel=1e-4, abs=1e-4)

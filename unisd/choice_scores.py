@@ -36,7 +36,7 @@ import torch
 
 from unisd.data.convert import rotate_options
 from unisd.data.schema import LETTERS, Example
-from unisd.logprobs import shared_prefix_next_token_logprobs, shared_prompt_logprobs
+from unisd.logprobs import shared_prefix_next_token_logprobs
 from unisd.prompts import ANSWER_PREFIX, McqFormat, PromptBuilder, problem_text, task_text, user
 
 TIE_TOL = 1e-9  # relative: scores this close to the top are tied (rounding of equal sums in another order)
@@ -214,39 +214,3 @@ def loglik_records(examples: list[Example], logprobs: list[torch.Tensor], pairs:
         aggregate_loglik([next(sums) for _ in ex.choices], [len(c.strip()) for c in ex.choices], ex.gold_index)
         for ex in examples
     ]
-
-
-def loglik_scores(
-    run: Scoring, enc: AnswerEncoder, examples: list[Example], mcq_format: McqFormat, desc: str
-) -> list[dict[str, Any]]:
-    """`aggregate_loglik` per example: every option's continuation scored after its
-    prompt, which runs once per item (`shared_prompt_logprobs`)."""
-    pairs = loglik_pairs(enc, examples, mcq_format)
-    lps = shared_prompt_logprobs(
-        run.model,
-        [(p, c) for p, c, _ in pairs],
-        run.pad_id,
-        run.batch_size,
-        run.bf16,
-        desc=desc,
-        max_tokens=run.max_tokens,
-    )
-    return loglik_records(examples, lps, pairs)
-
-
-def choice_scores(
-    run: Scoring,
-    builder: PromptBuilder,
-    examples: list[Example],
-    mcq_format: McqFormat = "reason_first",
-    desc: str = "choices",
-) -> list[dict[str, Any]]:
-    """Rotation and option log-likelihood scores of MCQ examples, one record dict each:
-    rot_probs, rot_correct, rot_gold_prob, circular_correct (not under open_answer), ll,
-    ll_correct, ll_norm_correct."""
-    enc = AnswerEncoder(builder)
-    ll = loglik_scores(run, enc, examples, mcq_format, f"{desc} loglik")
-    if mcq_format == "open_answer":
-        return ll
-    rot = rotation_scores(run, enc, examples, mcq_format, f"{desc} rotations")
-    return [{**a, **b} for a, b in zip(rot, ll)]
