@@ -5,9 +5,11 @@
 # are copied in first, so they are skipped; every cell that finishes there is copied back
 # and committed here, one commit per cell (`metrics/study/STUDY/<cell>/`: its record and
 # what the report reads of it). On a fresh machine, rerun the same command: it resumes.
-# The study's code stays the pinned commit's while this checkout moves on; the last
-# machine's dvc.lock (in DIR) names that code, for publishing with the report.
-# It runs with this checkout's .venv (`make setup` first).
+# The study's code stays the pinned commit's while this checkout moves on. When the last
+# cell is in, the report and dvc.lock are committed in DIR on a branch from COMMIT
+# (study-STUDY-<commit>: that commit reproduces them) and merged here.
+# It runs with this checkout's .venv (`make setup` first); PUBLISH_EVERY: seconds between
+# looks for finished cells (60).
 #   experiments/pinned_study.sh 1a2b3c4d compare            # further arguments go to dvc repro
 set -uo pipefail
 commit=$1 study=$2; shift 2
@@ -35,8 +37,20 @@ publish() {  # each cell whose record changed there: copied here and committed a
 (cd "$dir" && PATH="$here/.venv/bin:$PATH" PYTHONPATH="$dir" dvc repro "$@" "$study") &
 pid=$!
 trap 'kill $pid 2>/dev/null' INT TERM
-while kill -0 $pid 2>/dev/null; do publish; sleep 60; done
+while kill -0 $pid 2>/dev/null; do publish; sleep "${PUBLISH_EVERY:-60}"; done
 wait $pid
 rc=$?
 publish
+# the study is complete: its report and dvc.lock, committed there on top of the pinned code
+# (so that commit reproduces them with `dvc status` clean), merged here
+branch=study-$study-${commit:0:8}
+if [ $rc -eq 0 ]; then
+  { git -C "$dir" checkout -q -B "$branch" &&
+    git -C "$dir" add dvc.lock "reports/$study" "metrics/study/$study" &&
+    git -C "$dir" commit -q -m "study $study: report and dvc.lock, run at ${commit:0:12}" &&
+    git -C "$here" fetch -q "$dir" "$branch" &&
+    git -C "$here" merge -q --no-edit -m "study $study: published (report and dvc.lock of $branch)" FETCH_HEAD; } ||
+    { git -C "$here" merge --abort 2>/dev/null
+      echo "pinned_study: merging the report failed; it is committed in $dir on $branch" >&2; rc=1; }
+fi
 exit $rc
