@@ -7,7 +7,7 @@
 # what the report reads of it). On a fresh machine, rerun the same command: it resumes.
 # The study's code stays the pinned commit's while this checkout moves on. When the last
 # cell is in, the report and dvc.lock are committed in DIR on a branch from COMMIT
-# (study-STUDY-<commit>: that commit reproduces them) and merged here.
+# (study-STUDY-<commit>: the code and params the lock names) and merged here.
 # It runs with this checkout's .venv (`make setup` first); PUBLISH_EVERY: seconds between
 # looks for finished cells (60).
 #   experiments/pinned_study.sh 1a2b3c4d compare            # further arguments go to dvc repro
@@ -42,7 +42,7 @@ wait $pid
 rc=$?
 publish
 # the study is complete: its report and dvc.lock, committed there on top of the pinned code
-# (so that commit reproduces them with `dvc status` clean), merged here
+# (the commit whose code and params the lock names), merged here
 branch=study-$study-${commit:0:8}
 if [ $rc -eq 0 ]; then
   { git -C "$dir" checkout -q -B "$branch" &&
