@@ -14,11 +14,40 @@ admission leaves them. Variants, interleaved:
 The cost of a call is read off the fixed-range variants: with c the seconds per slot-position
 of the one-call variant, a variant of k calls reading P slot-positions in t seconds leaves
 (t − c·P) / k per call, reported as slot-positions (÷ c).
+
+`--compiled` adds the same attention written as elementwise products and sums, compiled by
+inductor with dynamic shapes (`fused`: q·k, length mask, softmax and p·v in fp32 loops it
+generates), over the planned buckets and in one call; and the machine's memory read rate (an
+fp32 sum over 512 MiB, same threads), beside which the K/V column's rates are to be read.
 """
 
 from __future__ import annotations
 
 import _common as C
+
+
+def fused(q, k, v, lens):
+    """softmax(q·kᵀ/√D, keys past each slot's length masked)·v, as products and sums."""
+    import torch
+
+    scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None, :, :]).sum(-1) * q.shape[-1] ** -0.5
+    valid = torch.arange(k.shape[2])[None, :] < lens[:, None]
+    p = torch.softmax(scores.masked_fill(~valid[:, None, None, :], float("-inf")), -1)
+    return (p[..., None] * v.float()[:, :, None, :, :]).sum(-2).to(q.dtype)
+
+
+def read_rate() -> float:
+    """Bytes per second of an fp32 sum over 512 MiB: what a kernel that only reads can reach."""
+    import time
+
+    import torch
+
+    x, best = torch.ones(128 * 1024 * 1024), float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
 
 
 def main() -> None:
@@ -27,7 +56,9 @@ def main() -> None:
 
     import unisd.fast_decode as fd
 
-    args = C.parse(C.parser(__doc__))
+    parser = C.parser(__doc__)
+    parser.add_argument("--compiled", action="store_true", help="also the inductor-compiled attention")
+    args = C.parse(parser)
     n, lo, hi = (16, 8, 80) if args.quick else (128, 75, 727)
     reps = args.reps or (3 if args.quick else 20)
     kv, g, d = 3, 3, 64
@@ -53,16 +84,26 @@ def main() -> None:
     plans = {"one call": plan([(0, n)]), "buckets (planned)": plan(fd._buckets(lens))}
     for rows in (8, 16, 32):
         plans[f"buckets of {rows} rows"] = plan([(a, min(a + rows, n)) for a in range(0, n, rows)])
+    variants = {name: (lambda b=b: attend(b)) for name, b in plans.items()}
+    if args.compiled:
+        compiled = torch.compile(fused, dynamic=True)
+        for name in ("one call", "buckets (planned)"):
+            plans[f"compiled, {name}"] = plans[name]
+            variants[f"compiled, {name}"] = lambda b=plans[name]: torch.cat(
+                [compiled(q[r], keys[r, :, :s], values[r, :, :s], spans[r]) for r, s, _ in b]
+            )
     ref = attend(plans["one call"])
-    for buckets in plans.values():  # the same attention, only cut differently
-        torch.testing.assert_close(attend(buckets), ref, atol=2e-2, rtol=2e-2)
-    times = C.interleaved({name: (lambda b=b: attend(b)) for name, b in plans.items()}, reps, warmup=2)
+    for variant in variants.values():  # the same attention, only cut or computed differently
+        torch.testing.assert_close(variant(), ref, atol=2e-2, rtol=2e-2)
+    times = C.interleaved(variants, reps, warmup=2)
     read = {name: sum((r.stop - r.start) * s for r, s, _ in b) for name, b in plans.items()}
     per_position = min(times["one call"]) / read["one call"]
+    kv_bytes = 2 * kv * d * keys.element_size()  # K and V of one slot-position
     rows = []
     for name, buckets in plans.items():
         best = min(times[name])
-        call = (best - per_position * read[name]) / len(buckets) if len(buckets) > 1 else None
+        cut = len(buckets) > 1 and not name.startswith("compiled")
+        call = (best - per_position * read[name]) / len(buckets) if cut else None
         rows.append(
             [
                 name,
@@ -71,19 +112,30 @@ def main() -> None:
                 C.spread([1e3 * t for t in times[name]], "{:.2f}"),
                 f"{min(times['one call']) / best:.2f}×",
                 "—" if call is None else f"{1e6 * call:.0f} µs = {call / per_position:.0f}",
+                f"{read[name] * kv_bytes / best / 1e9:.1f}",
             ]
         )
+    rate = read_rate() if args.compiled else None
     C.report(
         "Decode attention of one layer: one call vs buckets",
-        ["variant", "calls", "slot-positions read", "ms", "× one call (best)", "cost of a call (slot-positions)"],
+        [
+            "variant",
+            "calls",
+            "slot-positions read",
+            "ms",
+            "× one call (best)",
+            "cost of a call (slot-positions)",
+            "K/V GB/s",
+        ],
         rows,
-        {"spans": lens, "times": times, "read": read},
+        {"spans": lens, "times": times, "read": read, "read_rate": rate},
         args.json,
         [
             f"{n} slots of {lens[-1]}–{lens[0]} positions (mean {sum(lens) / n:.0f}), 3 KV heads × 3 query rows, "
             f"D 64, bf16; planned with BUCKET_ROWS {fd.BUCKET_ROWS}, CALL_COST {fd.CALL_COST}; median (min–max) "
             f"over {reps} interleaved runs; {torch.get_num_threads()} threads."
-        ],
+        ]
+        + ([f"Memory read rate (fp32 sum over 512 MiB): {rate / 1e9:.1f} GB/s."] if rate else []),
     )
 
 
