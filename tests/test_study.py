@@ -6,6 +6,8 @@ numbers are the metrics files' numbers."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,16 @@ from project import tiny_params
 from unisd.config import Config, load_config
 from unisd.report import ReportError
 from unisd.stages import Layout
-from unisd.study import Cell, StudyError, ablation_cells, compare_cells, run_cell_recorded, run_study
+from unisd.study import (
+    Cell,
+    StudyError,
+    ablation_cells,
+    compare_cells,
+    format_status,
+    run_cell_recorded,
+    run_study,
+    study_status,
+)
 
 
 def _fake_cell(cfg: Config, cell: Cell) -> None:
@@ -93,6 +104,29 @@ def test_study_resumes_cell_by_cell(small_study):
     other_params = Launcher()
     run_study(small_study, {"eval.limit": 1}, "compare", other_params)
     assert other_params.ran == ["base-s42", "sft-s42", "unisd-full-s42"]  # stale under other params
+
+
+def test_status_reads_the_records_alone(small_study):
+    """`unisd study compare --status`: done / missing / stale from the cells' records, no
+    score read: the metrics of a done cell can be unreadable."""
+    with pytest.raises(KeyboardInterrupt):
+        run_study(small_study, {}, "compare", Launcher(crash_on="sft-s42"))
+    (small_study.parent / "metrics/study/compare/base-s42/eval/metrics.json").write_text("not read")
+    rows = study_status(small_study, {}, "compare")
+    assert [(r["cell"], r["status"]) for r in rows] == [
+        ("base-s42", "done"),
+        ("sft-s42", "missing"),
+        ("unisd-full-s42", "missing"),
+    ]
+    assert rows[0]["wall_time_s"] >= 0 and rows[0]["finished"] and rows[1]["wall_time_s"] is None
+    assert [r["status"] for r in study_status(small_study, {"eval.limit": 1}, "compare")][0] == "stale"
+    table = format_status(rows).splitlines()
+    assert table[1].split()[:2] == ["base-s42", "done"] and table[2].split() == ["sft-s42", "missing"]
+    assert table[-1] == "1 of 3 cells done"
+    unisd = Path(sys.executable).parent / "unisd"
+    command = [str(unisd), "study", "compare", "--status", "--params", str(small_study)]
+    shown = subprocess.run(command, capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.splitlines()[-1] == "1 of 3 cells done", shown.stderr
 
 
 def test_a_failed_cell_fails_alone_when_cells_run_together(small_study):

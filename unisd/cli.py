@@ -4,6 +4,7 @@
     unisd model|prepare|distill|evaluate [--trained]
                                    one stage at the default paths (what `dvc repro` runs)
     unisd study compare|ablation   a study (Prefect flow) and its report in reports/<study>/
+    unisd study compare --status   the study's cells done and to do, from their records (no score read)
     unisd report compare|ablation  rebuild a study's report from its outputs
     unisd serve [--with-server]    serve the Prefect deployments (optionally with a local server)
     unisd tracking-server          a shared MLflow tracking server (database + artifact store) on 127.0.0.1
@@ -192,6 +193,8 @@ def _main(argv: list[str] | None) -> int:
             add_arguments(p)
         if name in ("study", "report"):
             p.add_argument("study", choices=("compare", "ablation"))
+        if name == "study":
+            p.add_argument("--status", action="store_true", help="list the cells done and to do; run nothing")
     args = parser.parse_args(argv)
     console.configure(args.verbose, prefect=args.command in ("run", "study", "serve"))
     for name in ("prefect.task_runs", "prefect.flow_runs"):
@@ -229,7 +232,11 @@ def _main(argv: list[str] | None) -> int:
             _serve(args)
         elif args.command in ("study", "report"):
             overrides = {".".join(k): v for k, v in map(parse_override, args.overrides)}
-            if args.command == "study":
+            if args.command == "study" and args.status:
+                from unisd.study import format_status, study_status
+
+                print(format_status(study_status(Path(args.params).resolve(), overrides, args.study)))
+            elif args.command == "study":
                 from unisd.orchestration import study
                 from unisd.orchestration.serve import flow_server
 

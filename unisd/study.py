@@ -189,6 +189,29 @@ def cell_status(cfg: Config) -> dict[str, Any]:
     return {**(record or {}), "status": status}
 
 
+def study_status(params_file: Path, overrides: dict[str, Any], study: str) -> list[dict[str, Any]]:
+    """Each cell of `study`: its name, status (`cell_status`), wall time and when it
+    finished, read from the cells' records alone: how far a study is, with no score read
+    (a study on test is read once, when it is complete)."""
+    cfg = load_config(params_file, overrides)
+    rows = []
+    for cell in CELLS[study](cfg):
+        state = cell_status(cell_config(cfg, params_file, overrides, study, cell))
+        rows.append({"cell": cell.name, **{k: state.get(k) for k in ("status", "wall_time_s", "finished")}})
+    return rows
+
+
+def format_status(rows: list[dict[str, Any]]) -> str:
+    """`study_status` as a table, and how many cells are done."""
+    width = max(len(r["cell"]) for r in rows) + 2
+    lines = [f"{'cell':<{width}}{'status':<12}{'wall time':>10}  finished"]
+    for r in rows:
+        minutes = "" if r["wall_time_s"] is None else f"{r['wall_time_s'] / 60:.1f} min"
+        lines.append(f"{r['cell']:<{width}}{r['status']:<12}{minutes:>10}  {r['finished'] or ''}".rstrip())
+    done = sum(r["status"] == "done" for r in rows)
+    return "\n".join([*lines, f"{done} of {len(rows)} cells done"])
+
+
 def _evaluated_since(cfg: Config, since: float) -> bool:
     """Whether the cell's metrics.json was written after `since` (a wall-clock time; less a
     second, since file times come from a coarser clock). An evaluation served by the
