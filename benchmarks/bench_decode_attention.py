@@ -9,7 +9,9 @@ admission leaves them. Variants, interleaved:
 
 * one call: SDPA over every slot's keys up to the longest, with a length mask;
 * buckets (planned): `_buckets(spans)` at the default `BUCKET_ROWS` and `CALL_COST`;
-* buckets of 8, 16, 32 rows: fixed ranges, each over its own longest span.
+* buckets of 8, 16, 32 rows: fixed ranges, each over its own longest span;
+* kernel: the fast backend's bf16 decode attention (`unisd.decode_attention`, compiled on
+  first use), one call, each slot over its own length.
 
 The cost of a call is read off the fixed-range variants: with c the seconds per slot-position
 of the one-call variant, a variant of k calls reading P slot-positions in t seconds leaves
@@ -55,6 +57,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     import unisd.fast_decode as fd
+    from unisd import decode_attention
 
     parser = C.parser(__doc__)
     parser.add_argument("--compiled", action="store_true", help="also the inductor-compiled attention")
@@ -92,22 +95,27 @@ def main() -> None:
             variants[f"compiled, {name}"] = lambda b=plans[name]: torch.cat(
                 [compiled(q[r], keys[r, :, :s], values[r, :, :s], spans[r]) for r, s, _ in b]
             )
+    kernel = decode_attention.kernel()
+    calls = {name: len(b) for name, b in plans.items()}
+    read = {name: sum((r.stop - r.start) * s for r, s, _ in b) for name, b in plans.items()}
+    if kernel is not None:
+        variants["kernel"] = lambda: kernel(q, keys, values, spans, d**-0.5)
+        calls["kernel"], read["kernel"] = 1, sum(lens)
     ref = attend(plans["one call"])
     for variant in variants.values():  # the same attention, only cut or computed differently
         torch.testing.assert_close(variant(), ref, atol=2e-2, rtol=2e-2)
     times = C.interleaved(variants, reps, warmup=2)
-    read = {name: sum((r.stop - r.start) * s for r, s, _ in b) for name, b in plans.items()}
     per_position = min(times["one call"]) / read["one call"]
     kv_bytes = 2 * kv * d * keys.element_size()  # K and V of one slot-position
     rows = []
-    for name, buckets in plans.items():
+    for name in variants:
         best = min(times[name])
-        cut = len(buckets) > 1 and not name.startswith("compiled")
-        call = (best - per_position * read[name]) / len(buckets) if cut else None
+        cut = calls[name] > 1 and not name.startswith("compiled")
+        call = (best - per_position * read[name]) / calls[name] if cut else None
         rows.append(
             [
                 name,
-                len(buckets),
+                calls[name],
                 read[name],
                 C.spread([1e3 * t for t in times[name]], "{:.2f}"),
                 f"{min(times['one call']) / best:.2f}×",

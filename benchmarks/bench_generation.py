@@ -13,7 +13,8 @@ decode: 128 prompts of the same kind, every one decoding exactly 256 tokens (EOS
 fast:           `unisd.generation.generate(..., backend="fast")` (`unisd.fast_decode`):
                 its own forward over the model's weights, a KV cache preallocated for the
                 workload, continuous batching over `batch` slots. In bf16 it uses one bf16
-                copy of the weights.
+                copy of the weights and decode attention by the compiled kernel of
+                `unisd.decode_attention` ("sdpa": by SDPA in length buckets instead).
 hf:             the "hf" backend, today's default: continuous batching over HF forwards
                 with a DynamicCache, `batch_size` rows. In bf16 its linear weights are cast
                 once per call (`unisd.modeling.inference_autocast`).
@@ -77,20 +78,21 @@ HF_BATCH = 32
 
 def variants(workload: str, cfg: dict) -> dict[str, tuple[str | None, bool, int]]:
     """The workload's paths: name → (backend, or None for `model.generate`; bf16; batch size).
-    "hf default", "per-call casts" and "one bucket" (decode attention over the batch's
-    longest span, as before `fast_decode._buckets`) are special-cased in `run`."""
+    "hf default", "per-call casts" and "sdpa" (the fast backend's decode attention by SDPA in
+    length buckets, as before the compiled kernel of `unisd.decode_attention`) are
+    special-cased in `run`."""
     if workload == "decode":
         b, f = cfg["decode"]["batch_size"], cfg["decode"]["fast_batch_size"]
         return {
             "hf, bf16": ("hf", True, b),
             "fast, bf16": ("fast", True, b),
             f"fast, bf16, batch {f}": ("fast", True, f),
-            f"fast, bf16, batch {f}, one bucket": ("fast", True, f),
+            f"fast, bf16, batch {f}, sdpa": ("fast", True, f),
         }
     b, f = cfg["batch_size"], cfg["fast_batch_size"]
     return {
         "fast, bf16": ("fast", True, b),
-        "fast, bf16, one bucket": ("fast", True, b),
+        "fast, bf16, sdpa": ("fast", True, b),
         f"fast, bf16, batch {f}": ("fast", True, f),
         "fast, fp32": ("fast", False, b),
         "hf, bf16": ("hf", True, b),
@@ -144,10 +146,10 @@ def run(name: str, workload: str, cfg: dict, model, tok, prompts: list[list[int]
     with contextlib.ExitStack() as stack:
         if workload == "decode":
             stack.enter_context(without_eos(model))
-        if name.endswith("one bucket"):
-            import unisd.fast_decode as fd
+        if name.endswith("sdpa"):
+            from unisd import decode_attention
 
-            stack.enter_context(mock.patch.object(fd, "CALL_COST", 10**18))
+            stack.enter_context(mock.patch.object(decode_attention, "kernel", lambda: None))
         if name.endswith("per-call casts"):  # autocast casting at every forward, the weights not cast once
             stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
             bf16 = False

@@ -12,7 +12,7 @@ same steps under `torch.profiler` (CPU). Functions wrapped in a `record_function
 while profiling (cache update, attention mask, RoPE, norms, sampling, stop checks) are
 charged their whole time, their Python included; every other top-level aten op (one not
 called by another op) is charged by its name to matmuls (linear/mm/addmm/bmm), attention
-(SDPA), cache write (index_put_), casts (to/_to_copy) or other ops. "Python and
+(SDPA; the fast path's compiled bf16 kernel, `unisd.decode_attention`, is a scope), cache write (index_put_), casts (to/_to_copy) or other ops. "Python and
 dispatch" is the rest of the profiled step's wall time: the interpreter, HF's module
 calls and argument handling, the layer loops, and op dispatch outside kernels. The profiler itself slows
 small ops, so the shares are the point; the unprofiled row is the speed.
@@ -32,13 +32,13 @@ FULL = {"batches": [32, 128], "context": 256, "steps": 5}
 QUICK = {"batches": [4], "context": 16, "steps": 2}
 OPS = {
     "matmuls": ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm"),
-    "attention (SDPA)": ("aten::scaled_dot_product_attention",),
+    "attention": ("aten::scaled_dot_product_attention",),
     "cache write": ("aten::index_put_",),
     "casts": ("aten::to", "aten::_to_copy"),
 }
 CATEGORIES = [
     "matmuls",
-    "attention (SDPA)",
+    "attention",
     "cache update (HF: cat)",
     "cache write",
     "attention mask",
@@ -170,10 +170,12 @@ def fast_step(model, tok, builder, batch: int, context: int):
     targets = [
         (fd, "_rope", "RoPE"),
         (fd._Llama, "_norm", "norms"),
-        (fd._Decoder, "_step_masks", "attention mask"),
+        (fd._Decoder, "_bucket_masks", "attention mask"),
         (fd, "_pick", "sampling"),
         (fd, "_check", "stop checks"),
     ]
+    if decoder.kernel is not None:
+        targets.append((decoder, "kernel", "attention"))
     return step, targets
 
 

@@ -373,7 +373,8 @@ def code_files(module: str, exclude: tuple[str, ...] = (), package: Path = PACKA
     (directly, lazily inside functions, or transitively), not looking inside the modules
     named in `exclude`. A subpackage counts whole: a module there may run as a script in
     another process (as the sandbox's `inside/` does), which no import shows; only those
-    of `BY_MODULE` count module by module."""
+    of `BY_MODULE` count module by module. A module's C++ source beside it (same name,
+    `.cpp`: compiled on first use, as `decode_attention`'s) counts with it."""
     import modulefinder
 
     path = _module_file(package, module)
@@ -383,6 +384,7 @@ def code_files(module: str, exclude: tuple[str, ...] = (), package: Path = PACKA
     found = {Path(m.__file__) for name, m in modules.items() if name.split(".")[0] == package.name and m.__file__} | {
         path
     }
+    found |= {f.with_suffix(".cpp") for f in found if f.with_suffix(".cpp").exists()}
     parts = [f.relative_to(package).parts for f in found]
     whole = {p[0] for p in parts if len(p) > 1} - set(BY_MODULE)
     return tuple(sorted(found | {f for sub in whole for f in (package / sub).rglob("*.py")}))

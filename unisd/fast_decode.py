@@ -13,12 +13,14 @@ merge of a refill's cache into the running one (left-padded, copied again). Here
   the workload (slots = batch size, max_len = longest prompt + max_new_tokens). A
   sequence lives in one slot from position 0; prefill writes its prompt's keys, a decode
   step writes one position per slot in place.
-* Attention. `scaled_dot_product_attention` with a per-slot length mask. In a decode step
-  the G = H / KV query heads sharing a KV head become G query rows of that head
-  ([n, KV, G, D] against [n, KV, T, D]), so grouped-query attention repeats no keys; and
-  the running slots attend in buckets of neighbouring slots, each over its own longest
-  prefix rather than the batch's (`_buckets`: admission is longest-first, so slots lie
-  roughly in descending length, and a bucket of short sequences reads no long spans).
+* Attention. In a decode step the G = H / KV query heads sharing a KV head become G query
+  rows of that head ([n, KV, G, D] against [n, KV, T, D]), so grouped-query attention
+  repeats no keys, and each slot attends over its own length. In bf16 on the CPU that is
+  the compiled kernel of `unisd.decode_attention` (each slot's keys and values read once);
+  otherwise `scaled_dot_product_attention` with a per-slot length mask, the running slots
+  in buckets of neighbouring slots, each over its own longest prefix rather than the
+  batch's (`_buckets`: admission is longest-first, so slots lie roughly in descending
+  length, and a bucket of short sequences reads no long spans). Prefill uses SDPA.
 * Continuous batching. Running sequences occupy slots 0..n-1. Free slots are refilled
   from the queue (longest prompts first, as in the HF path), several prompts per prefill
   up to `PREFILL_TOKENS` padded tokens; a finished sequence's slot is taken by the last
@@ -45,6 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from unisd import decode_attention
 from unisd.generation import Completion, Phases, Sampling, _check, _eos_ids, _pick, hf_generate, timed
 from unisd.progress import Progress
 
@@ -203,6 +206,8 @@ class _Decoder:
         self.cos, self.sin = llama.rope_tables(max_len)
         self.last = torch.zeros(slots, dtype=torch.long, device=llama.device)  # each slot's latest token
         self.gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        cpu_bf16 = llama.dtype == torch.bfloat16 and llama.device.type == "cpu"
+        self.kernel = decode_attention.kernel() if cpu_bf16 else None  # None: SDPA in length buckets
         self.rows: list[int] = []
         self.tokens: list[list[int]] = []
         self.logprobs: list[list[float]] = []  # T=1 log-prob of each generated token
@@ -240,10 +245,9 @@ class _Decoder:
         last = h[torch.arange(b, device=h.device), lens - 1]  # each prompt's last position
         self._take(first, _pick(self.llama.logits(last), self.sampling, self.gen))
 
-    def _step_masks(self, n: int) -> tuple[list[tuple[slice, int, torch.Tensor]], tuple[torch.Tensor, ...]]:
-        """For a decode step over slots 0..n-1: each bucket's slots, key span (its longest
-        valid prefix) and length mask [rows, 1, 1, span]; the (slot, head, position) index
-        of each new key."""
+    def _bucket_masks(self, n: int) -> list[tuple[slice, int, torch.Tensor]]:
+        """For SDPA over slots 0..n-1 in a decode step: each bucket's slots, key span (its
+        longest valid prefix) and length mask [rows, 1, 1, span]."""
         pos = self.cache.lens[:n]
         spans = (pos + 1).tolist()
         buckets = []
@@ -251,25 +255,28 @@ class _Decoder:
             span = max(spans[a:b])
             mask = (torch.arange(span, device=pos.device) <= pos[a:b, None])[:, None, None]
             buckets.append((slice(a, b), span, mask))
-        where = (
-            torch.arange(n, device=pos.device)[:, None],
-            torch.arange(self.llama.kv_heads, device=pos.device),
-            pos[:, None],
-        )
-        return buckets, where
+        return buckets
 
     def step(self) -> None:
         """One decode step: every running slot's latest token goes in, its next token comes out."""
-        n, llama = len(self.rows), self.llama
+        n, llama, kernel = len(self.rows), self.llama, self.kernel
         G = llama.heads // llama.kv_heads
         pos = self.cache.lens[:n]  # where each slot's latest token goes
-        buckets, where = self._step_masks(n)
+        new = (
+            torch.arange(n, device=pos.device)[:, None],
+            torch.arange(llama.kv_heads, device=pos.device),
+            pos[:, None],
+        )
+        lens = pos + 1  # each slot's valid positions once this step's key is in
+        buckets = self._bucket_masks(n) if kernel is None else []
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = self.cache.keys[layer], self.cache.values[layer]
-            keys.index_put_(where, k[:, 0])
-            values.index_put_(where, v[:, 0])
+            keys.index_put_(new, k[:, 0])
+            values.index_put_(new, v[:, 0])
             q = q.view(n, llama.kv_heads, G, -1)
+            if kernel is not None:
+                return kernel(q, keys, values, lens, llama.head_dim**-0.5).view(n, 1, -1)
             out = [
                 F.scaled_dot_product_attention(q[rows], keys[rows, :, :span], values[rows, :, :span], attn_mask=mask)
                 for rows, span, mask in buckets

@@ -1,0 +1,127 @@
+"""The compiled decode attention (unisd.decode_attention) against a hand-worked example and
+an independent float64 computation, and its fallback to SDPA where it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+
+import pytest
+import torch
+
+from unisd import decode_attention
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = decode_attention.kernel()
+    assert k is not None, "the kernel did not build on a machine with a C++ compiler"
+    return k
+
+
+def reference(q, keys, values, lens, scale):
+    """softmax(scale · q kᵀ) v per slot and KV head over its first lens[b] positions, float64."""
+    n, KV, G, D = q.shape
+    out = torch.empty(n, KV, G, D, dtype=torch.float64)
+    for b in range(n):
+        k, v = keys[b, :, : lens[b]].double(), values[b, :, : lens[b]].double()  # [KV, len, D]
+        p = torch.softmax(scale * q[b].double() @ k.transpose(1, 2), dim=-1)  # [KV, G, len]
+        out[b] = p @ v
+    return out
+
+
+def test_a_hand_worked_example(kernel):
+    # one slot, one head, one query row, D = 2: q = (1, 0) against keys (1, 0), (0, 1), scale 1:
+    # scores (1, 0), p = (e, 1) / (e + 1), out = p0·(1, 2) + p1·(3, 4)
+    q = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2).bfloat16()
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 1, 2, 2).bfloat16()
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2).bfloat16()
+    p0 = math.e / (math.e + 1)
+    want = torch.tensor([p0 * 1 + (1 - p0) * 3, p0 * 2 + (1 - p0) * 4]).bfloat16()
+    out = kernel(q, keys, values, torch.tensor([2]), 1.0)
+    assert torch.equal(out.view(2), want)
+    # only the first position valid: the output is its value row
+    assert torch.equal(kernel(q, keys, values, torch.tensor([1]), 1.0).view(2), values[0, 0, 0])
+
+
+@pytest.mark.parametrize("D", [64, 40])  # 40: a head size that is no multiple of the vector width
+def test_matches_float64_over_each_slots_own_length(kernel, D):
+    g = torch.Generator().manual_seed(0)
+    slots, n, KV, G, L = 7, 5, 3, 3, 37
+    keys = torch.randn(slots, KV, L, D, generator=g).bfloat16()
+    values = torch.randn(slots, KV, L, D, generator=g).bfloat16()
+    q = torch.randn(n, KV, G, D, generator=g).bfloat16()
+    lens = torch.tensor([37, 1, 20, 36, 5])
+    out = kernel(q, keys, values, lens, D**-0.5)
+    want = reference(q, keys, values, lens, D**-0.5)
+    assert out.dtype == torch.bfloat16 and out.shape == (n, KV, G, D)
+    torch.testing.assert_close(out.double(), want, atol=8e-3, rtol=8e-3)
+    # positions past a slot's length and slots past n are never read
+    junk_k, junk_v = keys.clone(), values.clone()
+    for b, length in enumerate(lens.tolist()):
+        junk_k[b, :, length:], junk_v[b, :, length:] = 1e4, -1e4
+    junk_k[n:], junk_v[n:] = float("nan"), float("nan")
+    assert torch.equal(kernel(q, junk_k, junk_v, lens, D**-0.5), out)
+
+
+def test_rejects_what_it_cannot_compute(kernel):
+    q, cache = torch.zeros(1, 1, 1, 4, dtype=torch.bfloat16), torch.zeros(1, 1, 3, 4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bf16"):
+        kernel(q.float(), cache.float(), cache.float(), torch.tensor([1]), 0.5)
+    with pytest.raises(RuntimeError, match="lens outside"):
+        kernel(q, cache, cache, torch.tensor([4]), 0.5)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel(q, cache.transpose(2, 3), cache.transpose(2, 3), torch.tensor([1]), 0.5)
+
+
+def test_without_a_compiler_the_fast_backend_keeps_sdpa(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    decode_attention.kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="unisd.decode_attention"):
+            assert decode_attention.kernel() is None
+        assert "uses SDPA" in caplog.text and "c++: not found" in caplog.text
+    finally:
+        decode_attention.kernel.cache_clear()
+
+
+def test_decode_steps_with_the_kernel_follow_sdpa(kernel, tiny_model_dir, monkeypatch):
+    """The same bf16 decode steps, attention by the kernel or by SDPA: the same logits to bf16's precision."""
+    from project import scrambled
+
+    import unisd.fast_decode as fd
+    from unisd.generation import Sampling
+    from unisd.modeling import load_model, load_tokenizer
+    from unisd.prompts import PromptBuilder
+
+    tok = load_tokenizer(tiny_model_dir)
+    model = scrambled(load_model(tiny_model_dir))
+    builder = PromptBuilder.for_tokenizer(tok, max_prompt_tokens=4096)
+    prompts = [builder.encode(f"question {i}: " + "word " * (5 * i)) for i in range(6)]
+    seen: list[torch.Tensor] = []
+    pick = fd._pick
+    monkeypatch.setattr(fd, "_pick", lambda logits, *a: (seen.append(logits), pick(logits, *a))[1])
+
+    def logits_of(attention):
+        monkeypatch.setattr(decode_attention, "kernel", lambda: attention)
+        seen.clear()
+        decoder = fd._Decoder(fd._Llama(model, torch.bfloat16), 6, 300, Sampling(10))
+        assert decoder.kernel is attention
+        with torch.inference_mode():
+            decoder.prefill(list(range(6)), prompts)
+            for _ in range(5):
+                decoder.step()
+        return torch.stack(seen[1:])  # the decode steps' [5, 6, V]
+
+    ours, sdpa = logits_of(kernel), logits_of(None)
+    assert not torch.equal(ours, sdpa)  # two computations, not one
+    torch.testing.assert_close(ours, sdpa, atol=0.03 * float(sdpa.abs().max()), rtol=0)  # seen: 1.4%
+    assert (ours.argmax(-1) == sdpa.argmax(-1)).float().mean() > 0.9
