@@ -245,15 +245,15 @@ class _Decoder:
         last = h[torch.arange(b, device=h.device), lens - 1]  # each prompt's last position
         self._take(first, _pick(self.llama.logits(last), self.sampling, self.gen))
 
-    def _bucket_masks(self, n: int) -> list[tuple[slice, int, torch.Tensor]]:
-        """For SDPA over slots 0..n-1 in a decode step: each bucket's slots, key span (its
-        longest valid prefix) and length mask [rows, 1, 1, span]."""
-        pos = self.cache.lens[:n]
-        spans = (pos + 1).tolist()
+    def _bucket_masks(self, lens: torch.Tensor) -> list[tuple[slice, int, torch.Tensor]]:
+        """For SDPA over the running slots in a decode step, given their valid lengths `lens`
+        [n]: each bucket's slots, key span (its longest valid prefix) and length mask
+        [rows, 1, 1, span]."""
+        spans = lens.tolist()
         buckets = []
         for a, b in _buckets(spans):
             span = max(spans[a:b])
-            mask = (torch.arange(span, device=pos.device) <= pos[a:b, None])[:, None, None]
+            mask = (torch.arange(span, device=lens.device) < lens[a:b, None])[:, None, None]
             buckets.append((slice(a, b), span, mask))
         return buckets
 
@@ -268,7 +268,7 @@ class _Decoder:
             pos[:, None],
         )
         lens = pos + 1  # each slot's valid positions once this step's key is in
-        buckets = self._bucket_masks(n) if kernel is None else []
+        buckets = self._bucket_masks(lens) if kernel is None else []
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = self.cache.keys[layer], self.cache.values[layer]
