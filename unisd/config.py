@@ -7,8 +7,8 @@ paper's settings are a profile on top of it (`profiles/paper.yaml`).
 The file is validated before any work starts: bytes that are not UTF-8, YAML errors,
 keys given twice, unknown keys, wrong types, non-finite numbers and out-of-range values
 raise `ConfigError`, one line per problem naming the file and the line or key path
-(e.g. `eval.limit`). Stages receive the validated `Config`; caches key on
-`Config.section_digest(...)`.
+(e.g. `eval.limit`). Stages receive the validated `Config`; a stage's cache key holds the
+sections its registry entry names (`Config.section`, unisd.registry).
 """
 
 from __future__ import annotations
@@ -405,9 +405,6 @@ class Config(Section):
         """The named top-level sections as plain data (what a stage depends on)."""
         data = self.model_dump(mode="json")
         return {n: data[n] for n in names}
-
-    def section_digest(self, *names: str) -> str:
-        return digest_json(self.section(*names))
 
     def digest(self) -> str:
         """Digest of every param (the root folder is not a param)."""
