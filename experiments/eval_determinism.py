@@ -17,6 +17,7 @@ validation prompts. Three uses:
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -71,15 +72,27 @@ def sweep(n: int = 8, max_new_tokens: int = 24) -> None:
                 )
 
 
+# Environment variables that restrict the kernels ATen, MKL and oneDNN pick below what the
+# CPU offers: set, they make one machine round like an older one (a proxy for another CPU).
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
 def _cpu() -> dict[str, object]:
-    """The CPU's name and bf16 instruction sets (they decide how bf16 matmuls round)."""
+    """The CPU's name, bf16 instruction sets (they decide how bf16 matmuls round) and any
+    kernel restriction in effect."""
     cpuinfo = Path("/proc/cpuinfo")
     fields = (
         dict(line.split(":", 1) for line in cpuinfo.read_text().splitlines() if ":" in line) if cpuinfo.exists() else {}
     )
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     bf16 = sorted(f for f in fields.get("flags", "").split() if "bf16" in f)
-    return {"name": fields.get("model name", platform.processor()), "bf16": bf16, "torch": torch.__version__}
+    limits = {k: os.environ[k] for k in ISA_LIMITS if k in os.environ}
+    return {
+        "name": fields.get("model name", platform.processor()),
+        "bf16": bf16,
+        "torch": torch.__version__,
+        **({"isa_limits": limits} if limits else {}),
+    }
 
 
 def record(out: str, n: int = 40, max_new_tokens: int = 32) -> None:
