@@ -50,3 +50,19 @@ def prefect_storage(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(path))
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: path}):
         yield path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_prefect_temporary_server():
+    """Stop the temporary Prefect server that in-process flows started, after their last
+    log lines reached it and while pytest's output is still open: left to Prefect's atexit
+    hook, its "Stopping temporary server" line goes to a closed stream (a logging traceback
+    after the summary) and the flows' last lines find no server ("Error logging to API")."""
+    yield
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None:
+        from unisd.orchestration.serve import send_queued_logs
+
+        send_queued_logs()
+        for instance in list(server.SubprocessASGIServer._instances.values()):
+            instance.stop()

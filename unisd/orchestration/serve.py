@@ -50,7 +50,7 @@ def local_prefect_server(port: int = 4200, timeout_s: float = 90) -> Iterator[st
         log.info("Prefect server at %s (UI: http://127.0.0.1:%d)", url, port)
         yield url
     finally:
-        _send_queued_logs()
+        send_queued_logs()
         proc.terminate()
         try:
             proc.wait(timeout=20)
@@ -58,7 +58,7 @@ def local_prefect_server(port: int = 4200, timeout_s: float = 90) -> Iterator[st
             proc.kill()
 
 
-def _send_queued_logs(timeout_s: float = 10) -> None:
+def send_queued_logs(timeout_s: float = 10) -> None:
     """Send the flow-run log lines still queued for the API while the server is up: the
     last ones ("Finished in state Completed()") are otherwise sent after it stopped, and
     Prefect prints "--- Error logging to API ---" for them."""
