@@ -7,6 +7,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 # flows run in-process start Prefect's temporary server: give it time on 2 busy cores
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# stages called outside a flow log to the console only, as under the `unisd` command (unisd.console)
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 from tiny import build_tiny_model  # noqa: E402
 
