@@ -41,6 +41,21 @@ def real_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def decode_kernel():
+    """The fast backend's compiled decode attention: skipped where there is no C++ compiler,
+    a failure where there is one and it does not build."""
+    import shutil
+
+    from unisd import decode_attention
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler to build the kernel")
+    kernel = decode_attention.kernel()
+    assert kernel is not None, "the kernel did not build on a machine with a C++ compiler"
+    return kernel
+
+
 @pytest.fixture
 def prefect_storage(tmp_path, monkeypatch) -> Path:
     """Prefect's result storage, its task cache, in this test's folder: for flows run in

@@ -9,7 +9,6 @@ prove little; here each prompt's continuation differs.
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
 import torch
@@ -233,13 +232,10 @@ def test_logprobs_of_sampled_tokens_are_the_models_at_temperature_one(chaotic, b
         torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), expected, atol=2e-4, rtol=0)
 
 
-@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
-def test_bf16_decode_steps_with_the_compiled_attention_follow_sdpa(chaotic, monkeypatch):
+def test_bf16_decode_steps_with_the_compiled_attention_follow_sdpa(chaotic, decode_kernel, monkeypatch):
     """The same bf16 decode steps, attention by `unisd.decode_attention`'s kernel or by SDPA:
     the same logits to bf16's precision (the kernel itself: tests/test_decode_attention.py)."""
     model, _, prompts = chaotic
-    kernel = decode_attention.kernel()
-    assert kernel is not None, "the kernel did not build on a machine with a C++ compiler"
     seen: list[torch.Tensor] = []
     pick = fd._pick
     monkeypatch.setattr(fd, "_pick", lambda logits, *a: (seen.append(logits), pick(logits, *a))[1])
@@ -255,7 +251,7 @@ def test_bf16_decode_steps_with_the_compiled_attention_follow_sdpa(chaotic, monk
                 decoder.step()
         return torch.stack(seen[1:])  # the decode steps' [5, 6, V]
 
-    ours, sdpa = logits_of(kernel), logits_of(None)
+    ours, sdpa = logits_of(decode_kernel), logits_of(None)
     assert not torch.equal(ours, sdpa)  # two computations, not one
     torch.testing.assert_close(ours, sdpa, atol=0.03 * float(sdpa.abs().max()), rtol=0)  # seen: 1.4%
     assert (ours.argmax(-1) == sdpa.argmax(-1)).float().mean() > 0.9
