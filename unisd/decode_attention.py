@@ -3,8 +3,9 @@
 Why: a decode step's attention is n·KV small problems (G query rows against one slot's
 cached keys), and the kernels PyTorch offers on the CPU (SDPA, inductor's) spend most of
 their time per problem, reading K/V at a fifth of the memory's rate; this one reads each
-slot's keys and values once, over that slot's own length, in plain loops the compiler
-vectorises (benchmarks/README.md, "A compiled decode attention").
+slot's keys and values once, over that slot's own length: with AVX512-BF16 instructions
+where the CPU has them and the head size is 64 or 128, in plain loops the compiler
+vectorises elsewhere (benchmarks/README.md, "A compiled decode attention").
 
 It is built on first use with the machine's C++ compiler (`torch.utils.cpp_extension`,
 about 30 s, then cached under a name that covers the source, the flags, torch's version
