@@ -94,6 +94,9 @@ void attend_loops(const Problem& p, int64_t i, float* s, float* qf, float* acc) 
   for (int64_t j = 0; j < G * D; ++j) p.out[i * G * D + j] = to_bf16(acc[j]);
 }
 
+// A specialised attend for one (D, G): problem i with s as G·L floats of scratch.
+using Attend = void (*)(const Problem&, int64_t, float*);
+
 #ifdef UNISD_AVX512_BF16
 
 // r[j] = sum of the 16 lanes of x[j], j < 16: a transposing tree of adds, 45 shuffles and
@@ -161,7 +164,6 @@ void attend_avx512(const Problem& p, int64_t i, float* s) {
     }
 }
 
-using Attend = void (*)(const Problem&, int64_t, float*);
 constexpr int MAX_G = 8;
 
 template <int D, std::size_t... Gm1>
@@ -179,7 +181,6 @@ Attend specialised(int64_t D, int64_t G) {
 
 #else
 
-using Attend = void (*)(const Problem&, int64_t, float*);
 Attend specialised(int64_t, int64_t) { return nullptr; }
 
 #endif
