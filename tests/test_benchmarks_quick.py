@@ -21,6 +21,7 @@ SCRIPTS = [
     "bench_utilisation",
     "profile_decode",
     "bench_decode_attention",
+    "bench_sampling",
     pytest.param("bench_cache", marks=pytest.mark.integration),
 ]  # two `unisd run`s: Prefect
 

@@ -232,26 +232,48 @@ def test_logprobs_of_sampled_tokens_are_the_models_at_temperature_one(chaotic, b
         torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), expected, atol=2e-4, rtol=0)
 
 
+def bf16_decode_logits(model, prompts, monkeypatch) -> tuple[fd._Decoder, torch.Tensor]:
+    """A bf16 decoder of six slots and its logits [6, 6, V]: the prefill of the last six
+    prompts, then five decode steps."""
+    seen: list[torch.Tensor] = []
+    pick = fd._pick
+    monkeypatch.setattr(fd, "_pick", lambda logits, *a: (seen.append(logits), pick(logits, *a))[1])
+    decoder = fd._Decoder(fd._Llama(model, torch.bfloat16), 6, 300, Sampling(10))
+    with torch.inference_mode():
+        decoder.prefill(list(range(6)), prompts[-6:])
+        for _ in range(5):
+            decoder.step()
+    monkeypatch.setattr(fd, "_pick", pick)
+    return decoder, torch.stack(seen)
+
+
 def test_bf16_decode_steps_with_the_compiled_attention_follow_sdpa(chaotic, decode_kernel, monkeypatch):
     """The same bf16 decode steps, attention by `unisd.decode_attention`'s kernel or by SDPA:
     the same logits to bf16's precision (the kernel itself: tests/test_decode_attention.py)."""
     model, _, prompts = chaotic
-    seen: list[torch.Tensor] = []
-    pick = fd._pick
-    monkeypatch.setattr(fd, "_pick", lambda logits, *a: (seen.append(logits), pick(logits, *a))[1])
 
     def logits_of(attention):
         monkeypatch.setattr(decode_attention, "kernel", lambda: attention)
-        seen.clear()
-        decoder = fd._Decoder(fd._Llama(model, torch.bfloat16), 6, 300, Sampling(10))
+        decoder, logits = bf16_decode_logits(model, prompts, monkeypatch)
         assert decoder.kernel is attention
-        with torch.inference_mode():
-            decoder.prefill(list(range(6)), prompts[-6:])
-            for _ in range(5):
-                decoder.step()
-        return torch.stack(seen[1:])  # the decode steps' [5, 6, V]
+        return logits[1:]  # the decode steps'
 
     ours, sdpa = logits_of(decode_kernel), logits_of(None)
     assert not torch.equal(ours, sdpa)  # two computations, not one
     torch.testing.assert_close(ours, sdpa, atol=0.03 * float(sdpa.abs().max()), rtol=0)  # seen: 1.4%
     assert (ours.argmax(-1) == sdpa.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+def test_bf16_weights_packed_for_onednn_give_f_linears_logits(chaotic, monkeypatch):
+    """Prefill and decode steps with the matrices packed (`_pack`) or multiplied by F.linear:
+    the same logits, bit for bit."""
+    model, _, prompts = chaotic
+
+    def logits_of(packed: bool) -> torch.Tensor:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: packed)
+        decoder, logits = bf16_decode_logits(model, prompts, monkeypatch)
+        assert (decoder.llama.linear is fd._packed_linear) == packed
+        return logits
+
+    assert torch.equal(logits_of(True), logits_of(False))

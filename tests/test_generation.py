@@ -4,7 +4,7 @@ are reached by name and split their time into prefill and decode."""
 import pytest
 import torch
 
-from unisd.generation import Sampling, _pick, generate
+from unisd.generation import Sampling, _inverse_cdf, _pick, generate
 from unisd.modeling import load_model, load_tokenizer
 from unisd.prompts import PromptBuilder
 
@@ -60,6 +60,23 @@ def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
     assert picks == {0}
     picks = {_pick(logits, Sampling(1, True, 1.0, 1.0), gen)[0].item() for _ in range(400)}
     assert picks == {0, 1, 2, 3}
+
+
+def test_inverse_cdf_picks_the_token_whose_interval_holds_u():
+    """Hand-worked: cumulative sums 0.5, 0.5, 0.8, 1.0; the zero-probability token 1 is never drawn."""
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]]).repeat(6, 1)
+    u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.8, 0.999], dtype=torch.float64)
+    assert _inverse_cdf(probs, u).tolist() == [0, 0, 2, 2, 3, 3]
+    assert _inverse_cdf(probs * 0.5, u).tolist() == [0, 0, 2, 2, 3, 3]  # u scales with the row's total
+
+
+def test_sampled_frequencies_follow_softmax_at_the_temperature():
+    """20,000 draws of one row against torch.distributions' probabilities at T = 0.7 (5 sd of a
+    binomial share is under 0.018)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0])
+    picked, _ = _pick(logits.repeat(20_000, 1), Sampling(1, True, 0.7, 1.0), torch.Generator().manual_seed(0))
+    freq = torch.bincount(picked, minlength=5) / 20_000
+    torch.testing.assert_close(freq, torch.distributions.Categorical(logits=logits / 0.7).probs, atol=0.018, rtol=0)
 
 
 def test_sampled_generation_is_deterministic_for_a_seed(lm):

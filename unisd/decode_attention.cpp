@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -132,6 +133,8 @@ void attend_avx512(const Problem& p, int64_t i, float* s) {
   const __m512 scale = _mm512_set1_ps(p.scale);
   for (int64_t l0 = 0; l0 < len; l0 += 16) {  // scores, sixteen keys at a time
     const int n = int(std::min<int64_t>(16, len - l0));
+    for (int byte = 0; byte < n * D * 2; byte += 64)  // these keys' value rows, for the value pass: into L2 meanwhile
+      _mm_prefetch(reinterpret_cast<const char*>(v + l0 * D) + byte, _MM_HINT_T1);
     for (int g = 0; g < G; ++g) {
       __m512 part[16];
       for (int j = 0; j < 16; ++j) {
@@ -214,9 +217,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
                   L,
                   float(scale)};
   const Attend fast = specialised(D, G);
-  at::parallel_for(0, n * KV, 1, [&](int64_t begin, int64_t end) {
+  // Threads take problems one at a time from a shared counter: slots lie in roughly
+  // descending length (admission is longest-first), so equal ranges of problems per thread
+  // would leave one thread most of the work (1.2× the layer's time, benchmarks/README.md).
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> s(G * L), qf(G * D), acc(G * D);
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n * KV;) {
       if (fast)
         fast(p, i, s.data());
       else

@@ -70,14 +70,24 @@ def _pick(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> tup
             outside = sorted_p.cumsum(-1) - sorted_p > sampling.top_p  # keep the smallest nucleus
             sorted_p = sorted_p.masked_fill(outside, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        picked = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        picked = _inverse_cdf(probs, torch.rand(len(probs), generator=gen, dtype=torch.float64))
     return picked, _token_logprobs(logits, picked)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Tokens [B] drawn from probs [B, V] (rows summing to about 1) by uniforms u [B] in
+    [0, 1): the token whose interval of the row's cumulative sum, in float64, holds u times
+    the row's total; zero-probability tokens have empty intervals. One uniform per row,
+    where `torch.multinomial` spends about 1 ms on each 49,152-token row on the CPU
+    (benchmarks/README.md, "one uniform per draw")."""
+    cdf = probs.to(torch.float64).cumsum(-1)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return picked.clamp_(max=probs.shape[-1] - 1)  # u·total rounding up to the total
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits [B, V])[b, tokens[b]] in fp32: [B]."""
-    logits = logits.float()
-    return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def _finish(tokens: list[int], logprobs: list[float], tokenizer, stops: list[str], finished: bool) -> Completion:
