@@ -264,7 +264,7 @@ def test_bf16_decode_steps_with_the_compiled_attention_follow_sdpa(chaotic, deco
     assert (ours.argmax(-1) == sdpa.argmax(-1)).float().mean() > 0.9
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+@pytest.mark.skipif(not fd._onednn_bf16(), reason="no oneDNN bf16 products in this torch build or CPU")
 def test_bf16_weights_packed_for_onednn_give_f_linears_logits(chaotic, monkeypatch):
     """Prefill and decode steps with the matrices packed (`_pack`) or multiplied by F.linear:
     the same logits, bit for bit."""

@@ -128,6 +128,11 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 PACK_ROWS = 128  # the row count oneDNN's packed layout is chosen for (any count runs on it)
 
 
+def _onednn_bf16() -> bool:
+    """Whether this torch build and CPU run oneDNN's bf16 products (for `_pack`)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _pack(w: torch.Tensor) -> torch.Tensor:
     """A bf16 weight [out, in] in oneDNN's packed layout, for `_packed_linear`."""
     return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
@@ -157,7 +162,7 @@ class _Llama:
         self.dtype = self.lm_head.dtype
         self.rotary = base.rotary_emb
         self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
-        if self.dtype == torch.bfloat16 and self.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        if self.dtype == torch.bfloat16 and self.device.type == "cpu" and _onednn_bf16():
             self.layers = [layer.map(_pack) for layer in self.layers]
             self.lm_head, self.linear = _pack(self.lm_head), _packed_linear
 
