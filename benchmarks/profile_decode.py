@@ -10,7 +10,7 @@ per-row stop checks of its loop (`_check`, with the prompt builder's stop string
 Timing: the median wall time of `--steps` unprofiled steps after a warm-up step; then the
 same steps under `torch.profiler` (CPU). Functions wrapped in a `record_function`
 while profiling (cache update, attention mask, RoPE, norms, sampling, stop checks) are
-charged their whole time, their Python included; every other top-level aten op (one not
+charged their whole time, their Python included; every other top-level op, aten or mkldnn (one not
 called by another op) is charged by its name to matmuls (linear/mm/addmm/bmm), attention
 (SDPA; the fast path's compiled bf16 kernel, `unisd.decode_attention`, is a scope), cache
 write (index_put_), casts (to/_to_copy) or other ops. "Python and dispatch" is the rest of the profiled step's wall time: the interpreter, HF's module
@@ -30,8 +30,9 @@ import _common as C
 
 FULL = {"batches": [32, 128], "context": 256, "steps": 5}
 QUICK = {"batches": [4], "context": 16, "steps": 2}
+OP_PREFIXES = ("aten::", "mkldnn::")  # the fast backend's packed bf16 products are mkldnn ops
 OPS = {
-    "matmuls": ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm"),
+    "matmuls": ("aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm", "mkldnn::_linear_pointwise"),
     "attention": ("aten::scaled_dot_product_attention",),
     "cache write": ("aten::index_put_",),
     "casts": ("aten::to", "aten::_to_copy"),
@@ -76,21 +77,21 @@ def scopes(targets: list[tuple[object, str, str]]) -> Iterator[None]:
 
 
 def charge(events) -> tuple[dict[str, float], int]:
-    """Milliseconds per category among profiler `events`, and the number of top-level aten ops.
+    """Milliseconds per category among profiler `events`, and the number of top-level ops.
 
-    An outermost scope is charged its whole time (its ops and its Python); an aten op in
-    no scope and called by no other op is charged by its name.
+    An outermost scope is charged its whole time (its ops and its Python); an op (aten or
+    mkldnn) in no scope and called by no other op is charged by its name.
     """
     out = dict.fromkeys(CATEGORIES, 0.0)
     count = 0
     for e in events:
-        is_scope, is_op = e.name.startswith("scope:"), e.name.startswith("aten::")
+        is_scope, is_op = e.name.startswith("scope:"), e.name.startswith(OP_PREFIXES)
         ancestors = []
         parent = e.cpu_parent
         while parent is not None:
             ancestors.append(parent.name)
             parent = parent.cpu_parent
-        in_op, in_scope = (any(a.startswith(p) for a in ancestors) for p in ("aten::", "scope:"))
+        in_op, in_scope = (any(a.startswith(p) for a in ancestors) for p in (OP_PREFIXES, "scope:"))
         count += is_op and not in_op
         if (is_scope and not in_scope) or (is_op and not in_op and not in_scope):
             name = e.name[6:] if is_scope else next((cat for cat, ops in OPS.items() if e.name in ops), "other ops")
