@@ -10,8 +10,9 @@ per-row stop checks of its loop (`_check`, with the prompt builder's stop string
 Timing: the median wall time of `--steps` unprofiled steps after a warm-up step; then the
 same steps under `torch.profiler` (CPU). Functions wrapped in a `record_function`
 while profiling (cache update, attention mask, RoPE, norms, sampling, stop checks) are
-charged their whole time, their Python included; every other top-level op, aten or mkldnn (one not
-called by another op) is charged by its name to matmuls (linear/mm/addmm/bmm), attention
+charged their whole time, their Python included; every other top-level op, aten or mkldnn
+(one not called by another op), is charged by its name to matmuls (linear/mm/addmm/bmm and
+the fast path's packed `_linear_pointwise`), attention
 (SDPA; the fast path's compiled bf16 kernel, `unisd.decode_attention`, is a scope), cache
 write (index_put_), casts (to/_to_copy) or other ops. "Python and dispatch" is the rest of the profiled step's wall time: the interpreter, HF's module
 calls and argument handling, the layer loops, and op dispatch outside kernels. The profiler itself slows
