@@ -3,7 +3,8 @@
 Each path decodes from a prepared state: every row has `--context` cached positions
 (random keys and values, of the dtypes the path's own prefill stores) and generates one
 token, greedy, in bf16 (the stages' setting: for HF, `inference_autocast` with the
-weights cast once; for fast, its bf16 weights). The step is the path's own decode step
+weights cast once; for fast, its bf16 weights). `--fp32`: the evaluation's setting
+instead, fp32 throughout at batch 16 (`eval.batch_size`). The step is the path's own decode step
 (`unisd.generation._decode_step`, `unisd.fast_decode._Decoder.step`) followed by the
 per-row stop checks of its loop (`_check`, with the prompt builder's stop strings).
 
@@ -13,7 +14,7 @@ while profiling (cache update, attention mask, RoPE, norms, sampling, stop check
 charged their whole time, their Python included; every other top-level op, aten or mkldnn
 (one not called by another op), is charged by its name to matmuls (linear/mm/addmm/bmm and
 the fast path's packed `_linear_pointwise`), attention
-(SDPA; the fast path's compiled bf16 kernel, `unisd.decode_attention`, is a scope), cache
+(SDPA; the fast path's compiled kernel, `unisd.decode_attention`, is a scope), cache
 write (index_put_), casts (to/_to_copy) or other ops. "Python and dispatch" is the rest of the profiled step's wall time: the interpreter, HF's module
 calls and argument handling, the layer loops, and op dispatch outside kernels. The profiler itself slows
 small ops, so the shares are the point; the unprofiled row is the speed.
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterator
 import _common as C
 
 FULL = {"batches": [32, 128], "context": 256, "steps": 5}
+FP32 = {"batches": [16], "context": 256, "steps": 5}  # the evaluation's greedy answers
 QUICK = {"batches": [4], "context": 16, "steps": 2}
 OP_PREFIXES = ("aten::", "mkldnn::")  # the fast backend's packed bf16 products are mkldnn ops
 OPS = {
@@ -147,7 +149,7 @@ def hf_step(model, tok, builder, batch: int, context: int):
     return step, targets
 
 
-def fast_step(model, tok, builder, batch: int, context: int):
+def fast_step(model, tok, builder, batch: int, context: int, bf16: bool = True):
     """A decode step of the fast path from `batch` slots of `context` random cached positions."""
     import torch
 
@@ -155,7 +157,7 @@ def fast_step(model, tok, builder, batch: int, context: int):
     import unisd.generation as g
 
     sampling = g.Sampling(10**6)
-    decoder = fd._Decoder(fd._Llama(model, torch.bfloat16), batch, context + 64, sampling)
+    decoder = fd._Decoder(fd._Llama(model, torch.bfloat16 if bf16 else None), batch, context + 64, sampling)
     decoder.cache.keys.normal_()
     decoder.cache.values.normal_()
     decoder.cache.lens[:] = context
@@ -207,15 +209,18 @@ def main() -> None:
 
     from unisd.modeling import inference_autocast
 
-    args = C.parse(C.parser(__doc__))
-    cfg = QUICK if args.quick else FULL
-    steps = args.reps or cfg["steps"]
+    p = C.parser(__doc__)
+    p.add_argument("--fp32", action="store_true", help="the evaluation's setting: fp32, batch 16")
+    args = C.parse(p)
+    cfg = QUICK if args.quick else FP32 if args.fp32 else FULL
+    bf16, steps = not args.fp32, args.reps or cfg["steps"]
     model, tok, builder = C.lm(args.quick, max_prompt_tokens=4096)
     results = {}
-    with torch.inference_mode(), inference_autocast(model, True):
+    with torch.inference_mode(), inference_autocast(model, bf16):
         for batch in cfg["batches"]:
-            for path, build in (("hf", hf_step), ("fast", fast_step)):
-                results[f"{path}, batch {batch}"] = measure(*build(model, tok, builder, batch, cfg["context"]), steps)
+            hf = measure(*hf_step(model, tok, builder, batch, cfg["context"]), steps)
+            fast = measure(*fast_step(model, tok, builder, batch, cfg["context"], bf16), steps)
+            results |= {f"hf, batch {batch}": hf, f"fast, batch {batch}": fast}
     names = list(results)
     rows = [
         [cat]
@@ -232,7 +237,7 @@ def main() -> None:
         ["tokens/s, not profiled"] + [f"{1e3 * int(n.split()[-1]) / results[n]['wall_ms']:.0f}" for n in names],
     ]
     C.report(
-        "One decode step, bf16 (ms per step, share of the profiled step)",
+        f"One decode step, {'bf16' if bf16 else 'fp32'} (ms per step, share of the profiled step)",
         ["", *names],
         rows,
         {"config": cfg | {"steps": steps}, "results": results},

@@ -11,9 +11,10 @@ and by the fast backend at batch 3 on one thread. Prints the completions that di
 reference per benchmark and per variant, and the seconds of each; exit status 1 when
 any differs.
 
-    .venv/bin/python experiments/fast_eval_equality.py [--set key=value ...] [--json OUT]
+    .venv/bin/python experiments/fast_eval_equality.py [--model DIR] [--set key=value ...] [--json OUT]
 
-Needs `unisd model` and `unisd prepare` outputs (artifacts/model, artifacts/data).
+Needs `unisd model` and `unisd prepare` outputs (artifacts/model, artifacts/data); --model
+decodes another model on them (a trained one: its merged `train/model` folder).
 Validation only: test is not decoded here.
 """
 
@@ -37,11 +38,12 @@ from unisd.prompts import PromptBuilder
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
+    p.add_argument("--model", type=Path, help="the model to decode (default: the base, artifacts/model)")
     p.add_argument("--json", type=Path, help="also write the counts and times here")
     args = p.parse_args()
     with_validation = "data.benchmarks=[sciq, arc_challenge, commonsense_qa, mbpp]"
     cfg = load_config("params.yaml", ["eval.split=validation", with_validation, *args.set])
-    model_dir, data_dir = Path(cfg.paths.artifacts) / "model", Path(cfg.paths.artifacts) / "data"
+    model_dir, data_dir = args.model or Path(cfg.paths.artifacts) / "model", Path(cfg.paths.artifacts) / "data"
     tok, model = load_tokenizer(model_dir), load_model(model_dir, "float32", "cpu")
     builder = PromptBuilder.for_tokenizer(tok, cfg.model.template, cfg.prompts.max_prompt_tokens)
     threads = torch.get_num_threads()

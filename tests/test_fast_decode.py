@@ -36,14 +36,36 @@ def ids(completions) -> list[list[int]]:
     return [c.ids for c in completions]
 
 
-@pytest.mark.parametrize("batch_size", [1, 4, 64])
-@pytest.mark.parametrize("per_slot", [False, True], ids=["buckets", "slot-buckets"])
-def test_greedy_fp32_tokens_equal_model_generate(chaotic, monkeypatch, batch_size, per_slot):
+@pytest.mark.parametrize(
+    ("attention", "packed", "batch_size"),
+    [
+        ("kernel", True, 1),  # the evaluation's path, at several slot counts
+        ("kernel", True, 4),
+        ("kernel", True, 64),
+        ("kernel", False, 4),
+        ("buckets", True, 4),
+        ("slot-buckets", True, 4),
+    ],
+)
+def test_greedy_fp32_tokens_equal_model_generate(chaotic, monkeypatch, request, batch_size, attention, packed):
+    """fp32 greedy tokens of the fast backend, whichever attention and products it runs,
+    are `model.generate`'s (packed fp32 products round differently: the tokens must not)."""
     model, tok, prompts = chaotic
     monkeypatch.setattr(fd, "PREFILL_TOKENS", 60)  # several prefills per refill, some of one prompt
-    if per_slot:  # decode attention slot by slot, each over its own span
+    if attention == "kernel":
+        request.getfixturevalue("decode_kernel")  # skipped without a compiler
+    else:
+        monkeypatch.setattr(decode_attention, "kernel", lambda: None)
+    if attention == "slot-buckets":  # SDPA slot by slot, each over its own span
         monkeypatch.setattr(fd, "BUCKET_ROWS", 1)
         monkeypatch.setattr(fd, "CALL_COST", 0)
+    if packed and not fd._onednn(torch.float32):
+        pytest.skip("no oneDNN in this torch build")
+    if not packed:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    with torch.inference_mode():
+        decoder_linear = fd._Llama(model, None).linear
+    assert (decoder_linear is fd._packed_linear) == packed
     fast = generate(model, tok, prompts, Sampling(40), batch_size, backend="fast")
     ref = generate(model, tok, prompts, Sampling(40), batch_size, continuous=False)  # `model.generate`
     assert len({tuple(c) for c in ids(ref)}) == len(prompts)  # the check has teeth
@@ -264,7 +286,7 @@ def test_bf16_decode_steps_with_the_compiled_attention_follow_sdpa(chaotic, deco
     assert (ours.argmax(-1) == sdpa.argmax(-1)).float().mean() > 0.9
 
 
-@pytest.mark.skipif(not fd._onednn_bf16(), reason="no oneDNN bf16 products in this torch build or CPU")
+@pytest.mark.skipif(not fd._onednn(torch.bfloat16), reason="no oneDNN bf16 products in this torch build or CPU")
 def test_bf16_weights_packed_for_onednn_give_f_linears_logits(chaotic, monkeypatch):
     """Prefill and decode steps with the matrices packed (`_pack`) or multiplied by F.linear:
     the same logits, bit for bit."""

@@ -133,9 +133,9 @@ class EvalCfg(Section):
     choice_scores: bool = True
     headline: str = Field("sciq", description="benchmark whose rot_acc is metrics.json's headline, when evaluated")
     backend: Literal["hf", "fast", "vllm"] = Field(
-        "hf",
-        description="greedy answers by the reference HF path (published numbers), the fast backend "
-        "(unisd.fast_decode: faster in bf16, for validation work; docs/lineage.md) or vLLM "
+        "fast",
+        description="greedy answers by the fast backend (unisd.fast_decode: in fp32 the reference's "
+        "answers, tested and measured in docs/lineage.md), the reference HF path, or vLLM "
         "(unisd.vllm_backend: optional extra, GPU only)",
     )
 

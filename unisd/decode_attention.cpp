@@ -1,16 +1,16 @@
-// One decode step's attention for the fast backend (unisd/decode_attention.py), bf16.
+// One decode step's attention for the fast backend (unisd/decode_attention.py), bf16 or fp32.
 //
 // For slot b < n and KV head h, with G = H / KV query rows q_g sharing that head and the
 // slot's first len_b cached positions:
 //   s_g,l = scale · q_g · k_l,   p_g = softmax(s_g),   out_g = sum_l p_g,l · v_l
-// in fp32, the result rounded to bf16. One pass over each slot's keys and one over its
+// in fp32, the result rounded to the inputs' dtype. One pass over each slot's keys and one over its
 // values, each read once for all G rows; work split over (slot, head) pairs.
 //
-// Two implementations of the same sums. Where the CPU has AVX512-BF16 and the head size is
-// 64 or 128 with G ≤ 8 (the shapes of the models we ship), `attend_avx512`: each score is a
-// bf16 dot product of q_g and k_l by vdpbf16ps (exact products, fp32 sums), sixteen keys'
-// partial sums reduced together, and the values accumulated in fp32 registers. Elsewhere
-// `attend_loops`: plain loops the compiler vectorises. Both are built with -O3 -march=native
+// Two implementations of the same sums. For bf16 where the CPU has AVX512-BF16 and the head
+// size is 64 or 128 with G ≤ 8 (the shapes of the models we ship), `attend_avx512`: each
+// score is a bf16 dot product of q_g and k_l by vdpbf16ps (exact products, fp32 sums),
+// sixteen keys' partial sums reduced together, and the values accumulated in fp32
+// registers. Elsewhere, and for fp32, `attend_loops`: plain loops the compiler vectorises. Both are built with -O3 -march=native
 // -ffast-math (the fp32 sums reassociate, as in any SIMD reduction; every value is finite).
 #include <torch/extension.h>
 
@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -32,9 +33,10 @@
 
 namespace {
 
-struct Problem {  // one call's operands; problem i = b·KV + h is slot b's head h
-  const uint16_t *q, *k, *v;
-  uint16_t* out;
+template <typename T>  // uint16_t (bf16 bits) or float
+struct Problem {      // one call's operands; problem i = b·KV + h is slot b's head h
+  const T *q, *k, *v;
+  T* out;
   const int64_t* lens;
   int64_t KV, G, D, L;
   float scale;
@@ -54,6 +56,10 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's cast
   return uint16_t(bits >> 16);
 }
 
+inline float from_bf16(float x) { return x; }  // the fp32 instance of the loops: no conversion
+inline void store(uint16_t* out, float f) { *out = to_bf16(f); }
+inline void store(float* out, float f) { *out = f; }
+
 // s[0..len) ← softmax(s[0..len)), in place.
 inline void softmax(float* s, int64_t len) {
   const float m = *std::max_element(s, s + len);
@@ -66,13 +72,14 @@ inline void softmax(float* s, int64_t len) {
 }
 
 // Problem i with plain loops; s: G·L scores, qf and acc: G·D floats of scratch.
-void attend_loops(const Problem& p, int64_t i, float* s, float* qf, float* acc) {
+template <typename T>
+void attend_loops(const Problem<T>& p, int64_t i, float* s, float* qf, float* acc) {
   const int64_t G = p.G, D = p.D, L = p.L, len = p.lens[i / p.KV];
-  const uint16_t* k = p.k + i * L * D;
-  const uint16_t* v = p.v + i * L * D;
+  const T* k = p.k + i * L * D;
+  const T* v = p.v + i * L * D;
   for (int64_t j = 0; j < G * D; ++j) qf[j] = from_bf16(p.q[i * G * D + j]) * p.scale;
   for (int64_t l = 0; l < len; ++l) {  // scores: each key row read once for the G rows
-    const uint16_t* kl = k + l * D;
+    const T* kl = k + l * D;
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qf + g * D;
       float dot = 0.f;
@@ -84,7 +91,7 @@ void attend_loops(const Problem& p, int64_t i, float* s, float* qf, float* acc) 
   for (int64_t g = 0; g < G; ++g) softmax(s + g * L, len);
   std::fill(acc, acc + G * D, 0.f);
   for (int64_t l = 0; l < len; ++l) {  // weighted values: each value row read once
-    const uint16_t* vl = v + l * D;
+    const T* vl = v + l * D;
     for (int64_t g = 0; g < G; ++g) {
       const float w = s[g * L + l];
       float* a = acc + g * D;
@@ -92,11 +99,11 @@ void attend_loops(const Problem& p, int64_t i, float* s, float* qf, float* acc) 
       for (int64_t d = 0; d < D; ++d) a[d] += w * from_bf16(vl[d]);
     }
   }
-  for (int64_t j = 0; j < G * D; ++j) p.out[i * G * D + j] = to_bf16(acc[j]);
+  for (int64_t j = 0; j < G * D; ++j) store(p.out + i * G * D + j, acc[j]);
 }
 
 // A specialised attend for one (D, G): problem i with s as G·L floats of scratch.
-using Attend = void (*)(const Problem&, int64_t, float*);
+using Attend = void (*)(const Problem<uint16_t>&, int64_t, float*);
 
 #ifdef UNISD_AVX512_BF16
 
@@ -122,7 +129,7 @@ inline __m512 widen(const uint16_t* x) {  // 16 bf16 → 16 fp32
 
 // Problem i for head size D (a multiple of 32) and G query rows; s: G·L scores of scratch.
 template <int D, int G>
-void attend_avx512(const Problem& p, int64_t i, float* s) {
+void attend_avx512(const Problem<uint16_t>& p, int64_t i, float* s) {
   constexpr int C = D / 32, V = D / 16;  // bf16 pairs per row in 512-bit words; fp32 words
   const int64_t L = p.L, len = p.lens[i / p.KV];
   const uint16_t* k = p.k + i * L * D;
@@ -190,13 +197,35 @@ Attend specialised(int64_t, int64_t) { return nullptr; }
 
 }  // namespace
 
-// q [n, KV, G, D]; keys, values [S, KV, L, D], contiguous, S >= n; lens [n] int64, 1..L.
+// Problems 0..n·KV of p on every thread: `fast` where given, else the loops.
+template <typename T>
+void run(const Problem<T>& p, int64_t n, Attend fast) {
+  // Threads take problems one at a time from a shared counter: slots lie in roughly
+  // descending length (admission is longest-first), so equal ranges of problems per thread
+  // would leave one thread most of the work (1.2× the layer's time, benchmarks/README.md).
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<float> s(p.G * p.L), qf(p.G * p.D), acc(p.G * p.D);
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n * p.KV;) {
+      if constexpr (std::is_same_v<T, uint16_t>)
+        if (fast) {
+          fast(p, i, s.data());
+          continue;
+        }
+      attend_loops(p, i, s.data(), qf.data(), acc.data());
+    }
+  });
+}
+
+// q [n, KV, G, D]; keys, values [S, KV, L, D], contiguous, S >= n; lens [n] int64, 1..L;
+// q, keys and values all bf16 or all fp32.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor lens,
                                double scale) {
   TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && keys.sizes() == values.sizes(), "decode_attention: shapes");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 &&
-                  values.scalar_type() == at::kBFloat16 && lens.scalar_type() == at::kLong,
-              "decode_attention: bf16 q, keys, values and int64 lens");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && keys.scalar_type() == dtype &&
+                  values.scalar_type() == dtype && lens.scalar_type() == at::kLong,
+              "decode_attention: q, keys, values all bf16 or all fp32, and int64 lens");
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "decode_attention: contiguous cache");
   const int64_t n = q.size(0), KV = q.size(1), G = q.size(2), D = q.size(3), L = keys.size(2);
   TORCH_CHECK(keys.size(0) >= n && keys.size(1) == KV && keys.size(3) == D && lens.numel() == n,
@@ -206,33 +235,18 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
   const int64_t* lp = lc.data_ptr<int64_t>();
   for (int64_t b = 0; b < n; ++b) TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "decode_attention: lens outside 1..L");
   auto out = torch::empty({n, KV, G, D}, q.options());
-  const Problem p{reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>()),
-                  reinterpret_cast<const uint16_t*>(keys.data_ptr<at::BFloat16>()),
-                  reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()),
-                  reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
-                  lp,
-                  KV,
-                  G,
-                  D,
-                  L,
-                  float(scale)};
-  const Attend fast = specialised(D, G);
-  // Threads take problems one at a time from a shared counter: slots lie in roughly
-  // descending length (admission is longest-first), so equal ranges of problems per thread
-  // would leave one thread most of the work (1.2× the layer's time, benchmarks/README.md).
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> s(G * L), qf(G * D), acc(G * D);
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n * KV;) {
-      if (fast)
-        fast(p, i, s.data());
-      else
-        attend_loops(p, i, s.data(), qf.data(), acc.data());
-    }
-  });
+  if (dtype == at::kFloat) {
+    run(Problem<float>{qc.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), out.data_ptr<float>(),
+                       lp, KV, G, D, L, float(scale)},
+        n, nullptr);
+    return out;
+  }
+  const auto bits = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  run(Problem<uint16_t>{bits(qc), bits(keys), bits(values), bits(out), lp, KV, G, D, L, float(scale)}, n,
+      specialised(D, G));
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "bf16 decode attention over each slot's cached prefix");
+  m.def("decode_attention", &decode_attention, "decode attention (bf16 or fp32) over each slot's cached prefix");
 }

@@ -1,4 +1,4 @@
-"""A compiled bf16 attention for the fast backend's decode steps (`decode_attention.cpp`).
+"""A compiled attention for the fast backend's decode steps, bf16 or fp32 (`decode_attention.cpp`).
 
 Why: a decode step's attention is n·KV small problems (G query rows against one slot's
 cached keys), and the kernels PyTorch offers on the CPU (SDPA, inductor's) spend most of
@@ -11,8 +11,9 @@ It is built on first use with the machine's C++ compiler (`torch.utils.cpp_exten
 about 30 s, then cached under a name that covers the source, the flags, torch's version
 and this CPU's instruction set: it is compiled for the CPU it runs on). Where it cannot be
 built (no compiler, no OpenMP) `kernel()` says so once and returns None, and the fast
-backend keeps SDPA. bf16 only: fp32 decoding stays on SDPA, whose greedy tokens are tested
-to be the HF path's.
+backend keeps SDPA. In fp32 (the evaluation's greedy answers) it takes the plain loops: its
+sums run in another order than SDPA's (differences ~1e-7), and the fast backend's fp32
+tokens are tested to be the HF path's.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def kernel() -> Kernel | None:
     """The compiled `decode_attention(q, keys, values, lens, scale)`, or None where it cannot be built.
 
     q [n, KV, G, D]; keys, values [slots ≥ n, KV, max_len, D] contiguous; lens [n] int64
-    (each slot's valid positions, ≥ 1) → [n, KV, G, D], all bf16 but lens.
+    (each slot's valid positions, ≥ 1) → [n, KV, G, D]; all bf16 or all fp32 but lens.
     """
     from torch.utils import cpp_extension
 

@@ -9,19 +9,20 @@ merge of a refill's cache into the running one (left-padded, copied again). Here
 * Weights. q/k/v fused into one [(H + 2·KV)·D, hidden] matrix and gate/up into one
   [2·I, hidden] matrix, built once per call; with bf16 they, o/down and the LM head are
   the one bf16 copy (the model itself is not touched). Embedding and norms stay as they are.
-  With bf16 on the CPU the matrices are then packed once into oneDNN's layout (`_pack`,
-  what inductor's weight freezing does): `F.linear` re-lays a bf16 weight out at every
-  call, which at a decode step's few rows costs more than the product (the LM head at 16
-  rows: 2.8× faster packed, 1.1× at 128; the same bits: benchmarks/README.md).
+  On the CPU the matrices are then packed once into oneDNN's layout (`_pack`, what
+  inductor's weight freezing does): at a decode step's few rows `F.linear` costs more than
+  the arithmetic — a bf16 weight is re-laid out at every call, and fp32 goes to a GEMM
+  slow at few rows (the LM head at 16 rows: bf16 2.8× faster packed, the same bits; fp32
+  4.6×, other roundings of the sums: benchmarks/README.md).
 * KV cache. Keys and values [layers, slots, KV, max_len, D], allocated once per call for
   the workload (slots = batch size, max_len = longest prompt + max_new_tokens). A
   sequence lives in one slot from position 0; prefill writes its prompt's keys, a decode
   step writes one position per slot in place.
 * Attention. In a decode step the G = H / KV query heads sharing a KV head become G query
   rows of that head ([n, KV, G, D] against [n, KV, T, D]), so grouped-query attention
-  repeats no keys, and each slot attends over its own length. In bf16 on the CPU that is
-  the compiled kernel of `unisd.decode_attention` (each slot's keys and values read once);
-  otherwise `scaled_dot_product_attention` with a per-slot length mask, the running slots
+  repeats no keys, and each slot attends over its own length. On the CPU (bf16 or fp32)
+  that is the compiled kernel of `unisd.decode_attention` (each slot's keys and values
+  read once); otherwise `scaled_dot_product_attention` with a per-slot length mask, the running slots
   in buckets of neighbouring slots, each over its own longest prefix rather than the
   batch's (`_buckets`: admission is longest-first, so slots lie roughly in descending
   length, and a bucket of short sequences reads no long spans). Prefill uses SDPA.
@@ -34,7 +35,9 @@ merge of a refill's cache into the running one (left-padded, copied again). Here
   the length mask hides and decoding overwrites.
 
 Stopping, sampling and `Completion` are the HF path's (`unisd.generation`): on the same
-fp32 model greedy decoding gives the HF path's tokens (tested). With bf16 the numerics
+fp32 model greedy decoding gives the HF path's tokens (tested here, and on the published
+evaluation's answers by tests/test_eval_determinism.py; measured on the main job's 400
+answers of two models: docs/lineage.md). With bf16 the numerics
 follow HF under autocast: the residual stream, norms and logits' softmax stay in the
 model's dtype, matmuls, RoPE, attention and the cache are bf16.
 
@@ -128,18 +131,21 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 PACK_ROWS = 128  # the row count oneDNN's packed layout is chosen for (any count runs on it)
 
 
-def _onednn_bf16() -> bool:
-    """Whether this torch build and CPU run oneDNN's bf16 products (for `_pack`)."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def _onednn(dtype: torch.dtype) -> bool:
+    """Whether this torch build and CPU run oneDNN's products in `dtype` (for `_pack`)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
-    """A bf16 weight [out, in] in oneDNN's packed layout, for `_packed_linear`."""
+    """A weight [out, in] (bf16 or fp32) in oneDNN's packed layout, for `_packed_linear`."""
     return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
 
 
 def _packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ wᵀ for a `_pack`ed w: `F.linear`'s result, without re-laying w out."""
+    """x [..., in] @ wᵀ for a `_pack`ed w: in bf16 `F.linear`'s very bits, in fp32 the same
+    sums in another order (relative differences ~1e-6)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
@@ -162,7 +168,7 @@ class _Llama:
         self.dtype = self.lm_head.dtype
         self.rotary = base.rotary_emb
         self.linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
-        if self.dtype == torch.bfloat16 and self.device.type == "cpu" and _onednn_bf16():
+        if self.device.type == "cpu" and _onednn(self.dtype):
             self.layers = [layer.map(_pack) for layer in self.layers]
             self.lm_head, self.linear = _pack(self.lm_head), _packed_linear
 
@@ -235,8 +241,8 @@ class _Decoder:
         self.cos, self.sin = llama.rope_tables(max_len)
         self.last = torch.zeros(slots, dtype=torch.long, device=llama.device)  # each slot's latest token
         self.gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
-        cpu_bf16 = llama.dtype == torch.bfloat16 and llama.device.type == "cpu"
-        self.kernel = decode_attention.kernel() if cpu_bf16 else None  # None: SDPA in length buckets
+        on_cpu = llama.dtype in (torch.bfloat16, torch.float32) and llama.device.type == "cpu"
+        self.kernel = decode_attention.kernel() if on_cpu else None  # None: SDPA in length buckets
         self.rows: list[int] = []
         self.tokens: list[list[int]] = []
         self.logprobs: list[list[float]] = []  # T=1 log-prob of each generated token
