@@ -3,15 +3,16 @@
 // For slot b < n and KV head h, with G = H / KV query rows q_g sharing that head and the
 // slot's first len_b cached positions:
 //   s_g,l = scale · q_g · k_l,   p_g = softmax(s_g),   out_g = sum_l p_g,l · v_l
-// in fp32, the result rounded to the inputs' dtype. One pass over each slot's keys and one over its
-// values, each read once for all G rows; work split over (slot, head) pairs.
+// in fp32, the result rounded to the inputs' dtype. One pass over each slot's keys and one
+// over its values, each read once for all G rows; work split over (slot, head) pairs.
 //
 // Two implementations of the same sums. For bf16 where the CPU has AVX512-BF16 and the head
 // size is 64 or 128 with G ≤ 8 (the shapes of the models we ship), `attend_avx512`: each
 // score is a bf16 dot product of q_g and k_l by vdpbf16ps (exact products, fp32 sums),
 // sixteen keys' partial sums reduced together, and the values accumulated in fp32
-// registers. Elsewhere, and for fp32, `attend_loops`: plain loops the compiler vectorises. Both are built with -O3 -march=native
-// -ffast-math (the fp32 sums reassociate, as in any SIMD reduction; every value is finite).
+// registers. Elsewhere, and for fp32, `attend_loops`: plain loops the compiler vectorises.
+// Both are built with -O3 -march=native -ffast-math (the fp32 sums reassociate, as in any
+// SIMD reduction; every value is finite).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -42,7 +43,7 @@ struct Problem {      // one call's operands; problem i = b·KV + h is slot b's 
   float scale;
 };
 
-inline float from_bf16(uint16_t x) {
+inline float load(uint16_t x) {  // bf16 bits → fp32
   const uint32_t bits = uint32_t(x) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof f);
@@ -56,7 +57,7 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's cast
   return uint16_t(bits >> 16);
 }
 
-inline float from_bf16(float x) { return x; }  // the fp32 instance of the loops: no conversion
+inline float load(float x) { return x; }  // load/store of the loops' element type (fp32: as is)
 inline void store(uint16_t* out, float f) { *out = to_bf16(f); }
 inline void store(float* out, float f) { *out = f; }
 
@@ -77,14 +78,14 @@ void attend_loops(const Problem<T>& p, int64_t i, float* s, float* qf, float* ac
   const int64_t G = p.G, D = p.D, L = p.L, len = p.lens[i / p.KV];
   const T* k = p.k + i * L * D;
   const T* v = p.v + i * L * D;
-  for (int64_t j = 0; j < G * D; ++j) qf[j] = from_bf16(p.q[i * G * D + j]) * p.scale;
+  for (int64_t j = 0; j < G * D; ++j) qf[j] = load(p.q[i * G * D + j]) * p.scale;
   for (int64_t l = 0; l < len; ++l) {  // scores: each key row read once for the G rows
     const T* kl = k + l * D;
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qf + g * D;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += qg[d] * from_bf16(kl[d]);
+      for (int64_t d = 0; d < D; ++d) dot += qg[d] * load(kl[d]);
       s[g * L + l] = dot;
     }
   }
@@ -96,7 +97,7 @@ void attend_loops(const Problem<T>& p, int64_t i, float* s, float* qf, float* ac
       const float w = s[g * L + l];
       float* a = acc + g * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) a[d] += w * from_bf16(vl[d]);
+      for (int64_t d = 0; d < D; ++d) a[d] += w * load(vl[d]);
     }
   }
   for (int64_t j = 0; j < G * D; ++j) store(p.out + i * G * D + j, acc[j]);

@@ -22,9 +22,9 @@ merge of a refill's cache into the running one (left-padded, copied again). Here
   rows of that head ([n, KV, G, D] against [n, KV, T, D]), so grouped-query attention
   repeats no keys, and each slot attends over its own length. On the CPU (bf16 or fp32)
   that is the compiled kernel of `unisd.decode_attention` (each slot's keys and values
-  read once); otherwise `scaled_dot_product_attention` with a per-slot length mask, the running slots
-  in buckets of neighbouring slots, each over its own longest prefix rather than the
-  batch's (`_buckets`: admission is longest-first, so slots lie roughly in descending
+  read once); otherwise `scaled_dot_product_attention` with a per-slot length mask, the
+  running slots in buckets of neighbouring slots, each over its own longest prefix rather
+  than the batch's (`_buckets`: admission is longest-first, so slots lie roughly in descending
   length, and a bucket of short sequences reads no long spans). Prefill uses SDPA.
 * Continuous batching. Running sequences occupy slots 0..n-1. Free slots are refilled
   from the queue (longest prompts first, as in the HF path), several prompts per prefill
@@ -36,10 +36,10 @@ merge of a refill's cache into the running one (left-padded, copied again). Here
 
 Stopping, sampling and `Completion` are the HF path's (`unisd.generation`): on the same
 fp32 model greedy decoding gives the HF path's tokens (tested here, and on the published
-evaluation's answers by tests/test_eval_determinism.py; measured on the main job's 400
-answers of two models: docs/lineage.md). With bf16 the numerics
-follow HF under autocast: the residual stream, norms and logits' softmax stay in the
-model's dtype, matmuls, RoPE, attention and the cache are bf16.
+evaluation's answers by tests/test_eval_determinism.py; measured on the validation answers
+of two models: docs/lineage.md). With bf16 the numerics follow HF under autocast: the
+residual stream, norms and logits' softmax stay in the model's dtype, matmuls, RoPE,
+attention and the cache are bf16.
 
 Models it cannot run (`unsupported`) go to the HF path, with a log line.
 """
